@@ -1,0 +1,1 @@
+"""Flask front end that answers Label Studio's ML-backend calls. Never imports torch."""

@@ -1,0 +1,34 @@
+"""Application factory: `gunicorn "api.app:create_app()"`."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from flask import Flask
+
+from api import ml, webhook
+from api.auth import register_auth
+from api.dispatch import Dispatcher
+from api.errors import register_error_handlers
+from common.models import embedding_space
+from common.settings import Settings, get_settings
+from common.store import Store
+
+
+def create_app(settings: Settings | None = None, celery: Celery | None = None) -> Flask:
+    settings = settings or get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if celery is None:
+        from worker.celery_app import app as celery
+    app = Flask(__name__)
+    app.config["SETTINGS"] = settings
+    app.json.sort_keys = False
+    store = Store.from_url(settings.redis_url, embedding_space(settings))
+    app.extensions["store"] = store
+    app.extensions["dispatcher"] = Dispatcher(celery, store, settings)
+    register_auth(app)
+    register_error_handlers(app)
+    app.register_blueprint(ml.bp)
+    app.register_blueprint(webhook.bp)
+    return app

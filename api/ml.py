@@ -1,0 +1,113 @@
+"""Label Studio's ML-backend calls: /health, /setup, /predict, /train, /versions."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from api.errors import BadPayload
+from api.payloads import json_object, require_project, task_list
+from common.store import DELIVERED_BY_API, DELIVERED_BY_WORKER, Store
+
+bp = Blueprint("ml", __name__)
+
+
+def _store() -> Store:
+    return current_app.extensions["store"]
+
+
+@bp.get("/")
+@bp.get("/health")
+def health():
+    return jsonify(status="UP", model_class="PlanktonEmbeddingClusters", backbone=_store().backbone)
+
+
+@bp.post("/setup")
+def setup():
+    body = json_object()
+    pid = require_project(body.get("project"))
+    schema = body.get("schema")
+    if isinstance(schema, str) and schema.strip():
+        _store().set_label_config(pid, schema)
+    return jsonify(model_version=_store().current_version(pid))
+
+
+def _project_of(body: dict[str, Any], tasks: list[dict[str, Any]]) -> int:
+    if body.get("project") is not None:
+        return require_project(body["project"])
+    if tasks and tasks[0].get("project") is not None:
+        return require_project(tasks[0]["project"], "tasks[0].project")
+    raise BadPayload("'project' is missing")
+
+
+def _deliverable(store: Store, pid: int, version: str, tid: int, prediction: dict | None) -> Any:
+    """Return a stored prediction unless a worker is writing it through the SDK right now (which
+    would make two). A task Label Studio asks for again after we delivered it lacks it: send again."""
+    if not prediction or not prediction.get("result"):
+        return []
+    if store.claim_delivery(pid, version, tid, DELIVERED_BY_API):
+        return prediction
+    by, _ = store.delivery(pid, version, [tid]).get(tid, ("", 0.0))
+    return prediction if by in (DELIVERED_BY_API, DELIVERED_BY_WORKER) else []
+
+
+@bp.post("/predict")
+def predict():
+    body = json_object()
+    tasks = task_list(body)
+    if not tasks:
+        return jsonify(results=[])
+    pid = _project_of(body, tasks)
+    store: Store = _store()
+    settings = current_app.config["SETTINGS"]
+    if isinstance(body.get("label_config"), str) and body["label_config"].strip():
+        store.set_label_config(pid, body["label_config"])
+    version = store.current_version(pid)
+    ids = [t["id"] for t in tasks]
+    stored = store.predictions(pid, version, ids)
+    missing = [t for t in tasks if t["id"] not in stored]
+    dispatcher = current_app.extensions["dispatcher"]
+    if len(tasks) == 1 and missing:
+        # The annotator has this task open: the interactive lane, even if a bulk job holds it too.
+        store.mark_queued(pid, version, ids)
+        dispatcher.predict(pid, missing, interactive=True)
+        deadline = time.monotonic() + settings.predict_wait_seconds
+        while not stored and (left := deadline - time.monotonic()) > 0:
+            store.wait_for_prediction(pid, ids[0], left)
+            stored = store.predictions(pid, version, ids)
+    elif missing:
+        new = set(store.mark_queued(pid, version, [t["id"] for t in missing]))
+        to_send = [t for t in missing if t["id"] in new]
+        if to_send:
+            dispatcher.predict(pid, to_send)
+    results = [_deliverable(store, pid, version, tid, stored.get(tid)) for tid in ids]
+    return jsonify(results=results, model_version=version)
+
+
+@bp.post("/train")
+def train():
+    """Older Label Studio versions call /train; 1.23 sends START_TRAINING to /webhook instead."""
+    body = json_object()
+    pid = require_project(body.get("project"))
+    job = current_app.extensions["dispatcher"].refit(pid, force=True)
+    return jsonify(status="queued", job=job), 201
+
+
+@bp.get("/versions")
+def versions():
+    """`?project=<id>` lists that project's versions; without it, every project's."""
+    store = _store()
+    raw = request.args.get("project")
+    pids = [require_project(raw)] if raw else store.projects()
+    details = {str(pid): store.versions(pid) for pid in pids}
+    return jsonify(versions=[v["version"] for pid in pids for v in details[str(pid)]], projects=details)
+
+
+@bp.get("/jobs/<job_id>")
+def job(job_id: str):
+    found = _store().job(job_id)
+    if found is None:
+        return jsonify(error=f"no job {job_id}"), 404
+    return jsonify(found.as_dict())

@@ -1,0 +1,1 @@
+"""Light modules shared by the API and the workers (no torch here)."""

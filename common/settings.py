@@ -1,0 +1,85 @@
+"""Configuration from environment variables, read once per process."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = _env(name)
+    return int(raw) if raw else default
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name)
+    return float(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    label_studio_url: str = ""
+    label_studio_api_key: str = ""
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    webhook_secret: str = ""
+    model_dir: str = "./models"
+    log_level: str = "INFO"
+    backbone: str = "efficientnet-lite0"
+    weights: str = ""
+    image_size: int = 0
+    batch_size: int = 0
+    device: str = "auto"
+    predict_wait_seconds: float = 2.0
+    chunk_size: int = 64
+    download_timeout: float = 10.0
+    download_workers: int = 8
+    image_max_bytes: int = 20 * 1024 * 1024
+    image_max_pixels: int = 40_000_000
+    s3_endpoint_url: str = ""
+    kmeans_clusters: int = 0
+    refit_every: int = 5
+    refit_delay_seconds: float = 10.0
+    cefas_label_map: str = ""
+    visibility_timeout: int = 900
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            redis_url=_env("REDIS_URL", cls.redis_url),
+            label_studio_url=_env("LABEL_STUDIO_URL").rstrip("/"),
+            label_studio_api_key=_env("LABEL_STUDIO_API_KEY"),
+            basic_auth_user=_env("BASIC_AUTH_USER"),
+            basic_auth_pass=_env("BASIC_AUTH_PASS"),
+            webhook_secret=_env("WEBHOOK_SECRET"),
+            model_dir=_env("MODEL_DIR", cls.model_dir),
+            log_level=_env("LOG_LEVEL", cls.log_level).upper(),
+            backbone=_env("BACKBONE", cls.backbone),
+            weights=_env("WEIGHTS"),
+            image_size=_env_int("IMAGE_SIZE", 0),
+            batch_size=_env_int("BATCH_SIZE", 0),
+            device=_env("DEVICE", cls.device),
+            predict_wait_seconds=_env_float("PREDICT_WAIT_SECONDS", cls.predict_wait_seconds),
+            chunk_size=_env_int("CHUNK_SIZE", cls.chunk_size),
+            download_timeout=_env_float("DOWNLOAD_TIMEOUT", cls.download_timeout),
+            download_workers=_env_int("DOWNLOAD_WORKERS", cls.download_workers),
+            image_max_bytes=_env_int("IMAGE_MAX_BYTES", cls.image_max_bytes),
+            image_max_pixels=_env_int("IMAGE_MAX_PIXELS", cls.image_max_pixels),
+            s3_endpoint_url=_env("S3_ENDPOINT_URL"),
+            kmeans_clusters=_env_int("KMEANS_CLUSTERS", 0),
+            refit_every=_env_int("REFIT_EVERY", cls.refit_every),
+            refit_delay_seconds=_env_float("REFIT_DELAY_SECONDS", cls.refit_delay_seconds),
+            cefas_label_map=_env("CEFAS_LABEL_MAP"),
+            visibility_timeout=_env_int("BROKER_VISIBILITY_TIMEOUT", cls.visibility_timeout),
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings.from_env()

@@ -1,0 +1,150 @@
+"""Real parts for tests: a Celery worker in its own process, an HTTP image server, synthetic images."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("PLANKTON_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+LABEL_CONFIG = (DATA / "label_config.xml").read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class WorkerProcess:
+    """`celery worker` as production runs it (prefork, queues interactive then bulk, prefetch 1)."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, name: str = "w1") -> None:
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_path = log_path
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120) -> WorkerProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = self._spawn(log)
+        wait_until(lambda: b" ready." in self.log_path.read_bytes() or self.proc.poll() is not None, timeout,
+                   "the Celery worker to start")  # fmt: skip
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited:\n{self.log_tail()}")
+        return self
+
+    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "interactive,bulk",
+             "-c", "1", "--prefetch-multiplier", "1", "-O", "fair", "-n", f"{self.name}@%h", "-l", "INFO",
+             "--without-mingle", "--without-gossip"],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def pool_pids(self) -> list[int]:
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool): nothing gets to clean up."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    routes: dict[str, Callable[[_Handler], None]] = {}
+
+    def do_GET(self) -> None:  # noqa: N802
+        route = self.routes.get(self.path.split("?")[0])
+        if route:
+            route(self)
+        else:
+            super().do_GET()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class ImageServer:
+    """Serves a folder over HTTP on loopback, plus special routes (slow, huge, ...)."""
+
+    def __init__(self, root: Path) -> None:
+        handler = type("Handler", (_Handler,), {"routes": {}})
+        self.routes = handler.routes
+
+        def make(*args: Any, **kwargs: Any) -> _Handler:
+            return handler(*args, directory=str(root), **kwargs)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def synthetic_particle(kind: str, seed: int, size: int = 28) -> np.ndarray:
+    """Classes that differ visibly: bright round blobs, dark horizontal rods, noisy speckle."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = np.full((size, size, 3), 200, np.float32) + rng.normal(0, 6, (size, size, 3))
+    c = size / 2 + rng.uniform(-2, 2, 2)
+    if kind == "round":
+        r = rng.uniform(size * 0.25, size * 0.38)
+        mask = (yy - c[0]) ** 2 + (xx - c[1]) ** 2 < r**2
+        img[mask] = [60, 140, 60]
+    elif kind == "rod":
+        half = rng.uniform(size * 0.3, size * 0.45)
+        mask = (abs(yy - c[0]) < 2.5) & (abs(xx - c[1]) < half)
+        img[mask] = [40, 30, 120]
+    else:
+        mask = rng.random((size, size)) < 0.35
+        img[mask] = [110, 80, 50]
+    return np.clip(img, 0, 255).astype(np.uint8)

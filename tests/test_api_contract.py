@@ -1,0 +1,279 @@
+"""The HTTP contract Label Studio relies on, against the real Redis (no worker: nothing is computed)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import redis
+
+from api.app import create_app
+from common.settings import Settings
+from common.store import version_string
+from tests.helpers import LABEL_CONFIG, REPO
+
+
+def make_client(**overrides):
+    settings = dataclasses.replace(Settings.from_env(), predict_wait_seconds=0.2, **overrides)
+    app = create_app(settings)
+    return app.test_client(), app.extensions["store"]
+
+
+def queued(r: redis.Redis, queue: str) -> list[dict]:
+    return [json.loads(m) for m in r.lrange(queue, 0, -1)]
+
+
+@pytest.fixture
+def client(clean_redis):
+    c, store = make_client()
+    c.store = store
+    return c
+
+
+def setup_project(client, pid: int = 3) -> str:
+    reply = client.post("/setup", json={"project": f"{pid}.1700000000", "schema": LABEL_CONFIG})
+    assert reply.status_code == 200
+    return reply.json["model_version"]
+
+
+def test_health_and_root_answer_up(client):
+    for path in ("/health", "/"):
+        reply = client.get(path)
+        assert reply.status_code == 200
+        assert reply.json["status"] == "UP"
+
+
+def test_setup_returns_a_stable_model_version_kept_in_redis(client, clean_redis):
+    first = setup_project(client)
+    assert first == setup_project(client)
+    assert clean_redis.get("plk:p:3:version").decode() == first
+    assert client.store.label_config(3) == LABEL_CONFIG
+    other, _ = make_client()
+    assert other.post("/setup", json={"project": "3.1"}).json["model_version"] == first
+
+
+@pytest.mark.parametrize(
+    "body",
+    [None, "not json", "[1, 2]", json.dumps({"schema": LABEL_CONFIG}), json.dumps({"project": "abc.1"})],
+)
+def test_setup_rejects_malformed_bodies_with_json_400(client, body):
+    reply = client.post("/setup", data=body, content_type="application/json")
+    assert reply.status_code == 400
+    assert reply.is_json and reply.json["error"]
+
+
+def test_predict_many_tasks_never_waits_and_queues_them_on_the_bulk_lane(client, clean_redis):
+    version = setup_project(client)
+    tasks = [{"id": i, "data": {"image": f"http://example.invalid/{i}.png"}} for i in range(1, 6)]
+    reply = client.post("/predict", json={"project": "3.1700000000", "tasks": tasks, "label_config": LABEL_CONFIG})
+    assert reply.status_code == 200
+    assert reply.json["results"] == [[]] * 5
+    assert reply.json["model_version"] == version
+    bulk = queued(clean_redis, "bulk")
+    assert clean_redis.llen("interactive") == 0
+    sent = [t["id"] for m in bulk for t in json.loads(base64.b64decode(m["body"]))[1]["tasks"]]
+    assert sorted(sent) == [1, 2, 3, 4, 5]
+    # Asked again while queued: not queued twice.
+    client.post("/predict", json={"project": "3.1700000000", "tasks": tasks})
+    assert len(queued(clean_redis, "bulk")) == len(bulk)
+
+
+def test_predict_lone_task_uses_the_interactive_lane(client, clean_redis):
+    setup_project(client)
+    reply = client.post("/predict", json={"project": "3.1", "tasks": [{"id": 9, "data": {"image": "x"}}]})
+    assert reply.json["results"] == [[]]
+    (message,) = queued(clean_redis, "interactive")
+    assert message["headers"]["task"] == "plankton.predict_tasks"
+    assert json.loads(base64.b64decode(message["body"]))[1]["deliver_via_api"] is True
+    assert clean_redis.llen("bulk") == 0
+
+
+def test_predict_returns_stored_predictions_in_order_and_claims_them(client):
+    version = setup_project(client)
+    pred = {
+        "result": [
+            {
+                "id": "a1",
+                "from_name": "organism_type",
+                "to_name": "image",
+                "type": "choices",
+                "value": {"choices": ["Debris"]},
+                "score": 0.8,
+            }
+        ],
+        "score": 0.8,
+        "model_version": version,
+    }
+    client.store.save_predictions(3, version, {2: pred, 3: {**pred, "result": []}})
+    tasks = [{"id": 1}, {"id": 2}, {"id": 3}]
+    results = client.post("/predict", json={"project": "3.1", "tasks": tasks}).json["results"]
+    assert results == [[], pred, []]
+    assert client.store.delivery(3, version, [2])[2][0] == "api"
+
+
+def test_predict_does_not_hand_over_a_prediction_a_worker_is_writing(client):
+    version = setup_project(client)
+    pred = {"result": [{"id": "x", "type": "choices"}], "score": 0.5, "model_version": version}
+    client.store.save_predictions(3, version, {7: pred})
+    assert client.store.claim_delivery(3, version, 7, "writing")
+    assert client.post("/predict", json={"project": "3.1", "tasks": [{"id": 7}]}).json["results"] == [[]]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"project": "3.1"},
+        {"project": "3.1", "tasks": "nope"},
+        {"project": "3.1", "tasks": [{"data": {}}]},
+        {"project": "3.1", "tasks": [{"id": "1"}]},
+        {"project": "3.1", "tasks": [{"id": 1, "data": "x"}]},
+        {"tasks": [{"id": 1}]},
+    ],
+)
+def test_predict_rejects_malformed_bodies(client, body):
+    reply = client.post("/predict", json=body)
+    assert reply.status_code == 400 and reply.json["error"]
+
+
+def test_webhook_tasks_created_queues_chunks_under_one_job(client, clean_redis):
+    setup_project(client)
+    tasks = [{"id": i, "data": {"image": f"/data/upload/3/{i}.png"}, "annotations": []} for i in range(1, 151)]
+    reply = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": tasks})
+    assert reply.status_code == 200
+    job = reply.json["job"]
+    bulk = queued(clean_redis, "bulk")
+    assert len(bulk) == -(-150 // Settings.from_env().chunk_size)
+    bodies = [json.loads(base64.b64decode(m["body"]))[1] for m in bulk]
+    assert {b["job_id"] for b in bodies} == {job}
+    assert all(set(t) == {"id", "data"} for b in bodies for t in b["tasks"])
+    status = client.get(f"/jobs/{job}").json
+    assert (status["state"], status["total"], status["done"], status["failed"]) == ("queued", 150, 0, 0)
+
+
+def test_webhook_annotations_update_labels_and_schedule_a_refit(client, clean_redis):
+    setup_project(client)
+    choice = {"from_name": "organism_type", "to_name": "image", "type": "choices", "value": {"choices": ["Debris"]}}
+    bad = {"from_name": "organism_type", "to_name": "image", "type": "choices", "value": {"choices": ["Whale"]}}
+    ann = {"id": 11, "task": 5, "result": [choice, bad], "was_cancelled": False}
+    reply = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": ann,
+                                          "task": {"id": 5, "data": {"image": "x"}}})  # fmt: skip
+    assert reply.status_code == 200
+    assert client.store.labels(3) == {5: {"organism_type": ["Debris"]}}
+    assert any(json.loads(base64.b64decode(m["body"]))[1].get("force") is False for m in queued(clean_redis, "bulk"))
+    updated = {**ann, "result": [{**choice, "value": {"choices": ["Plankton"]}}]}
+    client.post("/webhook", json={"action": "ANNOTATION_UPDATED", "project": {"id": 3}, "annotation": updated})
+    assert client.store.labels(3) == {5: {"organism_type": ["Plankton"]}}
+    cancelled = {"id": 12, "task": 6, "result": [choice], "was_cancelled": True}
+    client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "project": {"id": 3}, "annotation": [cancelled]})
+    assert 6 not in client.store.labels(3)
+    client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 3}, "annotations": [{"id": 11}]})
+    assert client.store.labels(3) == {}
+
+
+def test_webhook_start_training_and_train_queue_a_forced_refit(client, clean_redis):
+    setup_project(client)
+    reply = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 3}})
+    assert reply.status_code == 200 and reply.json["job"]
+    reply = client.post("/train", json={"project": 3})
+    assert reply.status_code == 201
+    refits = [json.loads(base64.b64decode(m["body"]))[1] for m in queued(clean_redis, "bulk")]
+    assert [r["force"] for r in refits] == [True, True]
+
+
+def test_webhook_project_updated_picks_up_a_changed_config(client):
+    setup_project(client)
+    smaller = LABEL_CONFIG.replace('<Choice value="Debris"/>', "")
+    reply = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 3, "label_config": smaller}})
+    assert reply.json["status"] == "config updated"
+    assert client.store.label_config(3) == smaller
+    again = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 3, "label_config": smaller}})
+    assert again.json["status"] == "unchanged"
+
+
+def test_webhook_ignores_other_actions(client):
+    reply = client.post("/webhook", json={"action": "PROJECT_CREATED", "project": {"id": 3}})
+    assert reply.status_code == 200 and reply.json["status"] == "ignored"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "{broken",
+        "[]",
+        json.dumps({"project": {"id": 3}}),
+        json.dumps({"action": "TASKS_CREATED", "tasks": []}),
+        json.dumps({"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": "x"}]}),
+        json.dumps({"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"task": 1}}),
+        json.dumps({"action": "ANNOTATIONS_DELETED", "project": {"id": 3}, "annotations": [{"pk": 1}]}),
+        json.dumps({"action": "PROJECT_UPDATED", "project": {"id": 3, "label_config": "<View"}}),
+    ],
+)
+def test_webhook_malformed_bodies_get_a_json_400(client, body):
+    setup_project(client)
+    reply = client.post("/webhook", data=body, content_type="application/json")
+    assert reply.status_code == 400
+    assert reply.is_json and reply.json["error"]
+
+
+def test_versions_and_jobs(client):
+    first = setup_project(client)
+    assert client.get("/versions").json["versions"] == [first]
+    assert client.get("/versions?project=3").json["versions"] == [first]
+    assert client.get("/jobs/nope").status_code == 404
+
+
+def test_basic_auth_protects_every_route_but_the_webhook(clean_redis):
+    c, _ = make_client(basic_auth_user="ls", basic_auth_pass="secret")
+    good = {"Authorization": "Basic " + base64.b64encode(b"ls:secret").decode()}
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"ls:nope").decode()}
+    calls = [("get", "/health", None), ("get", "/", None), ("post", "/setup", {"project": "3.1"}),
+             ("post", "/predict", {"project": "3.1", "tasks": []}), ("get", "/versions", None),
+             ("post", "/train", {"project": 3}), ("get", "/jobs/x", None)]  # fmt: skip
+    for method, path, body in calls:
+        assert getattr(c, method)(path, json=body).status_code == 401, path
+        assert getattr(c, method)(path, json=body, headers=wrong).status_code == 401, path
+        assert getattr(c, method)(path, json=body, headers=good).status_code != 401, path
+    reply = c.post("/webhook", json={"action": "PROJECT_CREATED", "project": {"id": 3}})
+    assert reply.status_code == 200
+
+
+def test_webhook_secret_header(clean_redis):
+    c, _ = make_client(webhook_secret="s3cret")
+    body = {"action": "PROJECT_CREATED", "project": {"id": 3}}
+    assert c.post("/webhook", json=body).status_code == 401
+    assert c.post("/webhook", json=body, headers={"X-Webhook-Secret": "wrong"}).status_code == 401
+    assert c.post("/webhook", json=body, headers={"X-Webhook-Secret": "s3cret"}).status_code == 200
+
+
+def test_health_answers_when_redis_is_down():
+    settings = dataclasses.replace(Settings.from_env(), redis_url="redis://127.0.0.1:1/0")
+    reply = create_app(settings).test_client().get("/health")
+    assert reply.status_code == 200 and reply.json["status"] == "UP"
+
+
+def test_setup_reports_redis_down_as_json_503():
+    settings = dataclasses.replace(Settings.from_env(), redis_url="redis://127.0.0.1:1/0")
+    reply = create_app(settings).test_client().post("/setup", json={"project": "3.1"})
+    assert reply.status_code == 503 and "Redis" in reply.json["error"]
+
+
+def test_the_api_never_imports_torch():
+    code = (
+        "import sys; from api.app import create_app; app = create_app(); "
+        "app.test_client().get('/health'); "
+        "import worker.celery_app; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'torchvision', 'sklearn', 'label_studio_sdk')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_version_strings_are_not_substrings_of_each_other():
+    versions = [version_string("efficientnet-lite0-64px", n) for n in (0, 1, 10, 100, 1000)]
+    assert len(set(versions)) == len(versions)
+    for a in versions:
+        assert not any(a != b and a in b for b in versions)

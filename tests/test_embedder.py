@@ -1,0 +1,159 @@
+"""Inference in batches, and the download + embed pipeline with its content-addressed cache in Redis."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.settings import Settings
+from common.store import Store
+from tests.helpers import DATA, ImageServer, png_bytes, synthetic_particle
+from worker.backbones import create_backbone
+from worker.embedder import Embedder, pick_device
+from worker.images import ImageFetcher, decode_image, to_model_input
+from worker.pipeline import EmbeddingPipeline, from_bytes, to_bytes
+
+SIZE = 64
+KINDS = ("round", "rod", "speckle")
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder(create_backbone("efficientnet-lite0"), torch.device("cpu"), SIZE, batch_size=4)
+
+
+@pytest.fixture
+def pipeline(embedder: Embedder, clean_redis) -> Iterator[EmbeddingPipeline]:
+    settings = dataclasses.replace(Settings(), download_timeout=5.0)
+    pipe = EmbeddingPipeline(embedder, ImageFetcher(settings), Store(clean_redis, "test-space"), 4, 10_000_000)
+    yield pipe
+    pipe.pool.shutdown(wait=True)
+
+
+@pytest.fixture
+def serve(image_server: ImageServer) -> Iterator:
+    """Writes bytes under the image server's tmp folder and returns their URL."""
+    folder = Path(image_server.root) / "tmp" / f"embedder-{uuid.uuid4().hex}"
+    folder.mkdir()
+
+    def put(name: str, data: bytes) -> str:
+        (folder / name).write_bytes(data)
+        return f"{image_server.url}/tmp/{folder.name}/{name}"
+
+    return put
+
+
+def model_inputs(n: int) -> list[np.ndarray]:
+    return [to_model_input(Image.fromarray(synthetic_particle(KINDS[i % 3], i, size=40)), SIZE) for i in range(n)]
+
+
+def test_pick_device():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_batches_equal_one_by_one(embedder: Embedder):
+    images = model_inputs(10)
+    batched = embedder.embed(images)  # batches of 4, 4 and 2
+    assert batched.shape == (10, 1280) and batched.dtype == np.float32
+    single = np.concatenate([embedder.embed([img]) for img in images])
+    np.testing.assert_allclose(batched, single, atol=1e-4, rtol=0)
+    # Different classes give different features (the test would pass trivially on constant output).
+    assert np.abs(batched[0] - batched[1]).max() > 1e-2
+
+
+def test_empty_batch(embedder: Embedder):
+    out = embedder.embed([])
+    assert out.shape == (0, 1280)
+    assert embedder.head_probabilities(out) is None  # efficientnet-lite0 has no head
+
+
+def test_feature_bytes_round_trip():
+    vec = np.random.default_rng(0).normal(size=(2, 1280)).astype(np.float32)
+    back = from_bytes([to_bytes(v) for v in vec])
+    assert back.shape == (2, 1280) and back.dtype == np.float32
+    np.testing.assert_allclose(back, vec, rtol=1e-3, atol=1e-3)
+
+
+def test_same_content_in_a_later_run_is_a_cache_hit(pipeline: EmbeddingPipeline, serve, clean_redis):
+    data = png_bytes(synthetic_particle("round", 8, size=40))
+    first = pipeline.run([{"id": 1, "data": {"image": serve("a.png", data)}}], "image")
+    assert (first.computed, first.cache_hits) == (1, 0)
+    assert clean_redis.exists(f"plk:emb:test-space:{hashlib.sha256(data).hexdigest()}")
+    # Another task, another URL, the same bytes: not embedded again.
+    second = pipeline.run([{"id": 2, "data": {"image": serve("b.png", data)}}], "image")
+    assert (second.computed, second.cache_hits, second.errors) == (0, 1, {})
+    np.testing.assert_allclose(second.features[2], first.features[1], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: EmbeddingPipeline.run does not deduplicate identical content within one run (both are cache "
+    "misses when prepared before either is embedded); remove this marker once run() tracks digests",
+)
+def test_same_content_within_one_run_embedded_once(pipeline: EmbeddingPipeline, serve, clean_redis):
+    data = [png_bytes(synthetic_particle(kind, 7, size=40)) for kind in KINDS]
+    tasks = [{"id": 10 + i, "data": {"image": serve(f"p{i}.png", d)}} for i, d in enumerate(data)]
+    # Task 20 has the same bytes as task 10 under another URL.
+    tasks.append({"id": 20, "data": {"image": serve("copy-of-p0.png", data[0])}})
+
+    out = pipeline.run(tasks, "image")
+    assert out.errors == {}
+    assert set(out.features) == {10, 11, 12, 20}
+    assert out.refs[20] == tasks[3]["data"]["image"]
+    assert out.computed == 3
+    assert out.cache_hits == 1
+    np.testing.assert_allclose(out.features[10], out.features[20], atol=1e-2)
+    for i, d in enumerate(data):
+        key = f"plk:emb:test-space:{hashlib.sha256(d).hexdigest()}"
+        assert clean_redis.exists(key), key
+    # Each task got its own image's features.
+    expected = pipeline.embedder.embed([to_model_input(decode_image(d, 10_000_000), SIZE) for d in data])
+    for i in range(3):
+        np.testing.assert_allclose(out.features[10 + i], expected[i], atol=1e-3)
+
+
+def test_second_run_is_all_cache_hits(pipeline: EmbeddingPipeline, serve):
+    tasks = [
+        {"id": i, "data": {"image": serve(f"s{i}.png", png_bytes(synthetic_particle(KINDS[i % 3], i, size=40)))}}
+        for i in range(6)
+    ]
+    first = pipeline.run(tasks, "image")
+    assert (first.computed, first.cache_hits, first.errors) == (6, 0, {})
+    second = pipeline.run(tasks, "image")
+    assert (second.computed, second.cache_hits, second.errors) == (0, 6, {})
+    for tid in range(6):
+        # The cache holds float16: equal to the computed features within its precision.
+        np.testing.assert_allclose(second.features[tid], first.features[tid], rtol=2e-3, atol=2e-3)
+
+
+def test_bad_tasks_fail_alone(pipeline: EmbeddingPipeline, serve, image_server: ImageServer):
+    good = [
+        {"id": i, "data": {"image": serve(f"g{i}.png", png_bytes(synthetic_particle(KINDS[i % 3], 100 + i)))}}
+        for i in range(5)
+    ]
+    real = {"id": 5, "data": {"image": f"{image_server.url}/data/flowcam/greyscale16/TC18_280524_4840.tif"}}
+    crop = next((DATA / "flowcam" / "crops").glob("*.tif"))
+    real_rgb = {"id": 6, "data": {"image": f"{image_server.url}/data/flowcam/crops/{crop.name}"}}
+    broken = {"id": 101, "data": {"image": serve("broken.png", b"\x89PNG\r\n\x1a\n not really a png")}}
+    missing = {"id": 102, "data": {"image": f"{image_server.url}/tmp/no-such-{uuid.uuid4().hex}.png"}}
+    no_key = {"id": 103, "data": {"url": "http://example.org/a.png"}}
+    tasks = [broken, *good[:2], missing, real, no_key, *good[2:], real_rgb]
+
+    out = pipeline.run(tasks, "image")
+    assert set(out.features) == {0, 1, 2, 3, 4, 5, 6}
+    assert set(out.errors) == {101, 102, 103}
+    assert "cannot decode image" in out.errors[101]
+    assert "HTTP 404" in out.errors[102]
+    assert "task 103 has no 'image' in its data" == out.errors[103]
+    assert out.computed == 7 and out.cache_hits == 0
+    assert all(v.shape == (1280,) and np.isfinite(v).all() for v in out.features.values())
+    assert not set(out.refs) & set(out.errors)

@@ -1,0 +1,197 @@
+"""The API and real Celery workers over the real Redis: imports, bad input, learning, lanes, crashes."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from api.app import create_app
+from common.settings import Settings
+from tests.helpers import DATA, LABEL_CONFIG, png_bytes, synthetic_particle, wait_until
+
+PID = 5
+CROPS = sorted((DATA / "flowcam" / "crops").glob("*.tif"))
+
+
+@pytest.fixture
+def api(clean_redis):
+    settings = dataclasses.replace(
+        Settings.from_env(), predict_wait_seconds=20, chunk_size=8, refit_every=1000, refit_delay_seconds=3600
+    )
+    client = create_app(settings).test_client()
+    assert client.post("/setup", json={"project": f"{PID}.1", "schema": LABEL_CONFIG}).status_code == 200
+    return client
+
+
+def put(server, name: str, data: bytes) -> str:
+    (server.root / "tmp" / name).write_bytes(data)
+    return f"{server.url}/tmp/{name}"
+
+
+def job_done(api, job: str, timeout: float = 120) -> dict:
+    return wait_until(lambda: (s := api.get(f"/jobs/{job}").json)["state"] == "done" and s, timeout, f"job {job}")
+
+
+def import_tasks(api, tasks: list[dict]) -> dict:
+    reply = api.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": PID}, "tasks": tasks})
+    assert reply.status_code == 200, reply.json
+    return job_done(api, reply.json["job"])
+
+
+def annotate(api, ann_id: int, task: dict, labels: dict[str, list[str]]) -> None:
+    result = [{"from_name": tag, "to_name": "image", "type": "choices", "value": {"choices": chosen}}
+              for tag, chosen in labels.items()]  # fmt: skip
+    body = {"action": "ANNOTATION_CREATED", "project": {"id": PID}, "task": task,
+            "annotation": {"id": ann_id, "task": task["id"], "result": result, "was_cancelled": False}}  # fmt: skip
+    assert api.post("/webhook", json=body).status_code == 200
+
+
+def test_import_embeds_every_good_image_and_fails_only_the_bad_ones(api, image_server, start_worker, tmp_path):
+    start_worker(IMAGE_MAX_PIXELS="1000000", DOWNLOAD_TIMEOUT="2")
+    good = [{"id": i + 1, "data": {"image": f"{image_server.url}/data/flowcam/crops/{p.name}"}}
+            for i, p in enumerate(CROPS[:12])]  # fmt: skip
+    grey16 = next((DATA / "flowcam" / "greyscale16").glob("*.tif"))
+    good.append({"id": 13, "data": {"image": f"{image_server.url}/data/flowcam/greyscale16/{grey16.name}"}})
+    whole = png_bytes(synthetic_particle("round", 1))
+    huge = Image.new("L", (1200, 1000))
+    huge_path = image_server.root / "tmp" / "huge.png"
+    huge.save(huge_path)
+
+    def slow(handler):
+        time.sleep(4)
+        handler.send_response(200)
+        handler.end_headers()
+
+    image_server.routes["/slow.png"] = slow
+    bad = {
+        101: {"image": put(image_server, "truncated.png", whole[: len(whole) // 2])},
+        102: {"image": put(image_server, "random.png", np.random.default_rng(0).bytes(500))},
+        103: {"image": f"{image_server.url}/tmp/missing.png"},
+        104: {"image": f"{image_server.url}/tmp/huge.png"},
+        105: {"picture": "elsewhere"},
+        106: {"image": f"{image_server.url}/slow.png"},
+    }
+    tasks = good + [{"id": tid, "data": data} for tid, data in bad.items()]
+    status = import_tasks(api, tasks)
+    assert (status["done"], status["failed"]) == (13, 6)
+    errors = {e["task"]: e["error"] for e in status["errors"]}
+    assert "cannot decode" in errors[101] and "cannot decode" in errors[102]
+    assert "404" in errors[103]
+    assert "IMAGE_MAX_PIXELS" in errors[104]
+    assert "no 'image'" in errors[105]
+    assert "timed out" in errors[106]
+    store = api.application.extensions["store"]
+    assert sorted(store.embeddings(PID)) == list(range(1, 14))
+
+
+def _synthetic_project(image_server, n_per_class: int = 12):
+    kinds = {"round": "Plankton", "rod": "Not-plankton", "speckle": "Debris"}
+    tasks, truth = [], {}
+    for k, kind in enumerate(kinds):
+        for j in range(n_per_class):
+            tid = 1 + k * n_per_class + j
+            url = put(image_server, f"{kind}-{j}.png", png_bytes(synthetic_particle(kind, seed=100 * k + j)))
+            tasks.append({"id": tid, "data": {"image": url}})
+            truth[tid] = kinds[kind]
+    return tasks, truth
+
+
+def test_annotations_refit_a_new_version_that_predicts_the_other_tasks(api, image_server, start_worker):
+    start_worker(KMEANS_CLUSTERS="3", REFIT_EVERY="100", REFIT_DELAY_SECONDS="600")
+    tasks, truth = _synthetic_project(image_server)
+    import_tasks(api, tasks)
+    v0 = api.post("/setup", json={"project": f"{PID}.1"}).json["model_version"]
+    annotated = [t for t in tasks if (t["id"] - 1) % 12 < 3]
+    for t in annotated:
+        annotate(api, 1000 + t["id"], t, {"organism_type": [truth[t["id"]]]})
+    assert api.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PID}}).status_code == 200
+    v1 = wait_until(lambda: (v := api.post("/setup", json={"project": f"{PID}.1"}).json["model_version"]) != v0 and v,
+                    60, "a new model version")  # fmt: skip
+    assert v1.endswith("-v0001")
+    others = [t for t in tasks if t not in annotated]
+    results = wait_until(
+        lambda: all(r := api.post("/predict", json={"project": f"{PID}.1", "tasks": others}).json["results"]) and r,
+        60, "predictions of the new version",
+    )  # fmt: skip
+    correct = 0
+    for task, pred in zip(others, results, strict=True):
+        assert pred["model_version"] == v1
+        (item,) = pred["result"]
+        assert item["from_name"] == "organism_type" and item["type"] == "choices"
+        correct += item["value"]["choices"] == [truth[task["id"]]]
+    assert correct / len(others) >= 0.9
+    assert api.get("/versions").json["versions"] == [v0, v1]
+
+
+def test_a_lone_task_waits_for_its_prediction(api, image_server, start_worker):
+    start_worker(KMEANS_CLUSTERS="3")
+    tasks, truth = _synthetic_project(image_server, n_per_class=4)
+    import_tasks(api, tasks)
+    for t in tasks[::2]:
+        annotate(api, 2000 + t["id"], t, {"organism_type": [truth[t["id"]]], "shape": ["Round", "Spiky"]})
+    api.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PID}})
+    wait_until(lambda: api.post("/setup", json={"project": f"{PID}.1"}).json["model_version"].endswith("1"), 60,
+               "the refit")  # fmt: skip
+    new = {"id": 500, "data": {"image": put(image_server, "new-rod.png", png_bytes(synthetic_particle("rod", 999)))}}
+    (result,) = api.post("/predict", json={"project": f"{PID}.1", "tasks": [new]}).json["results"]
+    assert result, "the lone task's prediction arrived within the wait"
+    chosen = {item["from_name"]: item["value"]["choices"] for item in result["result"]}
+    assert chosen["organism_type"] == ["Not-plankton"]
+    assert chosen["shape"] == ["Round", "Spiky"]
+
+
+def test_the_interactive_lane_overtakes_a_bulk_import(api, image_server, start_worker):
+    start_worker(CHUNK_SIZE="4", DOWNLOAD_WORKERS="4")
+
+    def slowish(handler):
+        time.sleep(0.4)
+        body = png_bytes(synthetic_particle("speckle", int(handler.path.split("=")[-1])))
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    image_server.routes["/slowish.png"] = slowish
+    bulk = [{"id": i, "data": {"image": f"{image_server.url}/slowish.png?s={i}"}} for i in range(1, 61)]
+    reply = api.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": PID}, "tasks": bulk})
+    job = reply.json["job"]
+    wait_until(lambda: api.get(f"/jobs/{job}").json["done"] >= 4, 60, "the import to start")
+    done_before = api.get(f"/jobs/{job}").json["done"]
+    lone = {"id": 999, "data": {"image": f"{image_server.url}/slowish.png?s=999"}}
+    api.post("/predict", json={"project": f"{PID}.1", "tasks": [lone]})
+    store = api.application.extensions["store"]
+    wait_until(lambda: store.embeddings(PID, [999]), 60, "the interactive task")
+    done_after = api.get(f"/jobs/{job}").json["done"]
+    # At most the chunk in progress (4 tasks) and one prefetched message finished in between.
+    assert done_after - done_before <= 8, (done_before, done_after)
+    assert done_after < 60
+
+
+def test_a_worker_killed_mid_batch_loses_no_task(api, image_server, start_worker, tmp_path: Path):
+    env = {"CHUNK_SIZE": "4", "DOWNLOAD_WORKERS": "2", "BROKER_VISIBILITY_TIMEOUT": "5"}
+    first = start_worker("crash", **env)
+
+    def slowish(handler):
+        time.sleep(0.5)
+        body = png_bytes(synthetic_particle("rod", int(handler.path.split("=")[-1])))
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    image_server.routes["/slow-rod.png"] = slowish
+    tasks = [{"id": i, "data": {"image": f"{image_server.url}/slow-rod.png?s={i}"}} for i in range(1, 25)]
+    reply = api.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": PID}, "tasks": tasks})
+    job = reply.json["job"]
+    wait_until(lambda: api.get(f"/jobs/{job}").json["done"] >= 4, 60, "the first chunk")
+    first.kill()
+    start_worker("rescue", **env)
+    status = job_done(api, job, timeout=120)
+    assert status["failed"] == 0
+    store = api.application.extensions["store"]
+    assert sorted(store.embeddings(PID)) == list(range(1, 25))

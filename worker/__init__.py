@@ -1,0 +1,1 @@
+"""Celery workers: embeddings, clustering and write-back. Only this package loads models."""

@@ -1,0 +1,98 @@
+"""Inference: batches of preprocessed images in, L2-normalised embeddings (and class probabilities) out."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from worker.backbones import Backbone
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on (the affinity mask, which containers set), not the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def default_batch_size(device: torch.device, image_size: int) -> int:
+    """CPU: big enough to amortise per-call overhead. CUDA: scaled to the card's memory at this size."""
+    if device.type != "cuda":
+        return 32
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    per_image_gib = 3 * image_size * image_size * 4 * 60 / 2**30  # activations ~60x the input, in fp32
+    return int(max(32, min(512, total_gib * 0.25 / per_image_gib)) // 32 * 32)
+
+
+class Embedder:
+    def __init__(self, backbone: Backbone, device: torch.device, image_size: int, batch_size: int = 0) -> None:
+        self.backbone = backbone
+        self.device = device
+        self.image_size = image_size
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+            self.model = backbone.model.to(device, memory_format=torch.channels_last)
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            torch.set_num_threads(cpu_threads())
+            self.model = backbone.model.to(device)
+            self.autocast_dtype = None
+        self.batch_size = batch_size or default_batch_size(device, image_size)
+        self.mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+        log.info(
+            "embedder: backbone %s on %s (%s), %d px, batch %d%s",
+            backbone.name,
+            device,
+            torch.cuda.get_device_name(device) if self.cuda else f"{torch.get_num_threads()} threads",
+            image_size,
+            self.batch_size,
+            f", autocast {self.autocast_dtype}, channels_last, pinned memory" if self.cuda else "",
+        )
+
+    @torch.inference_mode()
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """`images`: uint8 (size, size, 3) arrays, run in batches of `batch_size`. Returns the pooled
+        features (n, dim) as float32, not normalised, so that the head can still be applied to them."""
+        if not len(images):
+            return np.zeros((0, self.backbone.embedding_dim), np.float32)
+        return np.concatenate(
+            [self._forward(np.stack(images[i : i + self.batch_size])) for i in range(0, len(images), self.batch_size)]
+        )
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        host = torch.from_numpy(batch)
+        if self.cuda:
+            host = host.pin_memory()
+        x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            features, _ = self.model(x)
+        return features.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def head_probabilities(self, features: np.ndarray) -> np.ndarray | None:
+        """Class probabilities from stored features (None for a backbone without a useful head)."""
+        head = self.backbone.model.head
+        if head is None or not len(features):
+            return None
+        weight = head.weight.detach().float().cpu()
+        bias = head.bias.detach().float().cpu()
+        logits = torch.from_numpy(np.asarray(features, np.float32)) @ weight.T + bias
+        return torch.softmax(logits, dim=1).numpy()

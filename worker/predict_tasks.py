@@ -1,0 +1,139 @@
+"""Celery tasks that embed images and predict: imports, Retrieve predictions, the annotator's open task."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from common import queues
+from common.label_config import LabelConfigError
+from worker.celery_app import app
+from worker.pipeline import from_bytes, to_bytes
+from worker.results import build_prediction
+from worker.runtime import Runtime, runtime
+from worker.writeback import WriteBackError
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (WriteBackError, ConnectionError, TimeoutError)
+
+
+def predict_from_features(
+    rt: Runtime, pid: int, version: str, features: Mapping[int, np.ndarray]
+) -> dict[int, dict[str, Any]]:
+    """Postprocess: the project's model of `version` turns features into Label Studio predictions."""
+    if not features:
+        return {}
+    config = rt.label_config(pid)
+    ids = list(features)
+    matrix = np.stack([features[t] for t in ids])
+    model = rt.project_model(pid, version)
+    probs = rt.embedder.head_probabilities(matrix) if model.head_map else None
+    per_task = model.predict(matrix, probs, rt.embedder.backbone.class_names)
+    return {tid: build_prediction(choices, config, version) for tid, choices in zip(ids, per_task, strict=True)}
+
+
+def store_and_deliver(
+    rt: Runtime, pid: int, version: str, predictions: Mapping[int, dict[str, Any]], deliver_via_api: bool
+) -> dict[int, str]:
+    """Keep the predictions for /predict, then write them to Label Studio (or let the API hand the
+    annotator's open task over first, and write only what it did not)."""
+    rt.store.save_predictions(pid, version, predictions)
+    with_result = [t for t, p in predictions.items() if p["result"]]
+    if not with_result or rt.writeback is None:
+        return {}
+    if deliver_via_api:
+        deliver.apply_async(
+            kwargs={"project": pid, "version": version, "task_ids": with_result},
+            countdown=rt.settings.predict_wait_seconds + 1,
+            queue=queues.INTERACTIVE,
+        )
+        return {}
+    return rt.writeback.write(pid, version, {t: predictions[t] for t in with_result})
+
+
+def record(rt: Runtime, job_id: str | None, pid: int, done: Iterable[int], errors: Mapping[int, str]) -> None:
+    for tid, reason in errors.items():
+        log.warning("project %s task %s failed: %s", pid, tid, reason)
+    if job_id:
+        rt.store.job_progress(job_id, done=[t for t in done if t not in errors], errors=errors)
+
+
+class JobTask(app.Task):
+    """When a task gives up (retries exhausted, or a bug), its job says so for each of its tasks."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        job_id = kwargs.get("job_id")
+        if job_id:
+            items = [t["id"] for t in kwargs.get("tasks", [])] or kwargs.get("task_ids") or [kwargs.get("project")]
+            runtime().store.job_progress(job_id, errors={t: f"{type(exc).__name__}: {exc}" for t in items})
+
+
+@app.task(name=queues.PREDICT_TASKS, base=JobTask, bind=True, autoretry_for=RETRYABLE, retry_backoff=5, max_retries=5)
+def predict_tasks(
+    self: Any,
+    project: int,
+    tasks: Sequence[Mapping[str, Any]],
+    job_id: str | None = None,
+    deliver_via_api: bool = False,
+    embed_only: bool = False,
+) -> dict[str, int]:
+    rt = runtime()
+    store = rt.store
+    ids = [t["id"] for t in tasks]
+    try:
+        config = rt.label_config(project)
+    except (LookupError, LabelConfigError) as exc:
+        record(rt, job_id, project, [], {t: str(exc) for t in ids})
+        return {"done": 0, "failed": len(ids)}
+    version = store.current_version(project)
+    known = store.embeddings(project, ids)
+    features = {t: from_bytes([b])[0] for t, b in known.items()}
+    outcome = rt.pipeline.run([t for t in tasks if t["id"] not in known], config.image_key)
+    features.update(outcome.features)
+    store.save_embeddings(project, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
+    errors = dict(outcome.errors)
+    if errors:
+        store.unmark_queued(project, version, errors)
+    if not embed_only:
+        predictions = predict_from_features(rt, project, version, features)
+        errors.update(store_and_deliver(rt, project, version, predictions, deliver_via_api))
+    record(rt, job_id, project, features, errors)
+    if outcome.features:
+        maybe_refit_for_new_tasks(rt, project, len(outcome.features))
+    log.info(
+        "project %s: %d tasks, %d embedded, %d from cache, %d failed",
+        project,
+        len(ids),
+        outcome.computed,
+        outcome.cache_hits + len(known),
+        len(errors),
+    )
+    return {"done": len(features), "failed": len(errors)}
+
+
+def maybe_refit_for_new_tasks(rt: Runtime, pid: int, new: int) -> None:
+    """Clusters go stale as a project grows: refit once the tasks added since the last fit reach a
+    quarter of those it was fitted on (at least 50)."""
+    since = rt.store.count_new_tasks(pid, new)
+    model = rt.project_model(pid, rt.store.current_version(pid))
+    fitted_on = int(model.stats.get("tasks", 0))
+    if fitted_on and since >= max(50, fitted_on // 4) and rt.store.refit_scheduled(pid, 60):
+        from worker.learn_tasks import refit
+
+        job = rt.store.create_job("refit", pid, 1)
+        refit.apply_async(kwargs={"project": pid, "force": True, "job_id": job}, queue=queues.BULK)
+
+
+@app.task(name=queues.DELIVER, autoretry_for=RETRYABLE, retry_backoff=5, max_retries=5)
+def deliver(project: int, version: str, task_ids: list[int]) -> int:
+    """Write what the API did not hand to Label Studio in its /predict reply."""
+    rt = runtime()
+    predictions = rt.store.predictions(project, version, task_ids)
+    errors = rt.writeback.write(project, version, predictions) if rt.writeback else {}
+    for tid, reason in errors.items():
+        log.warning("project %s task %s: %s", project, tid, reason)
+    return len(predictions) - len(errors)

@@ -1,0 +1,39 @@
+"""Postprocessing: per-tag choices become a Label Studio prediction."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from common.label_config import LabelConfig
+from worker.project_model import Choice
+
+
+def build_prediction(choices: Mapping[str, Choice], config: LabelConfig, version: str) -> dict[str, Any]:
+    """Valid for the *current* config: tags or labels it no longer has are dropped, never predicted.
+
+    An empty `result` means "processed, no evidence yet"; it is kept in Redis but never sent.
+    """
+    result = []
+    for tag in config.choices:
+        if tag.name not in choices:
+            continue
+        labels, score = choices[tag.name]
+        labels = [label for label in labels if label in tag.labels]
+        if not labels:
+            continue
+        if not tag.multiple:
+            labels = labels[:1]
+        result.append(
+            {
+                "id": uuid.uuid4().hex[:12],
+                "from_name": tag.name,
+                "to_name": tag.to_name,
+                "type": "choices",
+                "value": {"choices": labels},
+                "score": float(score),
+            }
+        )
+    score = min((item["score"] for item in result), default=0.0)
+    return {"result": result, "score": round(score, 4), "model_version": version}

@@ -1,0 +1,121 @@
+"""Per-process worker state: the model, the Label Studio client, the fetcher. Built once per process,
+after fork (Celery's `worker_process_init`), never in the parent and never per task."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from celery.signals import worker_process_init
+
+from common.label_config import LabelConfig, parse_label_config
+from common.models import embedding_space, image_size
+from common.settings import Settings, get_settings
+from common.store import Store
+from worker.embedder import Embedder, pick_device
+from worker.images import ImageFetcher
+from worker.pipeline import EmbeddingPipeline
+from worker.project_model import ProjectModel
+from worker.writeback import WriteBack, make_client
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CEFAS_MAP = {"organism_type": {"copepod": "Plankton", "non-copepod": "Plankton", "detritus": "Debris"}}
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+
+    @cached_property
+    def store(self) -> Store:
+        return Store.from_url(self.settings.redis_url, embedding_space(self.settings))
+
+    @cached_property
+    def embedder(self) -> Embedder:
+        from worker.backbones import create_backbone
+
+        backbone = create_backbone(self.settings.backbone, self.settings.weights or None)
+        return Embedder(
+            backbone, pick_device(self.settings.device), image_size(self.settings), self.settings.batch_size
+        )
+
+    @cached_property
+    def fetcher(self) -> ImageFetcher:
+        return ImageFetcher(self.settings)
+
+    @cached_property
+    def pipeline(self) -> EmbeddingPipeline:
+        return EmbeddingPipeline(
+            self.embedder, self.fetcher, self.store, self.settings.download_workers, self.settings.image_max_pixels
+        )
+
+    @cached_property
+    def writeback(self) -> WriteBack | None:
+        if not self.settings.label_studio_url or not self.settings.label_studio_api_key:
+            log.warning("LABEL_STUDIO_URL or LABEL_STUDIO_API_KEY not set: predictions are served by /predict only")
+            return None
+        client = make_client(self.settings.label_studio_url, self.settings.label_studio_api_key)
+        return WriteBack(client, self.store)
+
+    @cached_property
+    def head_map(self) -> dict[str, dict[str, str]]:
+        """How a backbone's own classes answer a tag before any annotation (resnet50-cefas)."""
+        if self.settings.backbone != "resnet50-cefas":
+            return {}
+        return json.loads(self.settings.cefas_label_map) if self.settings.cefas_label_map else DEFAULT_CEFAS_MAP
+
+    @cached_property
+    def _models(self) -> OrderedDict[tuple[int, str], ProjectModel]:
+        return OrderedDict()
+
+    def project_dir(self, pid: int) -> Path:
+        return Path(self.settings.model_dir) / embedding_space(self.settings) / str(pid)
+
+    def project_model(self, pid: int, version: str) -> ProjectModel:
+        """The model of that version; before the first fit, one that knows only the backbone's head."""
+        key = (pid, version)
+        if key not in self._models:
+            folder = self.project_dir(pid) / version
+            if folder.is_dir():
+                model = ProjectModel.load(folder)
+            else:
+                import numpy as np
+
+                model = ProjectModel(version, np.zeros((0, 1), np.float32), {}, "", head_map=self.head_map)
+            self._models[key] = model
+            while len(self._models) > 16:
+                self._models.popitem(last=False)
+        return self._models[key]
+
+    def label_config(self, pid: int) -> LabelConfig:
+        xml = self.store.label_config(pid)
+        if not xml:
+            raise LookupError(f"no label config known for project {pid}: Label Studio has not called /setup yet")
+        return parse_label_config(xml)
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def runtime() -> Runtime:
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = Runtime(get_settings())
+        return _runtime
+
+
+@worker_process_init.connect
+def _load_after_fork(**_: Any) -> None:
+    """Load the model in each pool process as it starts, so the first task does not pay for it."""
+    rt = runtime()
+    rt.embedder  # noqa: B018
+    rt.store.r.ping()
