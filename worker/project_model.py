@@ -1,4 +1,5 @@
-"""What a project has learned: k-means clusters of its embeddings, labelled by its annotations.
+"""What a project has learned: k-means clusters of its embeddings, labelled by its annotations, and
+a light classifier per tag (worker/tag_models.py).
 
 Each cluster takes, for every `Choices` tag, the majority choice of its annotated members (for a
 multiple-choice tag: every label more than half of them carry), scored by how pure the cluster is.
@@ -21,6 +22,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from common.label_config import LabelConfig
+from worker.tag_models import LinearTagModel, agreement, fit_multiple, fit_single
 
 Choice = tuple[list[str], float]  # labels chosen for one tag, and their score
 
@@ -40,6 +42,8 @@ class ProjectModel:
     cluster_choices: dict[str, list[Choice | None]]  # tag -> per cluster
     config_fingerprint: str
     head_map: dict[str, dict[str, str]] = field(default_factory=dict)  # tag -> backbone class -> label
+    classifiers: dict[str, LinearTagModel] = field(default_factory=dict)
+    primary: dict[str, str] = field(default_factory=dict)  # tag -> "classifier" | "clusters"
     stats: dict[str, object] = field(default_factory=dict)
 
     def assign(self, embeddings: np.ndarray) -> np.ndarray:
@@ -48,13 +52,22 @@ class ProjectModel:
     def predict(
         self, features: np.ndarray, probabilities: np.ndarray | None, class_names: tuple[str, ...]
     ) -> list[dict[str, Choice]]:
-        clusters = self.assign(normalise(features)) if len(self.centroids) else np.full(len(features), -1)
+        x = normalise(features)
+        clusters = self.assign(x) if len(self.centroids) else np.full(len(features), -1)
+        by_classifier = {tag: clf.predict(x) for tag, clf in self.classifiers.items()}
         out = []
         for i, cluster in enumerate(clusters):
             choices: dict[str, Choice] = {}
-            for tag, per_cluster in self.cluster_choices.items():
-                if cluster >= 0 and per_cluster[cluster] is not None:
-                    choices[tag] = per_cluster[cluster]
+            for tag in set(self.cluster_choices) | set(by_classifier):
+                per_cluster = self.cluster_choices.get(tag)
+                from_clusters = per_cluster[cluster] if per_cluster is not None and cluster >= 0 else None
+                from_classifier = by_classifier[tag][i] if tag in by_classifier else None
+                if self.primary.get(tag) == "classifier":
+                    answer = from_classifier or from_clusters
+                else:
+                    answer = from_clusters or from_classifier
+                if answer is not None:
+                    choices[tag] = answer
             if probabilities is not None:
                 for tag, mapping in self.head_map.items():
                     if tag not in choices:
@@ -76,6 +89,8 @@ class ProjectModel:
                 "cluster_choices": self.cluster_choices,
                 "config_fingerprint": self.config_fingerprint,
                 "head_map": self.head_map,
+                "classifiers": {tag: clf.to_json() for tag, clf in self.classifiers.items()},
+                "primary": self.primary,
                 "stats": self.stats,
             }
             (tmp / "model.json").write_text(json.dumps(meta))
@@ -101,6 +116,8 @@ class ProjectModel:
             cluster_choices=choices,
             config_fingerprint=meta["config_fingerprint"],
             head_map=meta.get("head_map", {}),
+            classifiers={tag: LinearTagModel.from_json(d) for tag, d in meta.get("classifiers", {}).items()},
+            primary=meta.get("primary", {}),
             stats=meta.get("stats", {}),
         )
 
@@ -142,20 +159,49 @@ def fit_project_model(
 ) -> ProjectModel:
     k = clusters or auto_clusters(len(task_ids))
     k = max(1, min(k, len(task_ids)))
-    kmeans = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(normalise(features))
-    centroids = kmeans.cluster_centers_
-    centroids = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    x = normalise(features)
+    kmeans = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x)
+    centroids = normalise(kmeans.cluster_centers_)
     assignment = kmeans.labels_
+    position = {tid: i for i, tid in enumerate(task_ids)}
     cluster_choices: dict[str, list[Choice | None]] = {}
+    classifiers: dict[str, LinearTagModel] = {}
+    primary: dict[str, str] = {}
+    evidence: dict[str, dict[str, float]] = {}
     for tag in config.choices:
+        annotated = [
+            (tid, [c for c in labels[tid][tag.name] if c in tag.labels])
+            for tid in task_ids
+            if tid in labels and labels[tid].get(tag.name)
+        ]
+        annotated = [(tid, chosen) for tid, chosen in annotated if chosen]
+        if not annotated:
+            continue
         members: list[list[list[str]]] = [[] for _ in range(k)]
-        for tid, cluster in zip(task_ids, assignment, strict=True):
-            chosen = labels.get(tid, {}).get(tag.name)
-            if chosen:
-                members[cluster].append([c for c in chosen if c in tag.labels])
-        per_cluster = [cluster_choices_for_tag(m, tag.multiple) for m in members]
-        if any(c is not None for c in per_cluster):
-            cluster_choices[tag.name] = per_cluster
+        for tid, chosen in annotated:
+            members[assignment[position[tid]]].append(chosen)
+        cluster_choices[tag.name] = [cluster_choices_for_tag(m, tag.multiple) for m in members]
+        xs = x[[position[tid] for tid, _ in annotated]]
+        truth = [chosen if tag.multiple else chosen[0] for _, chosen in annotated]
+        clusters_cv = agreement(
+            _cluster_oof(assignment[[position[tid] for tid, _ in annotated]], [c for _, c in annotated], tag.multiple,
+                         seed),
+            truth,
+            tag.multiple,
+        )  # fmt: skip
+        fitted = (
+            fit_multiple(tag.name, xs, truth, tag.labels, seed)
+            if tag.multiple
+            else fit_single(tag.name, xs, truth, seed)
+        )
+        scores = {"clusters": round(clusters_cv, 4), "annotated": len(annotated)}
+        primary[tag.name] = "clusters"
+        if fitted is not None:
+            classifiers[tag.name], oof = fitted
+            scores["classifier"] = round(agreement(list(oof), truth, tag.multiple), 4)
+            if scores["classifier"] >= clusters_cv:
+                primary[tag.name] = "classifier"
+        evidence[tag.name] = scores
     valid_head = {
         tag: dict(mapping)
         for tag, mapping in (head_map or {}).items()
@@ -167,5 +213,26 @@ def fit_project_model(
         cluster_choices=cluster_choices,
         config_fingerprint=config.fingerprint,
         head_map=valid_head,
-        stats={"tasks": len(task_ids), "annotated": sum(1 for t in task_ids if t in labels), "clusters": k},
+        classifiers=classifiers,
+        primary=primary,
+        stats={
+            "tasks": len(task_ids),
+            "annotated": sum(1 for t in task_ids if t in labels),
+            "clusters": k,
+            "evidence": evidence,
+        },
     )
+
+
+def _cluster_oof(clusters: np.ndarray, chosen: list[list[str]], multiple: bool, seed: int) -> list:
+    """Cross-validated cluster-majority answers for the annotated tasks (None: cluster had no evidence)."""
+    n = len(chosen)
+    out: list = [None] * n
+    order = np.random.default_rng(seed).permutation(n)
+    for fold in np.array_split(order, min(5, n)):
+        held = set(fold.tolist())
+        for i in fold:
+            members = [chosen[j] for j in range(n) if j not in held and clusters[j] == clusters[i]]
+            answer = cluster_choices_for_tag(members, multiple)
+            out[i] = None if answer is None else (answer[0] if multiple else answer[0][0])
+    return out

@@ -91,15 +91,15 @@ def default_venv_path() -> Path:
 def ensure_label_studio_venv(path: str | os.PathLike[str] | None = None) -> Path:
     """Return a virtualenv holding ``label-studio==1.23.2``, creating it if ``bin/label-studio`` is missing.
 
-    The install takes minutes on a fresh machine; pip's output goes to stderr. A lock file next to the
-    virtualenv keeps two processes from installing at once. Raises :class:`LabelStudioError` on failure.
+    The install takes minutes on a fresh machine; pip's output goes to stderr. A lock file in the
+    virtualenv's folder keeps two processes from installing at once. Raises :class:`LabelStudioError` on failure.
     """
     venv = Path(path) if path is not None else default_venv_path()
     venv = venv.absolute()
     executable = venv / "bin" / "label-studio"
     if executable.exists():
         return venv
-    with _file_lock(venv.with_name(venv.name + ".lock")):
+    with _file_lock(venv / ".e2e-install.lock"):  # inside the (gitignored) venv dir; venv accepts it
         if executable.exists():  # another process installed it while we waited
             return venv
         started = time.monotonic()
