@@ -148,3 +148,43 @@ def synthetic_particle(kind: str, seed: int, size: int = 28) -> np.ndarray:
         mask = rng.random((size, size)) < 0.35
         img[mask] = [110, 80, 50]
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+class ApiProcess:
+    """The API under gunicorn, as production runs it, on a free loopback port."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_path = log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> ApiProcess:
+        import requests
+
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "gunicorn"), "-w", "2", "-k", "gthread", "--threads", "8",
+                 "-b", f"127.0.0.1:{self.port}", "--timeout", "120", "api.app:create_app()"],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"API exited:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                return requests.get(f"{self.url}/health", timeout=1).status_code in (200, 401)
+            except requests.RequestException:
+                return False
+
+        wait_until(up, timeout, "the API to answer /health", interval=0.3)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)

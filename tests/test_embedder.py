@@ -94,12 +94,6 @@ def test_same_content_in_a_later_run_is_a_cache_hit(pipeline: EmbeddingPipeline,
     np.testing.assert_allclose(second.features[2], first.features[1], rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: EmbeddingPipeline.run does not deduplicate identical content within one run (both are cache "
-    "misses when prepared before either is embedded); remove this marker once run() tracks digests",
-)
 def test_same_content_within_one_run_embedded_once(pipeline: EmbeddingPipeline, serve, clean_redis):
     data = [png_bytes(synthetic_particle(kind, 7, size=40)) for kind in KINDS]
     tasks = [{"id": 10 + i, "data": {"image": serve(f"p{i}.png", d)}} for i, d in enumerate(data)]

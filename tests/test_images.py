@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from common.settings import Settings
@@ -306,11 +305,6 @@ def test_refused_jwt_key_is_an_image_error(image_server: ImageServer, routes):
         fetcher.fetch(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=requests.ConnectionError,
-    reason="BUG: the token exchange runs outside _fetch_http's try, so its network errors are not ImageErrors",
-)
 def test_unreachable_label_studio_with_jwt_key_is_an_image_error():
     url = f"http://127.0.0.1:{free_port()}"
     fetcher = ImageFetcher(settings(label_studio_url=url, label_studio_api_key="aaa.bbb.ccc", download_timeout=2))

@@ -109,9 +109,8 @@ class ImageFetcher:
         raise ImageError(f"unsupported image reference {ref[:200]!r} (expected http(s)://, /data/... or s3://)")
 
     def _fetch_http(self, url: str, label_studio: bool) -> bytes:
-        headers = self.ls_auth.headers() if label_studio else {}
         try:
-            resp = self._get(url, headers)
+            resp = self._get(url, self.ls_auth.headers() if label_studio else {})
             if resp.status_code == 401 and label_studio and _is_jwt(self.settings.label_studio_api_key):
                 resp.close()
                 resp = self._get(url, self.ls_auth.headers(refresh=True))

@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from common import queues
+from common.label_config import LabelConfig
 from worker.celery_app import app
 from worker.pipeline import from_bytes, to_bytes
 from worker.predict_tasks import RETRYABLE, JobTask, predict_from_features, record, store_and_deliver
-from worker.project_model import fit_project_model
+from worker.project_model import ProjectModel, fit_project_model
+from worker.results import build_prediction
 from worker.runtime import Runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -24,53 +28,75 @@ def _embed_missing(rt: Runtime, pid: int, task_ids: list[int], image_key: str) -
     return outcome.errors
 
 
+def _answers(rt: Runtime, model: ProjectModel, features: np.ndarray, config: LabelConfig) -> list[dict]:
+    """What a model would predict, as label sets valid for the current config (ids and scores aside)."""
+    probs = rt.embedder.head_probabilities(features) if model.head_map else None
+    per_task = model.predict(features, probs, rt.embedder.backbone.class_names)
+    return [
+        {item["from_name"]: item["value"]["choices"] for item in build_prediction(c, config, "")["result"]}
+        for c in per_task
+    ]
+
+
+def refit_project(rt: Runtime, project: int, force: bool) -> dict[str, Any]:
+    """Fit a new model from all stored features and current labels; publish it as a new version only
+    if it changes some prediction, and only once it is completely on disk."""
+    store = rt.store
+    store.clear_refit_schedule(project)
+    seen = store.changes_since_fit(project)
+    labels = store.labels(project)
+    if not force and seen <= 0:
+        return {"status": "nothing new"}
+    config = rt.label_config(project)
+    missing = [t for t in labels if not store.embeddings(project, [t])]
+    if missing:
+        _embed_missing(rt, project, missing, config.image_key)
+    blobs = store.embeddings(project)
+    if not blobs or (not labels and not rt.head_map):
+        store.reset_changes(project, seen)
+        return {"status": "nothing to learn from", "tasks": len(blobs), "annotated": len(labels)}
+    task_ids = sorted(blobs)
+    features = from_bytes([blobs[t] for t in task_ids])
+    current = store.current_version(project)
+    model = fit_project_model(
+        "", features, task_ids, labels, config, clusters=rt.settings.kmeans_clusters, head_map=rt.head_map
+    )
+    old = rt.project_model(project, current)
+    if old.config_fingerprint == config.fingerprint and _answers(rt, old, features, config) == _answers(
+        rt, model, features, config
+    ):
+        store.reset_changes(project, seen)
+        log.info("project %s: refit changes no prediction; %s stays current", project, current)
+        return {"status": "unchanged", "version": current, **model.stats}
+    model.version = store.next_version(project)
+    model.save(rt.project_dir(project))
+    store.publish_version(project, model.version, {"reason": "refit", **model.stats})
+    store.reset_changes(project, seen)
+    store.reset_new_tasks(project)
+    log.info("project %s: fitted %s on %s", project, model.version, model.stats)
+    unannotated = [t for t in task_ids if t not in labels]
+    chunk = max(1, rt.settings.chunk_size)
+    job = store.create_job("repredict", project, len(unannotated))
+    for start in range(0, len(unannotated), chunk):
+        repredict.apply_async(
+            kwargs={
+                "project": project,
+                "version": model.version,
+                "task_ids": unannotated[start : start + chunk],
+                "job_id": job,
+            },
+            queue=queues.BULK,
+        )
+    return {"status": "fitted", "version": model.version, "repredict_job": job, **model.stats}
+
+
 @app.task(name=queues.REFIT, base=JobTask, bind=True, autoretry_for=RETRYABLE, retry_backoff=5, max_retries=3)
 def refit(self: Any, project: int, force: bool = False, job_id: str | None = None) -> dict[str, Any]:
     rt = runtime()
-    store = rt.store
-    with store.lock(project, "refit", timeout=900):
-        store.clear_refit_schedule(project)
-        seen = store.changes_since_fit(project)
-        labels = store.labels(project)
-        if not force and seen <= 0:
-            record(rt, job_id, project, [project], {})
-            return {"status": "nothing new"}
-        config = rt.label_config(project)
-        missing = [t for t in labels if not store.embeddings(project, [t])]
-        if missing:
-            _embed_missing(rt, project, missing, config.image_key)
-        blobs = store.embeddings(project)
-        if not blobs or (not labels and not rt.head_map):
-            store.reset_changes(project, seen)
-            record(rt, job_id, project, [project], {})
-            return {"status": "nothing to learn from", "tasks": len(blobs), "annotated": len(labels)}
-        task_ids = sorted(blobs)
-        features = from_bytes([blobs[t] for t in task_ids])
-        version = store.next_version(project)
-        model = fit_project_model(
-            version, features, task_ids, labels, config, clusters=rt.settings.kmeans_clusters, head_map=rt.head_map
-        )
-        model.save(rt.project_dir(project))
-        # Only now, with the model completely on disk, does the new version become current.
-        store.publish_version(project, version, {"reason": "refit", **model.stats})
-        store.reset_changes(project, seen)
-        store.reset_new_tasks(project)
-        log.info("project %s: fitted %s on %s", project, version, model.stats)
-        unannotated = [t for t in task_ids if t not in labels]
-        chunk = max(1, rt.settings.chunk_size)
-        job = store.create_job("repredict", project, len(unannotated))
-        for start in range(0, len(unannotated), chunk):
-            repredict.apply_async(
-                kwargs={
-                    "project": project,
-                    "version": version,
-                    "task_ids": unannotated[start : start + chunk],
-                    "job_id": job,
-                },
-                queue=queues.BULK,
-            )
-        record(rt, job_id, project, [project], {})
-        return {"status": "fitted", "version": version, "repredict_job": job, **model.stats}
+    with rt.store.lock(project, "refit", timeout=900):
+        outcome = refit_project(rt, project, force)
+    record(rt, job_id, project, [project], {})
+    return outcome
 
 
 @app.task(name=queues.REPREDICT, base=JobTask, autoretry_for=RETRYABLE, retry_backoff=5, max_retries=5)

@@ -73,6 +73,8 @@ class EmbeddingPipeline:
             pending.add(fut)
             owner[fut] = task["id"]
         ready: list[Prepared] = []
+        first_with: dict[str, int] = {}  # content digest -> the task embedded for it in this run
+        copies: dict[int, str] = {}
         batch = self.embedder.batch_size
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -91,12 +93,18 @@ class EmbeddingPipeline:
                 if prepared.features is not None:
                     out.features[tid] = prepared.features
                     out.cache_hits += 1
+                elif prepared.digest in first_with:
+                    copies[tid] = prepared.digest
+                    out.cache_hits += 1
                 else:
+                    first_with[prepared.digest] = tid
                     ready.append(prepared)
             # The forward pass runs while the remaining downloads go on in their threads.
             while len(ready) >= batch or (ready and not pending):
                 self._embed(ready[:batch], out)
                 ready = ready[batch:]
+        for tid, digest in copies.items():
+            out.features[tid] = out.features[first_with[digest]]
         return out
 
     def _embed(self, items: list[Prepared], out: EmbedOutcome) -> None:

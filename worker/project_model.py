@@ -128,6 +128,8 @@ def head_choice(probs: np.ndarray, class_names: tuple[str, ...], mapping: Mappin
     for name, p in zip(class_names, probs, strict=True):
         if name in mapping:
             totals[mapping[name]] += float(p)
+    if not totals:
+        return [], 0.0
     label, score = totals.most_common(1)[0]
     return [label], round(score, 4)
 

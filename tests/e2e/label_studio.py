@@ -265,7 +265,8 @@ class LabelStudioClient:
         """Make the project's webhook ``webhook_url`` send the extra header ``name: value`` (e.g. a secret).
 
         Webhooks carry only the headers configured on them (no basic auth), so a secret header is how the
-        backend can protect ``/webhook``.
+        backend can protect ``/webhook``. ``START_TRAINING`` is not a webhook: Label Studio posts it to
+        ``/webhook`` itself, without these headers (measured on 1.23.2).
         """
         hook = self.find_webhook(project_id, webhook_url)
         if hook is None:
@@ -292,7 +293,8 @@ class LabelStudioClient:
         return ids
 
     def get_task(self, task_id: int) -> dict[str, Any]:
-        """``GET /api/tasks/{id}``."""
+        """``GET /api/tasks/{id}``: like opening the task, it makes Label Studio call the backend's
+        /health, /setup and /predict (one task) first if the task has no prediction at all."""
         return dict(self.get(f"/api/tasks/{task_id}"))
 
     def list_tasks(self, project_id: int, page_size: int = 100) -> list[dict[str, Any]]:

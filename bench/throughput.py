@@ -1,0 +1,864 @@
+"""Throughput and responsiveness of the backend on the real FlowCam particles, all measured in one run.
+
+What it measures, on the same images, backbone, input size, batch size and device:
+
+1. model-only   images/s of `worker.embedder.Embedder` over particles already decoded and preprocessed in
+                memory (after a warm-up batch): the ceiling for the whole service on this machine.
+2. end-to-end   images/s of a real import: the particles served over HTTP on loopback, the gunicorn API and
+                one Celery worker as subprocesses, one TASKS_CREATED webhook with all N tasks, timed until
+                GET /jobs/<job> says done. The worker runs without LABEL_STUDIO_URL, so predictions are
+                stored in Redis only (no write-back to Label Studio is part of the figure). Redis is a fresh
+                database: the content-hash cache holds none of the imported images (checked and printed).
+3. peer         the way the original backend worked: each task handled synchronously inside its own
+                /predict request, one image at a time (download, decode, preprocess, forward on batch 1).
+4. UI           p50/p99 latency of GET /health, POST /setup and POST /predict (an already-predicted task)
+                called ~20 times a second during the import.
+5. interactive  every ~2 s during the import, /predict for ONE new task (an image not in the import): time
+                until its embedding is stored, next to the model's own batch-1 forward time.
+6. memory       peak RSS of the worker (main + pool) and the API (master + workers) during the import, and
+                the worker's RSS at the start vs the end of the import.
+
+Run: `.venv/bin/python bench/throughput.py` (or `make bench`); `--help` lists the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import redis  # noqa: E402
+import requests  # noqa: E402
+import torch  # noqa: E402
+from flask import Flask, jsonify, request  # noqa: E402
+from PIL import Image  # noqa: E402
+from werkzeug.serving import WSGIRequestHandler, make_server  # noqa: E402
+
+from common.models import embedding_space, image_size  # noqa: E402
+from common.settings import Settings  # noqa: E402
+from common.store import Store  # noqa: E402
+from tests.helpers import DATA, ImageServer, WorkerProcess, free_port, wait_until  # noqa: E402
+from worker.backbones import create_backbone  # noqa: E402
+from worker.embedder import Embedder, cpu_threads, pick_device  # noqa: E402
+from worker.images import ImageFetcher, decode_image, to_model_input  # noqa: E402
+
+PARTICLES = DATA / "flowcam" / "particles"
+LABEL_CONFIG_XML = (DATA / "label_config.xml").read_text()
+PID = 1
+WARM_TASK_ID = 900_000
+PROBE_TASK_BASE = 1_000_000
+UI_CALLS_PER_SECOND = 20.0
+PROBE_EVERY_SECONDS = 2.0
+RSS_EVERY_SECONDS = 0.2
+JOB_POLL_SECONDS = 0.2
+
+
+# -- small helpers ----------------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def group_rss(pid: int) -> int:
+    """RSS of a process and all its descendants, in bytes (0 once it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += proc.memory_info().rss
+    return total
+
+
+def mib(n: float) -> float:
+    return n / 2**20
+
+
+def group_pss(pid: int) -> int:
+    """PSS of a process and its descendants: pages a forked pool shares with its parent count once."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += proc.memory_full_info().pss
+    return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            t = proc.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def own_cpu_seconds() -> float:
+    """This process only (its threads: image server, UI caller, probes, polling), not its children."""
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+def redis_cpu_seconds() -> float:
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == "redis-server":
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                t = proc.cpu_times()
+                total += t.user + t.system
+    return total
+
+
+class CpuMeter:
+    """Who used the machine's cores during a phase: our processes, redis-server, everything else (the CPU
+    is shared with other work), idle, and time the hypervisor stole."""
+
+    def __init__(self, groups: dict[str, Callable[[], float]]) -> None:
+        self.groups = {**groups, "redis-server": redis_cpu_seconds}
+        self.start_at = 0.0
+        self.begin: dict[str, float] = {}
+        self.system: Any = None
+
+    def __enter__(self) -> CpuMeter:
+        self.start_at = time.monotonic()
+        self.begin = {name: read() for name, read in self.groups.items()}
+        self.system = psutil.cpu_times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.monotonic() - self.start_at
+        end = psutil.cpu_times()
+        used = {name: read() - self.begin[name] for name, read in self.groups.items()}
+        busy = sum(getattr(end, f) - getattr(self.system, f) for f in ("user", "nice", "system", "irq", "softirq"))
+        idle = sum(getattr(end, f) - getattr(self.system, f) for f in ("idle", "iowait"))
+        steal = end.steal - self.system.steal
+        self.result = {name: v / wall for name, v in used.items()}
+        self.result["other processes"] = max(0.0, busy - sum(used.values())) / wall
+        self.result["idle"] = idle / wall
+        self.result["steal"] = steal / wall
+        self.wall = wall
+
+    def line(self) -> str:
+        return ", ".join(f"{name} {v:.2f}" for name, v in self.result.items())
+
+
+# -- the particles ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Particles:
+    """The imported particles (their file names and bytes) and a source of images NOT in the import."""
+
+    names: list[str]
+    blobs: list[bytes]
+    spare: list[Path]
+    import_hashes: set[str] = field(default_factory=set)
+    probe_sources: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, count: int) -> Particles:
+        files = sorted(PARTICLES.glob("*.png"))
+        if count > len(files):
+            raise SystemExit(f"--count {count}: only {len(files)} particles in {PARTICLES}")
+        chosen = files[:count]
+        blobs = [f.read_bytes() for f in chosen]
+        out = cls([f.name for f in chosen], blobs, files[count:])
+        out.import_hashes = {sha256(b) for b in blobs}
+        return out
+
+    def probe_images(self) -> Iterator[bytes]:
+        """Unused particles first; then particles mirrored left-right (new bytes, so a content-cache miss)."""
+        for path in self.spare:
+            data = path.read_bytes()
+            if sha256(data) not in self.import_hashes:
+                self._used("particles not in the import")
+                yield data
+        for blob in self.blobs:
+            with Image.open(io.BytesIO(blob)) as img:
+                data = png(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+            if sha256(data) not in self.import_hashes:
+                self._used("imported particles mirrored left-right (new content, not in the import or its cache)")
+                yield data
+
+    def _used(self, source: str) -> None:
+        if source not in self.probe_sources:
+            self.probe_sources.append(source)
+
+
+def serve_bytes(data: bytes) -> Callable[[Any], None]:
+    def route(handler: Any) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/png")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    return route
+
+
+# -- 1. model only ----------------------------------------------------------------------------------------
+
+
+def build_embedder(settings: Settings, batch_size: int | None = None) -> Embedder:
+    """As worker/runtime.py builds it."""
+    backbone = create_backbone(settings.backbone, settings.weights or None)
+    size = image_size(settings)
+    return Embedder(
+        backbone, pick_device(settings.device), size, settings.batch_size if batch_size is None else batch_size
+    )
+
+
+def sync(embedder: Embedder) -> None:
+    if embedder.cuda:
+        torch.cuda.synchronize(embedder.device)
+
+
+def measure_model(settings: Settings, particles: Particles, server: ImageServer, passes: int) -> dict[str, Any]:
+    max_pixels = settings.image_max_pixels
+    size = image_size(settings)
+    t0 = time.perf_counter()
+    pixels = [to_model_input(decode_image(b, max_pixels), size) for b in particles.blobs]
+    prep_s = time.perf_counter() - t0
+    embedder = build_embedder(settings)
+    embedder.embed(pixels[: embedder.batch_size])  # warm-up batch
+    sync(embedder)
+    runs = []
+    with CpuMeter({"bench": own_cpu_seconds}) as cpu:
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            features = embedder.embed(pixels)
+            sync(embedder)
+            runs.append(time.perf_counter() - t0)
+    assert features.shape[0] == len(pixels)
+    model_s = statistics.median(runs)
+    one = Embedder(embedder.backbone, embedder.device, size, 1)
+    for x in pixels[:5]:
+        one.embed([x])
+    sync(one)
+    single = []
+    for x in pixels[5:65]:
+        t = time.perf_counter()
+        one.embed([x])
+        sync(one)
+        single.append(time.perf_counter() - t)
+    return {
+        "images": len(pixels),
+        "image_size": size,
+        "batch_size": embedder.batch_size,
+        "device": str(embedder.device),
+        "device_name": torch.cuda.get_device_name(embedder.device) if embedder.cuda else platform.processor() or "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "passes": len(runs),
+        "seconds": model_s,
+        "images_per_s": len(pixels) / model_s,
+        "images_per_s_min": len(pixels) / max(runs),
+        "images_per_s_max": len(pixels) / min(runs),
+        "cpu_cores": cpu.result,
+        "preprocess_seconds": prep_s,
+        "preprocess_images_per_s_one_thread": len(pixels) / prep_s,
+        "batch1_ms_p50": 1000 * statistics.median(single),
+        "batch1_ms_p99": 1000 * pct(single, 99),
+        "stages_ms_per_image": stage_costs(settings, particles, server, embedder, pixels),
+    }
+
+
+def stage_costs(
+    settings: Settings, particles: Particles, server: ImageServer, embedder: Embedder, pixels: list[np.ndarray]
+) -> dict[str, float]:
+    """What one image costs in each step the worker takes, one thread, wall ms per image (on a loaded
+    machine these are upper bounds). The download includes the loopback image server's own work."""
+    n = min(len(particles.names), 500)
+    fetcher = ImageFetcher(settings)
+    store = Store.from_url(settings.redis_url, embedding_space(settings))
+    t0 = time.perf_counter()
+    blobs = [fetcher.fetch(f"{server.url}/{name}") for name in particles.names[:n]]
+    download = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for blob in blobs:
+        store.cached_embedding(sha256(blob))
+    lookup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for blob in blobs:
+        to_model_input(decode_image(blob, settings.image_max_pixels), embedder.image_size)
+    prep = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    embedder.embed(pixels[:n])
+    sync(embedder)
+    forward = time.perf_counter() - t0
+    return {
+        "download (requests + loopback server)": 1000 * download / n,
+        "sha256 + Redis cache lookup": 1000 * lookup / n,
+        "decode + preprocess": 1000 * prep / n,
+        f"forward (batch {embedder.batch_size}, all threads)": 1000 * forward / n,
+    }
+
+
+# -- 2. the service under test ------------------------------------------------------------------------------
+
+
+class Gunicorn:
+    def __init__(self, env: dict[str, str], port: int, log_path: Path) -> None:
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.port = port
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Gunicorn:
+        exe = Path(sys.executable).parent / "gunicorn"
+        cmd = [str(exe), "-w", "2", "-k", "gthread", "--threads", "8", "-b", f"127.0.0.1:{self.port}",
+               "api.app:create_app()"]  # fmt: skip
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                return requests.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(up, timeout, "the API to answer /health", 0.2)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, groups: dict[str, int]) -> None:
+        super().__init__(daemon=True, name="rss")
+        self.groups = groups
+        self.samples: dict[str, list[tuple[int, int]]] = {name: [] for name in groups}
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            for name, pid in self.groups.items():
+                self.samples[name].append((group_rss(pid), group_pss(pid)))
+            self.stop_event.wait(RSS_EVERY_SECONDS)
+
+    def peak(self, name: str, which: int = 0) -> int:
+        return max((sample[which] for sample in self.samples[name]), default=0)
+
+
+class UiCaller(threading.Thread):
+    """What Label Studio's UI triggers while an import runs: /health, /setup, /predict of a predicted task."""
+
+    def __init__(self, api: str, warm_task: dict[str, Any]) -> None:
+        super().__init__(daemon=True, name="ui")
+        self.api = api
+        self.warm_task = warm_task
+        self.latency: dict[str, list[float]] = {"GET /health": [], "POST /setup": [], "POST /predict": []}
+        self.errors: list[str] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        session = requests.Session()
+        calls: list[tuple[str, Callable[[], requests.Response]]] = [
+            ("GET /health", lambda: session.get(f"{self.api}/health", timeout=10)),
+            ("POST /setup", lambda: session.post(
+                f"{self.api}/setup", json={"project": f"{PID}.1700000000", "schema": LABEL_CONFIG_XML}, timeout=10)),
+            ("POST /predict", lambda: session.post(
+                f"{self.api}/predict", json={"project": f"{PID}.1700000000", "tasks": [self.warm_task]}, timeout=10)),
+        ]  # fmt: skip
+        i = 0
+        next_at = time.monotonic()
+        while not self.stop_event.is_set():
+            name, call = calls[i % len(calls)]
+            i += 1
+            t0 = time.perf_counter()
+            try:
+                resp = call()
+                elapsed = time.perf_counter() - t0
+                if resp.status_code != 200:
+                    self.errors.append(f"{name}: HTTP {resp.status_code}")
+                self.latency[name].append(elapsed)
+            except requests.RequestException as exc:
+                self.errors.append(f"{name}: {exc}")
+            next_at += 1 / UI_CALLS_PER_SECOND
+            self.stop_event.wait(max(0.0, next_at - time.monotonic()))
+
+
+class InteractiveProber(threading.Thread):
+    """Every ~2 s, an annotator opens a task nobody has embedded yet: /predict for that one task."""
+
+    def __init__(self, api: str, store: Store, server: ImageServer, images: Iterator[bytes]) -> None:
+        super().__init__(daemon=True, name="probe")
+        self.api = api
+        self.store = store
+        self.server = server
+        self.images = images
+        self.until_stored: list[float] = []
+        self.reply: list[float] = []
+        self.errors: list[str] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        session = requests.Session()
+        k = 0
+        next_at = time.monotonic()
+        while not self.stop_event.is_set():
+            tid = PROBE_TASK_BASE + k
+            path = f"/probe/{k}.png"
+            self.server.routes[path] = serve_bytes(next(self.images))
+            k += 1
+            task = {"id": tid, "data": {"image": f"{self.server.url}{path}"}}
+            t0 = time.perf_counter()
+            try:
+                resp = session.post(f"{self.api}/predict", json={"project": PID, "tasks": [task]}, timeout=60)
+                self.reply.append(time.perf_counter() - t0)
+                if resp.status_code != 200:
+                    self.errors.append(f"task {tid}: HTTP {resp.status_code}")
+                    continue
+                deadline = time.monotonic() + 300
+                while not self.store.embeddings(PID, [tid]):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"task {tid}: no embedding after 300 s")
+                    time.sleep(0.005)
+                self.until_stored.append(time.perf_counter() - t0)
+            except (requests.RequestException, TimeoutError) as exc:
+                self.errors.append(str(exc))
+            next_at += PROBE_EVERY_SECONDS
+            self.stop_event.wait(max(0.0, next_at - time.monotonic()))
+
+
+TASK_DONE = re.compile(r"Task plankton\.predict_tasks\[[^\]]+\] succeeded in ([0-9.]+)s")
+PIPELINE_LINE = re.compile(r"project \d+: (\d+) tasks, (\d+) embedded, (\d+) from cache, (\d+) failed")
+
+
+def worker_log_stats(text: str) -> dict[str, Any]:
+    """Celery's own per-task runtimes and the pipeline's per-task counts, from the worker's log."""
+    runtimes = [float(m) for m in TASK_DONE.findall(text)]
+    lines = [tuple(map(int, m)) for m in PIPELINE_LINE.findall(text)]
+    bulk = [r for r, line in zip(runtimes, lines, strict=False) if line[0] > 1]
+    return {
+        "predict_tasks": len(runtimes),
+        "task_seconds_sum": sum(runtimes),
+        "bulk_tasks": len(bulk),
+        "bulk_first_seconds": bulk[0] if bulk else float("nan"),
+        "bulk_seconds_p50": statistics.median(bulk) if bulk else float("nan"),
+        "bulk_seconds_max": max(bulk, default=float("nan")),
+        "embedded": sum(x[1] for x in lines),
+        "from_cache": sum(x[2] for x in lines),
+        "failed": sum(x[3] for x in lines),
+    }
+
+
+def measure_service(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    settings: Settings,
+    particles: Particles,
+    tmp: Path,
+    server: ImageServer,
+    stack: contextlib.ExitStack,
+) -> dict[str, Any]:
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    store = Store.from_url(settings.redis_url, embedding_space(settings))
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    log(f"starting the API (gunicorn) on :{port} and one Celery worker; logs in {tmp}")
+    gunicorn = Gunicorn(env, port, tmp / "api.log")
+    stack.callback(gunicorn.stop)
+    worker = WorkerProcess(env, tmp / "worker.log", "bench")
+    stack.callback(worker.stop)
+    gunicorn.start()
+    worker.start(timeout=300)
+    assert gunicorn.proc is not None and worker.proc is not None
+    http = requests.Session()
+
+    resp = http.post(f"{api}/setup", json={"project": f"{PID}.1700000000", "schema": LABEL_CONFIG_XML}, timeout=10)
+    resp.raise_for_status()
+    probes = particles.probe_images()
+    server.routes["/warm.png"] = serve_bytes(next(probes))
+    warm_task = {"id": WARM_TASK_ID, "data": {"image": f"{server.url}/warm.png"}}
+    http.post(f"{api}/predict", json={"project": PID, "tasks": [warm_task]}, timeout=60).raise_for_status()
+    version = store.current_version(PID)
+    wait_until(lambda: store.predictions(PID, version, [WARM_TASK_ID]), 120, "the warm-up task's prediction")
+
+    pipe = store.r.pipeline()
+    for digest in particles.import_hashes:
+        pipe.exists(f"plk:emb:{store.backbone}:{digest}")
+    cached_before = sum(pipe.execute())
+    tasks = [{"id": i + 1, "data": {"image": f"{server.url}/{name}"}} for i, name in enumerate(particles.names)]
+    log_offset = len((tmp / "worker.log").read_bytes())
+
+    sampler = RssSampler({"worker": worker.proc.pid, "api": gunicorn.proc.pid})
+    ui = UiCaller(api, warm_task)
+    prober = InteractiveProber(api, store, server, probes)
+    threads: list[Any] = [sampler, ui, prober]
+    for t in threads:
+        stack.callback(t.stop_event.set)
+    sampler.start()
+    time.sleep(3 * RSS_EVERY_SECONDS)
+    worker_rss_start = group_rss(worker.proc.pid)
+    ui.start()
+    time.sleep(1.0)  # let the UI caller settle on its keep-alive connection
+
+    log(f"TASKS_CREATED webhook with {len(tasks)} tasks")
+    body = {"action": "TASKS_CREATED", "project": {"id": PID}, "tasks": tasks}
+    worker_pid, api_pid = worker.proc.pid, gunicorn.proc.pid
+    cpu = CpuMeter(
+        {
+            "worker": lambda: tree_cpu_seconds(worker_pid),
+            "api": lambda: tree_cpu_seconds(api_pid),
+            "bench (image server, UI, probes)": own_cpu_seconds,
+        }
+    ).__enter__()
+    t0 = time.perf_counter()
+    resp = http.post(f"{api}/webhook", json=body, timeout=60)
+    webhook_s = time.perf_counter() - t0
+    resp.raise_for_status()
+    job_id = resp.json()["job"]
+    prober.start()
+    timeline: list[tuple[float, int, int]] = []
+    status: dict[str, Any] = {}
+    while True:
+        status = http.get(f"{api}/jobs/{job_id}", timeout=10).json()
+        now = time.perf_counter() - t0
+        timeline.append((now, status["done"], status["failed"]))
+        if status["done"] + status["failed"] >= len(tasks):
+            break
+        if now > args.timeout:
+            raise TimeoutError(f"import not done after {args.timeout} s: {status}")
+        if worker.proc.poll() is not None:
+            raise RuntimeError(f"the worker died:\n{worker.log_tail()}")
+        time.sleep(JOB_POLL_SECONDS)
+    e2e_s = time.perf_counter() - t0
+    cpu.__exit__()
+    worker_rss_end = group_rss(worker.proc.pid)
+    per_process = {
+        f"{proc.pid} {' '.join(proc.cmdline()[1:4])[:60]}": mib(proc.memory_full_info().rss)
+        for pid in (worker_pid, api_pid)
+        for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    }
+    for t in (ui, prober):
+        t.stop_event.set()
+    prober.join(timeout=120)
+    ui.join(timeout=10)
+    sampler.stop_event.set()
+    sampler.join(timeout=5)
+    log(f"import done in {e2e_s:.1f} s: {status['done']} done, {status['failed']} failed")
+
+    first = next((t for t, d, f in timeline if d + f > 0), float("nan"))
+    wlog = worker_log_stats((tmp / "worker.log").read_bytes()[log_offset:].decode(errors="replace"))
+    return {
+        "images": len(tasks),
+        "seconds": e2e_s,
+        "images_per_s": len(tasks) / e2e_s,
+        "done": status["done"],
+        "failed": status["failed"],
+        "webhook_reply_ms": 1000 * webhook_s,
+        "first_task_done_s": first,
+        "content_cache_hits_before": cached_before,
+        "write_back": False,
+        "chunk_size": settings.chunk_size,
+        "download_workers": settings.download_workers,
+        "worker_log": wlog,
+        "cpu_cores": cpu.result,
+        "ui": {
+            name: {"calls": len(v), "p50_ms": 1000 * pct(v, 50), "p99_ms": 1000 * pct(v, 99), "max_ms": 1000 * max(v)}
+            for name, v in ui.latency.items()
+            if v
+        },
+        "ui_errors": ui.errors[:10],
+        "interactive": {
+            "probes": len(prober.until_stored),
+            "source": "; then ".join(particles.probe_sources),
+            "until_stored_p50_s": pct(prober.until_stored, 50),
+            "until_stored_p99_s": pct(prober.until_stored, 99),
+            "until_stored_max_s": max(prober.until_stored, default=float("nan")),
+            "predict_reply_p50_s": pct(prober.reply, 50),
+        },
+        "interactive_errors": prober.errors[:10],
+        "memory_mib": {
+            "worker_peak": mib(sampler.peak("worker")),
+            "api_peak": mib(sampler.peak("api")),
+            "worker_start": mib(worker_rss_start),
+            "worker_end": mib(worker_rss_end),
+            "worker_pss_peak": mib(sampler.peak("worker", 1)),
+            "api_pss_peak": mib(sampler.peak("api", 1)),
+            "samples": len(sampler.samples["worker"]),
+            "rss_per_process_end": per_process,
+        },
+    }
+
+
+# -- 3. the peer baseline: one synchronous /predict per task -------------------------------------------------
+
+
+def baseline_app(embedder: Embedder, settings: Settings) -> Flask:
+    app = Flask("peer-baseline")
+
+    @app.post("/predict")
+    def predict() -> Any:
+        results = []
+        for task in request.get_json()["tasks"]:
+            resp = requests.get(task["data"]["image"], timeout=settings.download_timeout)
+            resp.raise_for_status()
+            pixels = to_model_input(decode_image(resp.content, settings.image_max_pixels), embedder.image_size)
+            features = embedder.embed([pixels])
+            results.append({"result": [], "score": 0.0, "dims": int(features.shape[1])})
+        return jsonify(results=results)
+
+    return app
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def measure_baseline(
+    settings: Settings, particles: Particles, count: int, server: ImageServer, stack: contextlib.ExitStack
+) -> dict[str, Any]:
+    embedder = build_embedder(settings, batch_size=1)
+    httpd = make_server(
+        "127.0.0.1", 0, baseline_app(embedder, settings), threaded=True, request_handler=QuietHandler
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    stack.callback(httpd.shutdown)
+    url = f"http://127.0.0.1:{httpd.server_port}/predict"
+    names = particles.names[:count]
+    session = requests.Session()
+
+    def post(i: int, name: str) -> None:
+        body = {"project": PID, "tasks": [{"id": i, "data": {"image": f"{server.url}/{name}"}}]}
+        session.post(url, json=body, timeout=60).raise_for_status()
+
+    post(0, names[0])  # warm-up request
+    with CpuMeter({"bench (peer server + client)": own_cpu_seconds}) as cpu:
+        t0 = time.perf_counter()
+        for i, name in enumerate(names, 1):
+            post(i, name)
+        seconds = time.perf_counter() - t0
+    return {"images": len(names), "seconds": seconds, "images_per_s": len(names) / seconds, "cpu_cores": cpu.result}
+
+
+# -- report -------------------------------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> str:
+    m, e, b = results["model_only"], results["end_to_end"], results["baseline"]
+    rows: list[tuple[str, str, str]] = []
+
+    def row(name: str, value: str, note: str = "") -> None:
+        rows.append((name, value, note))
+
+    ratio = e["images_per_s"] / m["images_per_s"]
+    row(
+        "1. model-only (Embedder, in memory)",
+        f"{m['images_per_s']:.1f} img/s",
+        f"{m['images']} images in {m['seconds']:.1f} s, batch {m['batch_size']}, after a warm-up batch",
+    )
+    row(
+        "   decode+preprocess alone, 1 thread",
+        f"{m['preprocess_images_per_s_one_thread']:.1f} img/s",
+        "decode_image + to_model_input (not in the model-only figure)",
+    )
+    row("   model, one image (batch 1)", f"{m['batch1_ms_p50']:.1f} ms", f"p99 {m['batch1_ms_p99']:.1f} ms")
+    row(
+        "2. end-to-end import",
+        f"{e['images_per_s']:.1f} img/s",
+        f"{e['images']} tasks in {e['seconds']:.1f} s, {e['done']} done, {e['failed']} failed",
+    )
+    row("   end-to-end / model-only", f"{ratio:.2f}", "target >= 0.85")
+    row(
+        "   content cache before import",
+        f"{e['content_cache_hits_before']} of {e['images']} cached",
+        f"fresh Redis db; worker log: {e['worker_log']['from_cache']} from cache",
+    )
+    row("   webhook reply", f"{e['webhook_reply_ms']:.0f} ms", "Label Studio waits 1 s")
+    row("   first task done after", f"{e['first_task_done_s']:.2f} s", "")
+    w = e["worker_log"]
+    row(
+        "   worker busy in predict tasks",
+        f"{w['task_seconds_sum']:.1f} s",
+        f"{w['predict_tasks']} Celery tasks (chunk {e['chunk_size']}), p50 {w['task_seconds_p50']:.2f} s each",
+    )
+    row(
+        "3. peer: sync /predict, 1 image each",
+        f"{b['images_per_s']:.1f} img/s",
+        f"{b['images']} images in {b['seconds']:.1f} s",
+    )
+    row("   speed-up over the peer", f"{e['images_per_s'] / b['images_per_s']:.1f}x", "end-to-end / peer")
+    for name, s in e["ui"].items():
+        row(
+            f"4. UI {name}",
+            f"p50 {s['p50_ms']:.1f} / p99 {s['p99_ms']:.1f} ms",
+            f"{s['calls']} calls during import, max {s['max_ms']:.0f} ms; target p99 < 50 ms",
+        )
+    i = e["interactive"]
+    row(
+        "5. interactive: one new task stored",
+        f"p50 {i['until_stored_p50_s']:.2f} / p99 {i['until_stored_p99_s']:.2f} s",
+        f"{i['probes']} probes during import, max {i['until_stored_max_s']:.2f} s; model batch 1: "
+        f"{m['batch1_ms_p50']:.1f} ms",
+    )
+    mem = e["memory_mib"]
+    row("6. peak RSS worker (main + pool)", f"{mem['worker_peak']:.0f} MiB", f"{mem['samples']} samples every 0.2 s")
+    row("   peak RSS API (master + workers)", f"{mem['api_peak']:.0f} MiB", "")
+    row("   worker RSS start -> end of import", f"{mem['worker_start']:.0f} -> {mem['worker_end']:.0f} MiB", "")
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{'measure':<{w0}}  {'value':<{w1}}  note", "-" * (w0 + w1 + 60)]
+    lines += [f"{a:<{w0}}  {v:<{w1}}  {n}".rstrip() for a, v, n in rows]
+    return "\n".join(lines)
+
+
+def header(results: dict[str, Any]) -> str:
+    c, m, e = results["config"], results["model_only"], results["end_to_end"]
+    return "\n".join([
+        f"backbone {c['backbone']} at {m['image_size']} px, batch {m['batch_size']}, device {m['device']} "
+        f"({m['device_name']}), torch threads {m['torch_threads']}, {c['cpu_cores']} CPU cores",
+        f"chunk size {e['chunk_size']}, download workers {e['download_workers']}; images served over HTTP on loopback "
+        "by the bench itself (tests.helpers.ImageServer)",
+        "no LABEL_STUDIO_URL: predictions stored in Redis only, no write-back to Label Studio (not in the figures)",
+        f"interactive probes: {e['interactive']['source']}",
+    ])  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=4000, help="particles imported (default 4000)")
+    parser.add_argument("--baseline-count", type=int, default=400, help="particles for the peer baseline")
+    parser.add_argument("--backbone", default=os.environ.get("BACKBONE", "efficientnet-lite0"))
+    parser.add_argument("--image-size", type=int, default=int(os.environ.get("IMAGE_SIZE") or 0), help="0: default")
+    parser.add_argument("--batch-size", type=int, default=int(os.environ.get("BATCH_SIZE") or 0), help="0: default")
+    parser.add_argument("--device", default=os.environ.get("DEVICE", "auto"))
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
+                        help="a database of its own: it is FLUSHed")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the import")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
+    args = parser.parse_args()
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    env = {
+        "REDIS_URL": args.redis_url,
+        "MODEL_DIR": str(tmp / "models"),
+        "BACKBONE": args.backbone,
+        "IMAGE_SIZE": str(args.image_size or ""),
+        "BATCH_SIZE": str(args.batch_size or ""),
+        "DEVICE": args.device,
+        "LOG_LEVEL": "INFO",
+        "LABEL_STUDIO_URL": "",
+        "LABEL_STUDIO_API_KEY": "",
+    }
+    for name in ("CHUNK_SIZE", "DOWNLOAD_WORKERS", "PREDICT_WAIT_SECONDS", "WEIGHTS", "TORCH_HOME"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    os.environ.update(env)
+    settings = Settings.from_env()
+    redis.Redis.from_url(settings.redis_url).ping()
+
+    particles = Particles.load(args.count)
+    results: dict[str, Any] = {
+        "config": {
+            "backbone": settings.backbone,
+            "cpu_cores": cpu_threads(),
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "count": args.count,
+        }
+    }
+    try:
+        with contextlib.ExitStack() as stack:
+            log(f"1/3 model-only over {args.count} particles decoded and preprocessed in memory")
+            results["model_only"] = measure_model(settings, particles)
+            log(f"    {results['model_only']['images_per_s']:.1f} img/s")
+            with contextlib.ExitStack() as service:
+                log("2/3 end-to-end import (with UI calls, interactive probes and RSS sampling)")
+                results["end_to_end"] = measure_service(args, env, settings, particles, tmp, service)
+            if args.skip_baseline:
+                results["baseline"] = {"images": 0, "seconds": float("nan"), "images_per_s": float("nan")}
+            else:
+                log(f"3/3 peer baseline: {args.baseline_count} synchronous /predict requests, one image each")
+                results["baseline"] = measure_baseline(settings, particles, args.baseline_count, stack)
+    except KeyboardInterrupt:
+        log("interrupted: subprocesses stopped")
+        return 130
+    print()
+    print(header(results))
+    print()
+    print(table(results))
+    e = results["end_to_end"]
+    for what in ("ui_errors", "interactive_errors"):
+        if e[what]:
+            print(f"{what}: {e[what]}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=float) + "\n")
+        log(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

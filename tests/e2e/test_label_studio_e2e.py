@@ -1,0 +1,130 @@
+"""End to end with a real Label Studio 1.23: project, backend, import, annotations, webhooks, write-back.
+
+Label Studio → webhook → gunicorn API → Redis → Celery worker → embeddings, k-means, classifiers →
+label-studio-sdk → predictions that Label Studio's own API returns.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from label_studio_sdk.label_interface import LabelInterface
+
+from common.models import embedding_space
+from common.settings import Settings
+from common.store import Store
+from tests.conftest import TEST_REDIS_URL, worker_env
+from tests.helpers import ApiProcess, WorkerProcess, wait_until
+from worker.celery_app import app as celery_app
+
+from .label_studio import LabelStudioServer
+
+pytestmark = pytest.mark.e2e
+
+ANNOTATED = {0: "Plankton", 1: "Debris", 2: "Plankton", 3: "Debris", 4: "Plankton", 5: "Debris"}
+
+
+@pytest.fixture
+def backend(label_studio: LabelStudioServer, tmp_path: Path) -> Iterator[tuple[ApiProcess, WorkerProcess]]:
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    env = worker_env(
+        tmp_path,
+        LABEL_STUDIO_URL=label_studio.url,
+        LABEL_STUDIO_API_KEY=label_studio.api_key,
+        REFIT_EVERY=str(len(ANNOTATED)),
+        REFIT_DELAY_SECONDS="600",
+        KMEANS_CLUSTERS="3",
+        PREDICT_WAIT_SECONDS="2",
+    )
+    api = ApiProcess(env, tmp_path / "api.log").start()
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        yield api, worker
+    finally:
+        api.stop()
+        worker.stop()
+
+
+def choice(tag: str, label: str) -> dict:
+    return {"from_name": tag, "to_name": "image", "type": "choices", "value": {"choices": [label]}}
+
+
+def model_version(api: ApiProcess, project: int) -> str:
+    return requests.post(f"{api.url}/setup", json={"project": f"{project}.0"}, timeout=5).json()["model_version"]
+
+
+def versions_per_task(predictions: list[dict]) -> collections.Counter:
+    return collections.Counter(p["model_version"] for p in predictions)
+
+
+def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
+    label_studio: LabelStudioServer, backend, label_config: str, data_dir: Path
+):
+    api, worker = backend
+    project = label_studio.create_project("plankton e2e", label_config)
+    label_studio.connect_ml_backend(project, api.url, title="plankton-ml-backend")
+    assert label_studio.find_webhook(project, f"{api.url}/webhook"), "Label Studio did not create the webhook"
+    crops = sorted((data_dir / "flowcam" / "crops").glob("*.tif"))[:20]
+    task_ids = label_studio.import_tasks(project, [{"image": f"/data/local-files/?d=flowcam/crops/{p.name}"}
+                                                   for p in crops])  # fmt: skip
+    assert len(task_ids) == 20
+    store = Store.from_url(TEST_REDIS_URL, embedding_space(Settings()))
+    wait_until(lambda: store.embedding_count(project) == 20, 180, f"all 20 tasks embedded ({worker.log_tail(20)})")
+    v0 = model_version(api, project)
+
+    for i, label in ANNOTATED.items():
+        label_studio.create_annotation(task_ids[i], [choice("organism_type", label), choice("shape", "Round")])
+
+    others = [t for i, t in enumerate(task_ids) if i not in ANNOTATED]
+
+    def predicted() -> dict[int, list[dict]] | None:
+        version = model_version(api, project)
+        if version == v0:
+            return None
+        found = {t: label_studio.task_predictions(t) for t in others}
+        ready = all(any(p["model_version"] == version for p in preds) for preds in found.values())
+        return found if ready else None
+
+    found = wait_until(predicted, 240, f"predictions written back ({worker.log_tail(30)})", interval=2)
+    version = model_version(api, project)
+    assert version != v0
+    interface = LabelInterface(label_config)
+    for task, predictions in found.items():
+        assert max(versions_per_task(predictions).values()) == 1, f"task {task} has duplicate predictions"
+        (mine,) = [p for p in predictions if p["model_version"] == version]
+        assert interface.validate_prediction({"result": mine["result"]}), mine
+        assert 0.0 <= mine["score"] <= 1.0
+        tags = {item["from_name"] for item in mine["result"]}
+        assert "organism_type" in tags
+        ids = [item["id"] for item in mine["result"]]
+        assert len(set(ids)) == len(ids)
+        for item in mine["result"]:
+            assert item["type"] == "choices" and item["to_name"] == "image"
+            assert set(item["value"]["choices"]) <= set(interface.get_control(item["from_name"]).labels)
+    for i in ANNOTATED:
+        assert not any(p["model_version"] == version for p in label_studio.task_predictions(task_ids[i]))
+
+    # "Retrieve predictions" over every task, and a job sent twice, still write no second copy.
+    label_studio.retrieve_predictions(project, task_ids)
+    again = requests.post(f"{api.url}/predict", json={"project": f"{project}.0", "tasks": [
+        {"id": t, "data": {"image": "unused"}} for t in others]}, timeout=10).json()  # fmt: skip
+    assert len(again["results"]) == len(others)
+    job = store.create_job("repredict", project, len(others))
+    celery_app.send_task(
+        "plankton.repredict",
+        kwargs={"project": project, "version": version, "task_ids": others, "job_id": job},
+        queue="bulk",
+    )
+    wait_until(lambda: store.job(job).state == "done", 60, "the repeated job")
+    for task in task_ids:
+        counts = versions_per_task(label_studio.task_predictions(task))
+        assert all(n == 1 for n in counts.values()), (task, counts)
+    log = (api.log_path.read_text() + worker.log_path.read_text()).lower()
+    assert "traceback" not in log, log[-3000:]
+    print(json.dumps({"version": version, "tasks": len(task_ids), "predicted": len(found)}))
