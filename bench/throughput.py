@@ -33,7 +33,6 @@ import platform
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -59,7 +58,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server  # noqa: E402
 from common.models import embedding_space, image_size  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.store import Store  # noqa: E402
-from tests.helpers import DATA, ImageServer, WorkerProcess, free_port, wait_until  # noqa: E402
+from tests.helpers import DATA, ApiProcess, ImageServer, WorkerProcess, wait_until  # noqa: E402
 from worker.backbones import create_backbone  # noqa: E402
 from worker.embedder import Embedder, cpu_threads, pick_device  # noqa: E402
 from worker.images import ImageFetcher, decode_image, to_model_input  # noqa: E402
@@ -187,8 +186,9 @@ class CpuMeter:
         self.result["steal"] = steal / wall
         self.wall = wall
 
-    def line(self) -> str:
-        return ", ".join(f"{name} {v:.2f}" for name, v in self.result.items())
+    @staticmethod
+    def format(result: dict[str, float]) -> str:
+        return ", ".join(f"{name} {v:.2f}" for name, v in result.items())
 
 
 # -- the particles ----------------------------------------------------------------------------------------
@@ -303,6 +303,7 @@ def measure_model(settings: Settings, particles: Particles, server: ImageServer,
         "images_per_s_min": len(pixels) / max(runs),
         "images_per_s_max": len(pixels) / min(runs),
         "cpu_cores": cpu.result,
+        "cpu_ms_per_image": 1000 * cpu.result["bench"] * cpu.wall / (passes * len(pixels)),
         "preprocess_seconds": prep_s,
         "preprocess_images_per_s_one_thread": len(pixels) / prep_s,
         "batch1_ms_p50": 1000 * statistics.median(single),
@@ -343,47 +344,6 @@ def stage_costs(
 
 
 # -- 2. the service under test ------------------------------------------------------------------------------
-
-
-class Gunicorn:
-    def __init__(self, env: dict[str, str], port: int, log_path: Path) -> None:
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.port = port
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60) -> Gunicorn:
-        exe = Path(sys.executable).parent / "gunicorn"
-        cmd = [str(exe), "-w", "2", "-k", "gthread", "--threads", "8", "-b", f"127.0.0.1:{self.port}",
-               "api.app:create_app()"]  # fmt: skip
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-        def up() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited:\n{self.log_path.read_text(errors='replace')[-3000:]}")
-            try:
-                return requests.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(up, timeout, "the API to answer /health", 0.2)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 class RssSampler(threading.Thread):
@@ -517,10 +477,9 @@ def measure_service(
 ) -> dict[str, Any]:
     redis.Redis.from_url(settings.redis_url).flushdb()
     store = Store.from_url(settings.redis_url, embedding_space(settings))
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
-    log(f"starting the API (gunicorn) on :{port} and one Celery worker; logs in {tmp}")
-    gunicorn = Gunicorn(env, port, tmp / "api.log")
+    gunicorn = ApiProcess(env, tmp / "api.log")
+    api = gunicorn.url
+    log(f"starting the API (gunicorn -w 2 -k gthread --threads 8) at {api} and one Celery worker; logs in {tmp}")
     stack.callback(gunicorn.stop)
     worker = WorkerProcess(env, tmp / "worker.log", "bench")
     stack.callback(worker.stop)
@@ -618,6 +577,7 @@ def measure_service(
         "download_workers": settings.download_workers,
         "worker_log": wlog,
         "cpu_cores": cpu.result,
+        "worker_cpu_ms_per_image": 1000 * cpu.result["worker"] * cpu.wall / len(tasks),
         "ui": {
             name: {"calls": len(v), "p50_ms": 1000 * pct(v, 50), "p99_ms": 1000 * pct(v, 99), "max_ms": 1000 * max(v)}
             for name, v in ui.latency.items()
@@ -675,9 +635,7 @@ def measure_baseline(
     settings: Settings, particles: Particles, count: int, server: ImageServer, stack: contextlib.ExitStack
 ) -> dict[str, Any]:
     embedder = build_embedder(settings, batch_size=1)
-    httpd = make_server(
-        "127.0.0.1", 0, baseline_app(embedder, settings), threaded=True, request_handler=QuietHandler
-    )
+    httpd = make_server("127.0.0.1", 0, baseline_app(embedder, settings), threaded=True, request_handler=QuietHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     stack.callback(httpd.shutdown)
@@ -712,7 +670,8 @@ def table(results: dict[str, Any]) -> str:
     row(
         "1. model-only (Embedder, in memory)",
         f"{m['images_per_s']:.1f} img/s",
-        f"{m['images']} images in {m['seconds']:.1f} s, batch {m['batch_size']}, after a warm-up batch",
+        f"median of {m['passes']} passes over {m['images']} images ({m['images_per_s_min']:.0f}-"
+        f"{m['images_per_s_max']:.0f}), batch {m['batch_size']}, after a warm-up batch",
     )
     row(
         "   decode+preprocess alone, 1 thread",
@@ -737,7 +696,8 @@ def table(results: dict[str, Any]) -> str:
     row(
         "   worker busy in predict tasks",
         f"{w['task_seconds_sum']:.1f} s",
-        f"{w['predict_tasks']} Celery tasks (chunk {e['chunk_size']}), p50 {w['task_seconds_p50']:.2f} s each",
+        f"{w['predict_tasks']} Celery tasks; {w['bulk_tasks']} chunks of {e['chunk_size']}: first "
+        f"{w['bulk_first_seconds']:.2f} s, p50 {w['bulk_seconds_p50']:.2f} s, max {w['bulk_seconds_max']:.2f} s",
     )
     row(
         "3. peer: sync /predict, 1 image each",
@@ -759,13 +719,28 @@ def table(results: dict[str, Any]) -> str:
         f"{m['batch1_ms_p50']:.1f} ms",
     )
     mem = e["memory_mib"]
-    row("6. peak RSS worker (main + pool)", f"{mem['worker_peak']:.0f} MiB", f"{mem['samples']} samples every 0.2 s")
-    row("   peak RSS API (master + workers)", f"{mem['api_peak']:.0f} MiB", "")
+    row(
+        "6. peak RSS worker (main + pool)",
+        f"{mem['worker_peak']:.0f} MiB",
+        f"PSS {mem['worker_pss_peak']:.0f} MiB (shared pages once); {mem['samples']} samples every 0.2 s",
+    )
+    row("   peak RSS API (master + workers)", f"{mem['api_peak']:.0f} MiB", f"PSS {mem['api_pss_peak']:.0f} MiB")
     row("   worker RSS start -> end of import", f"{mem['worker_start']:.0f} -> {mem['worker_end']:.0f} MiB", "")
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"{'measure':<{w0}}  {'value':<{w1}}  note", "-" * (w0 + w1 + 60)]
     lines += [f"{a:<{w0}}  {v:<{w1}}  {n}".rstrip() for a, v, n in rows]
+    cores = results["config"]["cpu_cores"]
+    lines += ["", f"CPU used, in cores of {cores} (the machine is shared: 'other processes' is not this benchmark):"]
+    lines += [f"  model-only: {CpuMeter.format(m['cpu_cores'])}", f"  end-to-end: {CpuMeter.format(e['cpu_cores'])}"]
+    lines.append(
+        f"  CPU per image: model-only {m['cpu_ms_per_image']:.2f} ms; worker during the import "
+        f"{e['worker_cpu_ms_per_image']:.2f} ms (its share of the loopback image server is in 'bench')"
+    )
+    if "cpu_cores" in b:
+        lines.append(f"  peer:       {CpuMeter.format(b['cpu_cores'])}")
+    lines += ["", "One image, step by step (one thread, wall ms; the worker does all of these on the same cores):"]
+    lines += [f"  {name:<40} {ms:7.2f} ms" for name, ms in m["stages_ms_per_image"].items()]
     return "\n".join(lines)
 
 
@@ -792,6 +767,7 @@ def main() -> int:
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
                         help="a database of its own: it is FLUSHed")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the import")
+    parser.add_argument("--model-passes", type=int, default=3, help="model-only passes over the N images (median)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
@@ -817,7 +793,7 @@ def main() -> int:
             env[name] = os.environ[name]
     os.environ.update(env)
     settings = Settings.from_env()
-    redis.Redis.from_url(settings.redis_url).ping()
+    redis.Redis.from_url(settings.redis_url).flushdb()
 
     particles = Particles.load(args.count)
     results: dict[str, Any] = {
@@ -832,17 +808,19 @@ def main() -> int:
     }
     try:
         with contextlib.ExitStack() as stack:
+            server = ImageServer(PARTICLES)
+            stack.callback(server.close)
             log(f"1/3 model-only over {args.count} particles decoded and preprocessed in memory")
-            results["model_only"] = measure_model(settings, particles)
+            results["model_only"] = measure_model(settings, particles, server, args.model_passes)
             log(f"    {results['model_only']['images_per_s']:.1f} img/s")
             with contextlib.ExitStack() as service:
                 log("2/3 end-to-end import (with UI calls, interactive probes and RSS sampling)")
-                results["end_to_end"] = measure_service(args, env, settings, particles, tmp, service)
+                results["end_to_end"] = measure_service(args, env, settings, particles, tmp, server, service)
             if args.skip_baseline:
                 results["baseline"] = {"images": 0, "seconds": float("nan"), "images_per_s": float("nan")}
             else:
                 log(f"3/3 peer baseline: {args.baseline_count} synchronous /predict requests, one image each")
-                results["baseline"] = measure_baseline(settings, particles, args.baseline_count, stack)
+                results["baseline"] = measure_baseline(settings, particles, args.baseline_count, server, stack)
     except KeyboardInterrupt:
         log("interrupted: subprocesses stopped")
         return 130

@@ -173,20 +173,20 @@ else
     fi
 fi
 
-start api "$BIN/gunicorn" "${TEST_API_APP:-api.app:create_app()}" \
+start api "$BIN/gunicorn" "api.app:create_app()" \
     --bind "0.0.0.0:$PORT" \
     --worker-class gthread --workers 2 --threads 8 \
     --timeout 60 --graceful-timeout 10 --keep-alive 5 \
     --access-logfile - --error-logfile - --log-level "$log_level_lower"
 
-start worker "$BIN/celery" -A "${TEST_CELERY_APP:-worker.celery_app}" worker \
+start worker "$BIN/celery" -A worker.celery_app worker \
     -Q interactive,bulk -O fair --prefetch-multiplier 1 \
     --concurrency "$WORKER_CONCURRENCY" --loglevel "$LOG_LEVEL"
 
 # Flower reads FLOWER_BASIC_AUTH (user:pass[,user2:pass2]) from the environment itself; set but empty it
 # would lock everybody out.
 [[ -n ${FLOWER_BASIC_AUTH:-} ]] || unset FLOWER_BASIC_AUTH
-start flower "$BIN/celery" -A "${TEST_CELERY_APP:-worker.celery_app}" flower --port="$FLOWER_PORT" --logging="$log_level_lower"
+start flower "$BIN/celery" -A worker.celery_app flower --port="$FLOWER_PORT" --logging="$log_level_lower"
 
 host_ip=$(hostname -I 2>/dev/null | awk '{print $1}') || true
 host_ip=${host_ip:-localhost}

@@ -1,0 +1,142 @@
+"""Refits against the real Redis and a real MODEL_DIR: versions, interruption, persistence, config changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.settings import Settings
+from tests.helpers import LABEL_CONFIG
+from worker import project_model
+from worker.learn_tasks import refit_project
+from worker.pipeline import to_bytes
+from worker.predict_tasks import predict_from_features
+from worker.runtime import Runtime
+
+PID = 8
+N_PER = 15
+
+
+@pytest.fixture
+def rt(clean_redis, tmp_path: Path) -> Runtime:
+    settings = dataclasses.replace(Settings.from_env(), model_dir=str(tmp_path / "models"), kmeans_clusters=3)
+    runtime = Runtime(settings)
+    runtime.store.set_label_config(PID, LABEL_CONFIG)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (3, 1280))
+    features = {1 + i: centres[i // N_PER] + rng.normal(0, 0.3, 1280) for i in range(3 * N_PER)}
+    runtime.store.save_embeddings(PID, {t: to_bytes(f) for t, f in features.items()}, {})
+    return runtime
+
+
+def blob_of(tid: int) -> int:
+    return (tid - 1) // N_PER
+
+
+def annotate(rt: Runtime, names: list[str], every: int = 4) -> None:
+    for tid in range(1, 3 * N_PER + 1, every):
+        rt.store.set_labels(PID, 100 + tid, tid, {"organism_type": [names[blob_of(tid)]], "shape": ["Round"]})
+
+
+def current_predictions(rt: Runtime) -> dict[int, dict]:
+    version = rt.store.current_version(PID)
+    blobs = rt.store.embeddings(PID)
+    from worker.pipeline import from_bytes
+
+    feats = dict(zip(blobs, from_bytes(list(blobs.values())), strict=True))
+    return predict_from_features(rt, PID, version, feats)
+
+
+def test_a_refit_that_changes_predictions_gets_a_new_version_and_one_that_does_not_keeps_it(rt):
+    v0 = rt.store.current_version(PID)
+    annotate(rt, ["Plankton", "Debris", "Not-plankton"])
+    first = refit_project(rt, PID, force=False)
+    assert first["status"] == "fitted" and first["version"] != v0
+    assert rt.store.current_version(PID) == first["version"]
+    same = refit_project(rt, PID, force=True)
+    assert same["status"] == "unchanged" and rt.store.current_version(PID) == first["version"]
+    annotate(rt, ["Debris", "Plankton", "Not-plankton"])
+    flipped = refit_project(rt, PID, force=False)
+    assert flipped["status"] == "fitted" and flipped["version"] not in (v0, first["version"])
+    preds = current_predictions(rt)
+    assert all(p["model_version"] == flipped["version"] for p in preds.values())
+    chosen = {tid: p["result"][0]["value"]["choices"] for tid, p in preds.items()}
+    assert chosen[1] == ["Debris"] and chosen[N_PER + 1] == ["Plankton"]
+    assert [v["version"] for v in rt.store.versions(PID)] == [v0, first["version"], flipped["version"]]
+
+
+def test_nothing_to_do_without_changes_unless_forced(rt):
+    assert refit_project(rt, PID, force=False)["status"] == "nothing new"
+    assert refit_project(rt, PID, force=True)["status"] == "nothing to learn from"
+
+
+def test_a_refit_interrupted_half_way_leaves_the_old_version_in_use(rt, monkeypatch):
+    annotate(rt, ["Plankton", "Debris", "Not-plankton"])
+    good = refit_project(rt, PID, force=False)["version"]
+    before = current_predictions(rt)
+    annotate(rt, ["Debris", "Plankton", "Not-plankton"])
+    real_dumps = json.dumps
+
+    def crash_while_writing(obj, *args, **kwargs):
+        if isinstance(obj, dict) and "cluster_choices" in obj:
+            raise OSError("disk full")
+        return real_dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr(project_model.json, "dumps", crash_while_writing)
+    with pytest.raises(OSError):
+        refit_project(rt, PID, force=False)
+    monkeypatch.undo()
+    assert rt.store.current_version(PID) == good
+    folders = sorted(p.name for p in rt.project_dir(PID).iterdir())
+    assert folders == [good], folders
+    fresh = Runtime(rt.settings)
+    after = {t: p["result"][0]["value"] for t, p in predict_from_features(
+        fresh, PID, good, {t: v for t, v in zip(*_features(rt), strict=True)}).items()}  # fmt: skip
+    assert after == {t: p["result"][0]["value"] for t, p in before.items()}
+    retry = refit_project(rt, PID, force=False)
+    assert retry["status"] == "fitted" and rt.store.current_version(PID) == retry["version"]
+
+
+def _features(rt: Runtime) -> tuple[list[int], np.ndarray]:
+    from worker.pipeline import from_bytes
+
+    blobs = rt.store.embeddings(PID)
+    return list(blobs), from_bytes(list(blobs.values()))
+
+
+def test_models_persist_and_a_restarted_worker_predicts_the_same(rt):
+    annotate(rt, ["Plankton", "Debris", "Not-plankton"])
+    version = refit_project(rt, PID, force=False)["version"]
+    before = current_predictions(rt)
+    restarted = Runtime(rt.settings)
+    assert (rt.project_dir(PID) / version / "model.json").is_file()
+    after = current_predictions(restarted)
+    strip = lambda preds: {t: [(i["from_name"], i["value"], i["score"]) for i in p["result"]] for t, p in preds.items()}  # noqa: E731
+    assert strip(after) == strip(before)
+
+
+def test_a_changed_config_never_predicts_removed_tags_and_new_tags_start_learning(rt):
+    annotate(rt, ["Plankton", "Debris", "Not-plankton"])
+    old_version = refit_project(rt, PID, force=False)["version"]
+    assert all(
+        {"organism_type", "shape"} <= {i["from_name"] for i in p["result"]} for p in current_predictions(rt).values()
+    )
+    new_config = LABEL_CONFIG.replace('<Choices name="shape"', '<Choices name="outline"').replace(
+        '<Choice value="Round"/>', '<Choice value="Round"/><Choice value="Oval"/>'
+    )
+    rt.store.set_label_config(PID, new_config)
+    # Even the old model, asked now, answers only for tags the config still has.
+    _, feats = _features(rt)
+    old = predict_from_features(rt, PID, old_version, dict(zip(range(len(feats)), feats, strict=True)))
+    assert all({i["from_name"] for i in p["result"]} == {"organism_type"} for p in old.values())
+    for tid in range(1, 3 * N_PER + 1, 4):
+        rt.store.set_labels(PID, 300 + tid, tid, {"organism_type": ["Plankton"], "outline": ["Oval"]})
+    refit = refit_project(rt, PID, force=True)
+    assert refit["status"] == "fitted"
+    for p in current_predictions(rt).values():
+        tags = {i["from_name"] for i in p["result"]}
+        assert "shape" not in tags and "outline" in tags
