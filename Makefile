@@ -29,6 +29,7 @@ lint: install
 bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/input_size.py
+	$(BIN)/python bench/proxy_labels.py .bench-data/proxy-shape && $(BIN)/python bench/quality.py .bench-data/proxy-shape --limit-per-class 400
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

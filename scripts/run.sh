@@ -179,7 +179,7 @@ start api "$BIN/gunicorn" "api.app:create_app()" \
     --timeout 60 --graceful-timeout 10 --keep-alive 5 \
     --access-logfile - --error-logfile - --log-level "$log_level_lower"
 
-start worker "$BIN/celery" -A worker.celery_app worker \
+start worker "$BIN/celery" -A worker.worker_app worker \
     -Q interactive,bulk -O fair --prefetch-multiplier 1 \
     --concurrency "$WORKER_CONCURRENCY" --loglevel "$LOG_LEVEL"
 

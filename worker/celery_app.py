@@ -1,4 +1,5 @@
-"""The Celery app. Torch-free so that the API and Flower can import it to send and watch tasks."""
+"""The Celery app. Torch-free, and without its task modules, so that the API and Flower (whose image has
+no numpy or torch) can import it to send and watch tasks; `celery -A worker.worker_app worker` adds them."""
 
 from __future__ import annotations
 
@@ -10,11 +11,7 @@ from common.settings import get_settings
 
 settings = get_settings()
 
-app = Celery(
-    "plankton",
-    broker=settings.redis_url,
-    include=["worker.predict_tasks", "worker.learn_tasks"],
-)
+app = Celery("plankton", broker=settings.redis_url)
 app.conf.update(
     task_queues=(Queue(INTERACTIVE), Queue(BULK)),
     task_default_queue=BULK,

@@ -68,7 +68,7 @@ def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
 ):
     api, worker = backend
     project = label_studio.create_project("plankton e2e", label_config)
-    label_studio.connect_ml_backend(project, api.url, title="plankton-ml-backend")
+    backend_id = label_studio.connect_ml_backend(project, api.url, title="plankton-ml-backend")
     assert label_studio.find_webhook(project, f"{api.url}/webhook"), "Label Studio did not create the webhook"
     crops = sorted((data_dir / "flowcam" / "crops").glob("*.tif"))[:20]
     task_ids = label_studio.import_tasks(project, [{"image": f"/data/local-files/?d=flowcam/crops/{p.name}"}
@@ -78,20 +78,22 @@ def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
     wait_until(lambda: store.embedding_count(project) == 20, 180, f"all 20 tasks embedded ({worker.log_tail(20)})")
     v0 = model_version(api, project)
 
-    for i, label in ANNOTATED.items():
-        label_studio.create_annotation(task_ids[i], [choice("organism_type", label), choice("shape", "Round")])
+    annotation_ids = {
+        i: label_studio.create_annotation(task_ids[i], [choice("organism_type", label), choice("shape", "Round")])
+        for i, label in ANNOTATED.items()
+    }
 
     others = [t for i, t in enumerate(task_ids) if i not in ANNOTATED]
 
-    def predicted() -> dict[int, list[dict]] | None:
+    def predicted(previous: str) -> dict[int, list[dict]] | None:
         version = model_version(api, project)
-        if version == v0:
+        if version == previous:
             return None
         found = {t: label_studio.task_predictions(t) for t in others}
         ready = all(any(p["model_version"] == version for p in preds) for preds in found.values())
         return found if ready else None
 
-    found = wait_until(predicted, 240, f"predictions written back ({worker.log_tail(30)})", interval=2)
+    found = wait_until(lambda: predicted(v0), 240, f"predictions written back ({worker.log_tail(30)})", interval=2)
     version = model_version(api, project)
     assert version != v0
     interface = LabelInterface(label_config)
@@ -125,6 +127,23 @@ def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
     for task in task_ids:
         counts = versions_per_task(label_studio.task_predictions(task))
         assert all(n == 1 for n in counts.values()), (task, counts)
+
+    # Annotators change their minds: "Plankton" becomes "Not-plankton". After training, the other tasks get
+    # predictions of a new version, and none of them says "Plankton" any more.
+    for i, label in ANNOTATED.items():
+        if label == "Plankton":
+            changed = [choice("organism_type", "Not-plankton"), choice("shape", "Round")]
+            label_studio.request("PATCH", f"/api/annotations/{annotation_ids[i]}", json={"result": changed})
+    label_studio.start_training(backend_id)
+    relearned = wait_until(lambda: predicted(version), 240, f"re-predictions ({worker.log_tail(30)})", interval=2)
+    newest = model_version(api, project)
+    organism = collections.Counter()
+    for task, predictions in relearned.items():
+        assert max(versions_per_task(predictions).values()) == 1, f"task {task} has duplicate predictions"
+        (mine,) = [p for p in predictions if p["model_version"] == newest]
+        organism.update(c for item in mine["result"] if item["from_name"] == "organism_type"
+                        for c in item["value"]["choices"])  # fmt: skip
+    assert "Plankton" not in organism and organism, organism
     log = (api.log_path.read_text() + worker.log_path.read_text()).lower()
     assert "traceback" not in log, log[-3000:]
     print(json.dumps({"version": version, "tasks": len(task_ids), "predicted": len(found)}))
