@@ -50,6 +50,7 @@ from worker.results import build_prediction  # noqa: E402
 TAG = "class"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 BINS = 10
+METRICS = ("accuracy", "macro_f1", "ece", "coverage", "mean_score")
 
 
 # -- the data ---------------------------------------------------------------------------------------------
@@ -126,6 +127,7 @@ def score(truth: list[str], predicted: list[str | None], scores: list[float | No
         "accuracy": float(correct.mean()),
         "macro_f1": float(f1_score(truth, pred, labels=classes, average="macro", zero_division=0)),
         "ece": expected_calibration_error(conf, correct[answered]),
+        "mean_score": float(conf.mean()) if len(conf) else float("nan"),  # vs accuracy: over- or under-confident
         "coverage": float(answered.mean()),
     }
 
@@ -202,7 +204,7 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"annotated": runs[0]["annotated"], "seeds": len(runs)}
     for who in ("backend", "logistic_regression", "majority"):
-        out[who] = {m: mean_sd([r[who][m] for r in runs]) for m in ("accuracy", "macro_f1", "ece", "coverage")}
+        out[who] = {m: mean_sd([r[who][m] for r in runs]) for m in METRICS}
     out["picked"] = dict(Counter(r["picked"] for r in runs))
     out["backend_minus_lr"] = {
         m: mean_sd([r["backend"][m] - r["logistic_regression"][m] for r in runs]) for m in ("accuracy", "macro_f1")
@@ -236,7 +238,9 @@ def print_table(summary: dict[float, dict[str, Any]]) -> None:
     for fraction, s in summary.items():
         d = s["backend_minus_lr"]
         print(f"  {fraction:g}: backend - LR, paired over seeds: acc {d['accuracy'][0]:+.3f} ± {d['accuracy'][1]:.3f}, "
-              f"macro-F1 {d['macro_f1'][0]:+.3f} ± {d['macro_f1'][1]:.3f}; k-means k {s['clusters']}")  # fmt: skip
+              f"macro-F1 {d['macro_f1'][0]:+.3f} ± {d['macro_f1'][1]:.3f}; backend mean score "
+              f"{s['backend']['mean_score'][0]:.3f} (LR {s['logistic_regression']['mean_score'][0]:.3f}); "
+              f"k-means k {s['clusters']}")  # fmt: skip
 
 
 def main() -> None:

@@ -195,3 +195,28 @@ def test_a_worker_killed_mid_batch_loses_no_task(api, image_server, start_worker
     assert status["failed"] == 0
     store = api.application.extensions["store"]
     assert sorted(store.embeddings(PID)) == list(range(1, 25))
+
+
+def test_annotations_trigger_debounced_refits(clean_redis, image_server, start_worker):
+    settings = dataclasses.replace(Settings.from_env(), chunk_size=8, refit_every=3, refit_delay_seconds=1.0)
+    api = create_app(settings).test_client()
+    api.post("/setup", json={"project": f"{PID}.1", "schema": LABEL_CONFIG})
+    start_worker(KMEANS_CLUSTERS="3")
+    tasks, truth = _synthetic_project(image_server, n_per_class=4)
+    import_tasks(api, tasks)
+    version = lambda: api.post("/setup", json={"project": f"{PID}.1"}).json["model_version"]  # noqa: E731
+
+    def annotate_and_reply(ann_id: int, task: dict) -> dict:
+        result = [{"from_name": "organism_type", "to_name": "image", "type": "choices",
+                   "value": {"choices": [truth[task["id"]]]}}]  # fmt: skip
+        body = {"action": "ANNOTATION_CREATED", "project": {"id": PID}, "task": task,
+                "annotation": {"id": ann_id, "task": task["id"], "result": result}}  # fmt: skip
+        return api.post("/webhook", json=body).json
+
+    # One annotation: a refit is scheduled REFIT_DELAY_SECONDS later, and happens.
+    assert annotate_and_reply(1, tasks[0])["refit_job"]
+    wait_until(lambda: version().endswith("v0001"), 60, "the delayed refit")
+    # Three more: the first schedules a delayed refit, the second rides on it, the third refits at once.
+    replies = [annotate_and_reply(10 + i, tasks[4 * i + 1]) for i in range(3)]
+    assert [bool(r["refit_job"]) for r in replies] == [True, False, True]
+    wait_until(lambda: version().endswith("v0002"), 60, "the refit after REFIT_EVERY annotations")
