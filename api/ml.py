@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -9,6 +10,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from api.errors import BadPayload
 from api.payloads import json_object, require_project, task_list
+from common.collections import SCOPES
 from common.store import DELIVERED_BY_API, DELIVERED_BY_WORKER, Store
 
 bp = Blueprint("ml", __name__)
@@ -31,6 +33,17 @@ def setup():
     schema = body.get("schema")
     if isinstance(schema, str) and schema.strip():
         _store().set_label_config(pid, schema)
+    extra = body.get("extra_params")
+    if isinstance(extra, str) and extra.strip():
+        try:
+            extra = json.loads(extra)
+        except ValueError as exc:
+            raise BadPayload(f"extra_params is not JSON: {exc}") from exc
+    scope = extra.get("model_scope") if isinstance(extra, dict) else None
+    if scope is not None:
+        if scope not in SCOPES:
+            raise BadPayload(f"extra_params.model_scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+        _store().set_model_scope(pid, scope)
     return jsonify(model_version=_store().current_version(pid))
 
 

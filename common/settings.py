@@ -48,6 +48,7 @@ class Settings:
     refit_delay_seconds: float = 10.0
     cefas_label_map: str = ""
     visibility_timeout: int = 900
+    model_scope: str = "project"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -77,6 +78,7 @@ class Settings:
             refit_delay_seconds=_env_float("REFIT_DELAY_SECONDS", cls.refit_delay_seconds),
             cefas_label_map=_env("CEFAS_LABEL_MAP"),
             visibility_timeout=_env_int("BROKER_VISIBILITY_TIMEOUT", cls.visibility_timeout),
+            model_scope=_env("MODEL_SCOPE", cls.model_scope),
         )
 
 

@@ -98,6 +98,13 @@ class Store:
         raw = self.r.get(self._k(pid, "config"))
         return raw.decode() if raw else None
 
+    def set_model_scope(self, pid: int, scope: str) -> None:
+        self.r.set(self._k(pid, "scope"), scope)
+
+    def model_scope(self, pid: int) -> str | None:
+        raw = self.r.get(self._k(pid, "scope"))
+        return raw.decode() if raw else None
+
     def projects(self) -> list[int]:
         return sorted(int(p) for p in self.r.smembers(f"{PREFIX}:projects"))
 

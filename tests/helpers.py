@@ -165,7 +165,7 @@ class ApiProcess:
 
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "gunicorn"), "-w", "2", "-k", "gthread", "--threads", "8",
+                [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "8",
                  "-b", f"127.0.0.1:{self.port}", "--timeout", "120", "api.app:create_app()"],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip

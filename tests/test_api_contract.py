@@ -56,10 +56,21 @@ def test_setup_returns_a_stable_model_version_kept_in_redis(client, clean_redis)
     assert other.post("/setup", json={"project": "3.1"}).json["model_version"] == first
 
 
+def test_setup_extra_params_choose_the_model_scope(client):
+    for extra in ({"model_scope": "bucket"}, json.dumps({"model_scope": "bucket"})):
+        assert client.post("/setup", json={"project": "3.1", "extra_params": extra}).status_code == 200
+        assert client.store.model_scope(3) == "bucket"
+    reply = client.post("/setup", json={"project": "3.1", "extra_params": {"model_scope": "galaxy"}})
+    assert reply.status_code == 400 and "model_scope" in reply.json["error"]
+    assert client.post("/setup", json={"project": "3.1", "extra_params": None}).status_code == 200
+    assert client.store.model_scope(3) == "bucket"
+
+
 @pytest.mark.parametrize(
     "body",
-    [None, "not json", "[1, 2]", json.dumps({"schema": LABEL_CONFIG}), json.dumps({"project": "abc.1"})],
-)
+    [None, "not json", "[1, 2]", json.dumps({"schema": LABEL_CONFIG}), json.dumps({"project": "abc.1"}),
+     json.dumps({"project": "3.1", "extra_params": "{nope"})],
+)  # fmt: skip
 def test_setup_rejects_malformed_bodies_with_json_400(client, body):
     reply = client.post("/setup", data=body, content_type="application/json")
     assert reply.status_code == 400

@@ -140,3 +140,25 @@ def test_a_changed_config_never_predicts_removed_tags_and_new_tags_start_learnin
     for p in current_predictions(rt).values():
         tags = {i["from_name"] for i in p["result"]}
         assert "shape" not in tags and "outline" in tags
+
+
+def test_per_bucket_scope_fits_one_model_per_image_collection(rt):
+    """The same-looking particles are 'Plankton' in one bucket and 'Debris' in the other: only per-bucket
+    models can honour both. The project's setting chooses."""
+    ids, feats = _features(rt)
+    refs = {t: f"s3://{'north' if t % 2 else 'south'}/img-{t}.png" for t in ids}
+    rt.store.save_embeddings(PID, {t: to_bytes(f) for t, f in zip(ids, feats, strict=True)}, refs)
+    for tid in ids[::3]:
+        label = "Plankton" if tid % 2 else "Debris"
+        rt.store.set_labels(PID, 500 + tid, tid, {"organism_type": [label]})
+    rt.store.set_model_scope(PID, "bucket")
+    fitted = refit_project(rt, PID, force=True)
+    assert set(fitted["collections"]) == {"s3://north", "s3://south"}
+    restarted = Runtime(rt.settings)
+    preds = predict_from_features(restarted, PID, fitted["version"], dict(zip(ids, feats, strict=True)))
+    for tid, pred in preds.items():
+        (item,) = [i for i in pred["result"] if i["from_name"] == "organism_type"]
+        assert item["value"]["choices"] == ["Plankton" if tid % 2 else "Debris"], (tid, item)
+    rt.store.set_model_scope(PID, "project")
+    shared = refit_project(rt, PID, force=True)
+    assert "collections" not in shared

@@ -8,11 +8,12 @@ from typing import Any
 import numpy as np
 
 from common import queues
+from common.collections import PER_BUCKET, collection_of
 from common.label_config import LabelConfig
 from worker.celery_app import app
 from worker.pipeline import from_bytes, to_bytes
 from worker.predict_tasks import RETRYABLE, JobTask, predict_from_features, record, store_and_deliver
-from worker.project_model import ProjectModel, fit_project_model
+from worker.project_model import CollectionModels, ProjectModel, fit_project_model
 from worker.results import build_prediction
 from worker.runtime import Runtime, runtime
 
@@ -28,14 +29,45 @@ def _embed_missing(rt: Runtime, pid: int, task_ids: list[int], image_key: str) -
     return outcome.errors
 
 
-def _answers(rt: Runtime, model: ProjectModel, features: np.ndarray, config: LabelConfig) -> list[dict]:
+def _answers(
+    rt: Runtime,
+    model: ProjectModel | CollectionModels,
+    features: np.ndarray,
+    config: LabelConfig,
+    collections: list[str],
+) -> list[dict]:
     """What a model would predict, as label sets valid for the current config (ids and scores aside)."""
     probs = rt.embedder.head_probabilities(features) if model.head_map else None
-    per_task = model.predict(features, probs, rt.embedder.backbone.class_names)
+    per_task = model.predict(features, probs, rt.embedder.backbone.class_names, collections)
     return [
         {item["from_name"]: item["value"]["choices"] for item in build_prediction(c, config, "")["result"]}
         for c in per_task
     ]
+
+
+def _fit(
+    rt: Runtime,
+    features: np.ndarray,
+    task_ids: list[int],
+    labels: dict[int, dict[str, list[str]]],
+    config: LabelConfig,
+    collections: list[str],
+    scope: str,
+) -> ProjectModel | CollectionModels:
+    def fit(rows: list[int]) -> ProjectModel:
+        ids = [task_ids[i] for i in rows]
+        return fit_project_model(
+            "", features[rows], ids, labels, config, clusters=rt.settings.kmeans_clusters, head_map=rt.head_map
+        )
+
+    if scope != PER_BUCKET:
+        return fit(list(range(len(task_ids))))
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(collections):
+        groups.setdefault(name, []).append(i)
+    models = {name: fit(rows) for name, rows in groups.items()}
+    stats = {"tasks": len(task_ids), "annotated": len(labels), "collections": {n: m.stats for n, m in models.items()}}
+    return CollectionModels("", models, config.fingerprint, stats)
 
 
 def refit_project(rt: Runtime, project: int, force: bool) -> dict[str, Any]:
@@ -58,12 +90,12 @@ def refit_project(rt: Runtime, project: int, force: bool) -> dict[str, Any]:
     task_ids = sorted(blobs)
     features = from_bytes([blobs[t] for t in task_ids])
     current = store.current_version(project)
-    model = fit_project_model(
-        "", features, task_ids, labels, config, clusters=rt.settings.kmeans_clusters, head_map=rt.head_map
-    )
+    refs = store.task_images(project, task_ids)
+    collections = [collection_of(refs.get(t, "")) for t in task_ids]
+    model = _fit(rt, features, task_ids, labels, config, collections, rt.model_scope(project))
     old = rt.project_model(project, current)
-    if old.config_fingerprint == config.fingerprint and _answers(rt, old, features, config) == _answers(
-        rt, model, features, config
+    if old.config_fingerprint == config.fingerprint and _answers(rt, old, features, config, collections) == _answers(
+        rt, model, features, config, collections
     ):
         store.reset_changes(project, seen)
         log.info("project %s: refit changes no prediction; %s stays current", project, current)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from common import queues
+from common.collections import collection_of
 from common.label_config import LabelConfigError
 from worker.celery_app import app
 from worker.pipeline import from_bytes, to_bytes
@@ -32,7 +33,9 @@ def predict_from_features(
     matrix = np.stack([features[t] for t in ids])
     model = rt.project_model(pid, version)
     probs = rt.embedder.head_probabilities(matrix) if model.head_map else None
-    per_task = model.predict(matrix, probs, rt.embedder.backbone.class_names)
+    refs = rt.store.task_images(pid, ids)
+    collections = [collection_of(refs.get(t, "")) for t in ids]
+    per_task = model.predict(matrix, probs, rt.embedder.backbone.class_names, collections)
     return {tid: build_prediction(choices, config, version) for tid, choices in zip(ids, per_task, strict=True)}
 
 

@@ -14,7 +14,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +50,13 @@ class ProjectModel:
         return np.argmax(embeddings @ self.centroids.T, axis=1)
 
     def predict(
-        self, features: np.ndarray, probabilities: np.ndarray | None, class_names: tuple[str, ...]
+        self,
+        features: np.ndarray,
+        probabilities: np.ndarray | None,
+        class_names: tuple[str, ...],
+        collections: list[str] | None = None,
     ) -> list[dict[str, Choice]]:
+        """`collections` is unused here: one model serves the whole project (see CollectionModels)."""
         x = normalise(features)
         clusters = self.assign(x) if len(self.centroids) else np.full(len(features), -1)
         by_classifier = {tag: clf.predict(x) for tag, clf in self.classifiers.items()}
@@ -78,30 +83,20 @@ class ProjectModel:
     # -- persistence: one folder per version, written elsewhere and renamed into place -------------
 
     def save(self, project_dir: Path) -> Path:
-        project_dir.mkdir(parents=True, exist_ok=True)
-        final = project_dir / self.version
-        tmp = project_dir / f".tmp-{self.version}-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
-            np.save(tmp / "centroids.npy", self.centroids)
-            meta = {
-                "version": self.version,
-                "cluster_choices": self.cluster_choices,
-                "config_fingerprint": self.config_fingerprint,
-                "head_map": self.head_map,
-                "classifiers": {tag: clf.to_json() for tag, clf in self.classifiers.items()},
-                "primary": self.primary,
-                "stats": self.stats,
-            }
-            (tmp / "model.json").write_text(json.dumps(meta))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return final
+        return save_atomically(project_dir, self.version, self.write)
+
+    def write(self, folder: Path) -> None:
+        np.save(folder / "centroids.npy", self.centroids)
+        meta = {
+            "version": self.version,
+            "cluster_choices": self.cluster_choices,
+            "config_fingerprint": self.config_fingerprint,
+            "head_map": self.head_map,
+            "classifiers": {tag: clf.to_json() for tag, clf in self.classifiers.items()},
+            "primary": self.primary,
+            "stats": self.stats,
+        }
+        (folder / "model.json").write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, folder: Path) -> ProjectModel:
@@ -120,6 +115,26 @@ class ProjectModel:
             primary=meta.get("primary", {}),
             stats=meta.get("stats", {}),
         )
+
+
+def save_atomically(project_dir: Path, version: str, write: Callable[[Path], None]) -> Path:
+    """Write into a temporary folder, fsync, then rename to `<project_dir>/<version>`: a reader sees the
+    whole model or none of it."""
+    project_dir.mkdir(parents=True, exist_ok=True)
+    final = project_dir / version
+    tmp = project_dir / f".tmp-{version}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
 
 
 def head_choice(probs: np.ndarray, class_names: tuple[str, ...], mapping: Mapping[str, str]) -> Choice:
@@ -238,3 +253,60 @@ def _cluster_oof(clusters: np.ndarray, chosen: list[list[str]], multiple: bool, 
             answer = cluster_choices_for_tag(members, multiple)
             out[i] = None if answer is None else (answer[0] if multiple else answer[0][0])
     return out
+
+
+@dataclass
+class CollectionModels:
+    """Per-bucket scope: one model per image collection (S3 bucket, ...) of the project, each fitted on
+    that collection's tasks and annotations alone, as the original deployment kept one k-means per bucket.
+    A task of a collection with no model gets no choice."""
+
+    version: str
+    models: dict[str, ProjectModel]
+    config_fingerprint: str
+    stats: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def head_map(self) -> dict[str, dict[str, str]]:
+        return next((m.head_map for m in self.models.values() if m.head_map), {})
+
+    def predict(
+        self,
+        features: np.ndarray,
+        probabilities: np.ndarray | None,
+        class_names: tuple[str, ...],
+        collections: list[str] | None = None,
+    ) -> list[dict[str, Choice]]:
+        out: list[dict[str, Choice]] = [{} for _ in range(len(features))]
+        collections = collections or [""] * len(features)
+        for name, model in self.models.items():
+            rows = [i for i, c in enumerate(collections) if c == name]
+            if rows:
+                probs = probabilities[rows] if probabilities is not None else None
+                for i, choices in zip(rows, model.predict(features[rows], probs, class_names), strict=True):
+                    out[i] = choices
+        return out
+
+    def save(self, project_dir: Path) -> Path:
+        def write(folder: Path) -> None:
+            names = sorted(self.models)
+            meta = {"version": self.version, "collections": names, "config_fingerprint": self.config_fingerprint,
+                    "stats": self.stats}  # fmt: skip
+            for i, name in enumerate(names):
+                (folder / str(i)).mkdir()
+                self.models[name].write(folder / str(i))
+            (folder / "collections.json").write_text(json.dumps(meta))
+
+        return save_atomically(project_dir, self.version, write)
+
+    @classmethod
+    def load(cls, folder: Path) -> CollectionModels:
+        meta = json.loads((folder / "collections.json").read_text())
+        models = {name: ProjectModel.load(folder / str(i)) for i, name in enumerate(meta["collections"])}
+        return cls(meta["version"], models, meta["config_fingerprint"], meta.get("stats", {}))
+
+
+def load_model(folder: Path) -> ProjectModel | CollectionModels:
+    if (folder / "collections.json").is_file():
+        return CollectionModels.load(folder)
+    return ProjectModel.load(folder)

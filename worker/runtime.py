@@ -21,7 +21,7 @@ from common.store import Store
 from worker.embedder import Embedder, pick_device
 from worker.images import ImageFetcher
 from worker.pipeline import EmbeddingPipeline
-from worker.project_model import ProjectModel
+from worker.project_model import CollectionModels, ProjectModel, load_model
 from worker.writeback import WriteBack, make_client
 
 log = logging.getLogger(__name__)
@@ -72,19 +72,19 @@ class Runtime:
         return json.loads(self.settings.cefas_label_map) if self.settings.cefas_label_map else DEFAULT_CEFAS_MAP
 
     @cached_property
-    def _models(self) -> OrderedDict[tuple[int, str], ProjectModel]:
+    def _models(self) -> OrderedDict[tuple[int, str], ProjectModel | CollectionModels]:
         return OrderedDict()
 
     def project_dir(self, pid: int) -> Path:
         return Path(self.settings.model_dir) / embedding_space(self.settings) / str(pid)
 
-    def project_model(self, pid: int, version: str) -> ProjectModel:
+    def project_model(self, pid: int, version: str) -> ProjectModel | CollectionModels:
         """The model of that version; before the first fit, one that knows only the backbone's head."""
         key = (pid, version)
         if key not in self._models:
             folder = self.project_dir(pid) / version
             if folder.is_dir():
-                model = ProjectModel.load(folder)
+                model = load_model(folder)
             else:
                 import numpy as np
 
@@ -93,6 +93,9 @@ class Runtime:
             while len(self._models) > 16:
                 self._models.popitem(last=False)
         return self._models[key]
+
+    def model_scope(self, pid: int) -> str:
+        return self.store.model_scope(pid) or self.settings.model_scope
 
     def label_config(self, pid: int) -> LabelConfig:
         xml = self.store.label_config(pid)

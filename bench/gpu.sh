@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU figures for bench/RESULTS.md, run on a lent GPU machine (the `device` tool), which has torch but
+# no Redis, Celery or Flask and no network: those travel as wheels (.whl/) and a Redis binary (.gpu/),
+# the particles as a copy (.gpu/data). Prepared on the dev machine by: bash bench/gpu_prepare.sh
+set -euo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+LD_LIBRARY_PATH=$PWD/.gpu/lib .gpu/redis-server --port 6379 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes
+export PLANKTON_DATA_DIR=$PWD/.gpu/data BENCH_REDIS_URL=redis://127.0.0.1:6379/12
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+nproc | tee -a "$OUT/gpu.txt"
+python3 bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
+python3 -c "import torch, torchvision; torch.save(torchvision.models.resnet50(weights=None).state_dict(), '/tmp/r50.pth')"
+for size in 224 64; do
+  python3 bench/throughput.py --device cuda --image-size $size --baseline-count 400 \
+    --json "$OUT/effnet-$size.json" 2>&1 | tee "$OUT/throughput-effnet-$size.txt"
+done
+WEIGHTS=/tmp/r50.pth python3 bench/throughput.py --backbone resnet50 --device cuda --image-size 224 \
+  --baseline-count 400 --json "$OUT/resnet50-224.json" 2>&1 | tee "$OUT/throughput-resnet50-224.txt"

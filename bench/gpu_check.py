@@ -1,0 +1,93 @@
+"""The worker's CUDA path, checked and measured on a GPU machine (run by bench/gpu.sh).
+
+Checks: the embedder takes the CUDA path (bf16 autocast, channels_last, pinned memory); a batch's
+outputs equal one-by-one outputs, and CUDA outputs equal CPU outputs, within bf16 tolerance (cosine).
+Measures: model-only images/s per batch size at each input size, and the batch size the worker picks.
+
+    python bench/gpu_check.py [--backbones efficientnet-lite0,resnet50] [--sizes 64,224] [--count 2048]
+
+resnet50 runs with randomly initialised weights when no ImageNet file is in the torch cache: speed does
+not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.backbones import BackboneError, create_backbone  # noqa: E402
+from worker.embedder import Embedder, default_batch_size  # noqa: E402
+from worker.project_model import normalise  # noqa: E402
+
+
+def backbone_for(name: str):
+    try:
+        return create_backbone(name)
+    except BackboneError:
+        import torchvision
+
+        path = Path(tempfile.gettempdir()) / f"{name}-random.pth"
+        torch.save(getattr(torchvision.models, name)(weights=None).state_dict(), path)
+        print(f"  ({name}: no ImageNet weights here, random weights from {path})")
+        return create_backbone(name, str(path))
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    return float((normalise(a) * normalise(b)).sum(axis=1).min())
+
+
+def images(count: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (64, size, size, 3), dtype=np.uint8)
+    return [base[i % 64] for i in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", default="efficientnet-lite0,resnet50")
+    parser.add_argument("--sizes", default="64,224")
+    parser.add_argument("--batches", default="32,64,128,256,512")
+    parser.add_argument("--count", type=int, default=2048)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device")
+    cuda = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(cuda)}, torch {torch.__version__}, bf16 {torch.cuda.is_bf16_supported()}")
+    for name in args.backbones.split(","):
+        backbone = backbone_for(name)
+        for size in [int(s) for s in args.sizes.split(",")]:
+            sample = images(64, size)
+            cpu = Embedder(backbone, torch.device("cpu"), size, 16).embed(sample[:16])
+            embedder = Embedder(backbone, cuda, size)
+            assert embedder.autocast_dtype == torch.bfloat16, embedder.autocast_dtype
+            batched = embedder.embed(sample)
+            single = np.concatenate([embedder.embed([im]) for im in sample[:16]])
+            print(f"{name} {size}px: default batch {default_batch_size(cuda, size)}; "
+                  f"cosine batch-vs-single min {cosine_min(batched[:16], single):.4f}, "
+                  f"cuda(bf16)-vs-cpu(fp32) min {cosine_min(batched[:16], cpu):.4f}")  # fmt: skip
+            assert cosine_min(batched[:16], single) > 0.99
+            assert cosine_min(batched[:16], cpu) > 0.98
+            data = images(args.count, size)
+            for batch in [int(b) for b in args.batches.split(",")]:
+                embedder.batch_size = batch
+                embedder.embed(data[: batch * 2])
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                embedder.embed(data)
+                torch.cuda.synchronize()
+                rate = len(data) / (time.perf_counter() - start)
+                print(f"  batch {batch:>4}: {rate:>9.0f} images/s model-only")
+        del backbone
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
