@@ -126,7 +126,7 @@ def score(truth: list[str], predicted: list[str | None], scores: list[float | No
     return {
         "accuracy": float(correct.mean()),
         "macro_f1": float(f1_score(truth, pred, labels=classes, average="macro", zero_division=0)),
-        "ece": expected_calibration_error(conf, correct[answered]),
+        "ece": float(expected_calibration_error(conf, correct[answered])),
         "mean_score": float(conf.mean()) if len(conf) else float("nan"),  # vs accuracy: over- or under-confident
         "coverage": float(answered.mean()),
     }

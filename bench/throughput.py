@@ -72,6 +72,7 @@ UI_CALLS_PER_SECOND = 20.0
 PROBE_EVERY_SECONDS = 2.0
 RSS_EVERY_SECONDS = 0.2
 JOB_POLL_SECONDS = 0.2
+NOISY_CORES = 0.25  # other processes using more than this during a phase make its figures suspect
 
 
 # -- small helpers ----------------------------------------------------------------------------------------
@@ -746,13 +747,22 @@ def table(results: dict[str, Any]) -> str:
 
 def header(results: dict[str, Any]) -> str:
     c, m, e = results["config"], results["model_only"], results["end_to_end"]
-    return "\n".join([
+    phases = {"model-only": m, "end-to-end": e, "peer": results["baseline"]}
+    busy = {name: r["cpu_cores"]["other processes"] for name, r in phases.items() if "cpu_cores" in r}
+    noisy = {name: v for name, v in busy.items() if v > NOISY_CORES}
+    warning = (
+        [f"WARNING: other processes used {', '.join(f'{v:.2f} cores during {n}' for n, v in noisy.items())}: "
+         "the figures are not comparable with each other, nor with a quiet machine; rerun when it is quiet"]
+        if noisy else []
+    )  # fmt: skip
+    return "\n".join(warning + [
         f"backbone {c['backbone']} at {m['image_size']} px, batch {m['batch_size']}, device {m['device']} "
         f"({m['device_name']}), torch threads {m['torch_threads']}, {c['cpu_cores']} CPU cores",
         f"chunk size {e['chunk_size']}, download workers {e['download_workers']}; images served over HTTP on loopback "
         "by the bench itself (tests.helpers.ImageServer)",
         "no LABEL_STUDIO_URL: predictions stored in Redis only, no write-back to Label Studio (not in the figures)",
         f"interactive probes: {e['interactive']['source']}",
+        f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
     ])  # fmt: skip
 
 

@@ -216,7 +216,7 @@ def fit_project_model(
         if fitted is not None:
             classifiers[tag.name], oof = fitted
             scores["classifier"] = round(agreement(list(oof), truth, tag.multiple), 4)
-            if scores["classifier"] >= clusters_cv:
+            if clusters_cv - scores["classifier"] < max(0.03, 2 / len(annotated)):
                 primary[tag.name] = "classifier"
         evidence[tag.name] = scores
     valid_head = {
