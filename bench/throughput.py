@@ -671,7 +671,7 @@ def table(results: dict[str, Any]) -> str:
     row(
         "1. model-only (Embedder, in memory)",
         f"{m['images_per_s']:.1f} img/s",
-        f"median of {m['passes']} passes over {m['images']} images ({m['images_per_s_min']:.0f}-"
+        f"median of {m['passes']} pass(es) over {m['images']} images ({m['images_per_s_min']:.0f}-"
         f"{m['images_per_s_max']:.0f}), batch {m['batch_size']}, after a warm-up batch",
     )
     row(
@@ -734,12 +734,12 @@ def table(results: dict[str, Any]) -> str:
     cores = results["config"]["cpu_cores"]
     lines += ["", f"CPU used, in cores of {cores} (the machine is shared: 'other processes' is not this benchmark):"]
     lines += [f"  model-only: {CpuMeter.format(m['cpu_cores'])}", f"  end-to-end: {CpuMeter.format(e['cpu_cores'])}"]
+    if "cpu_cores" in b:
+        lines.append(f"  peer:       {CpuMeter.format(b['cpu_cores'])}")
     lines.append(
         f"  CPU per image: model-only {m['cpu_ms_per_image']:.2f} ms; worker during the import "
         f"{e['worker_cpu_ms_per_image']:.2f} ms (its share of the loopback image server is in 'bench')"
     )
-    if "cpu_cores" in b:
-        lines.append(f"  peer:       {CpuMeter.format(b['cpu_cores'])}")
     lines += ["", "One image, step by step (one thread, wall ms; the worker does all of these on the same cores):"]
     lines += [f"  {name:<40} {ms:7.2f} ms" for name, ms in m["stages_ms_per_image"].items()]
     return "\n".join(lines)

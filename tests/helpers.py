@@ -40,7 +40,27 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
-class WorkerProcess:
+class ChildProcess:
+    """A service started in its own process group, so that stopping it stops its children too."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (main process and pool): nothing gets to clean up."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class WorkerProcess(ChildProcess):
     """`celery worker` as production runs it (prefork, queues interactive then bulk, prefetch 1)."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, name: str = "w1") -> None:
@@ -68,25 +88,6 @@ class WorkerProcess:
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def pool_pids(self) -> list[int]:
-        assert self.proc is not None
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker (main process and pool): nothing gets to clean up."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -150,7 +151,7 @@ def synthetic_particle(kind: str, seed: int, size: int = 28) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-class ApiProcess:
+class ApiProcess(ChildProcess):
     """The API under gunicorn, as production runs it, on a free loopback port."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
@@ -180,11 +181,3 @@ class ApiProcess:
 
         wait_until(up, timeout, "the API to answer /health", interval=0.3)
         return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)

@@ -33,6 +33,20 @@ def put(server, name: str, data: bytes) -> str:
     return f"{server.url}/tmp/{name}"
 
 
+def slow_particle_route(kind: str, delay: float):
+    """A route answering `/<name>?s=<seed>` with a synthetic particle after `delay` seconds."""
+
+    def route(handler):
+        time.sleep(delay)
+        body = png_bytes(synthetic_particle(kind, int(handler.path.split("=")[-1])))
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return route
+
+
 def job_done(api, job: str, timeout: float = 120) -> dict:
     return wait_until(lambda: (s := api.get(f"/jobs/{job}").json)["state"] == "done" and s, timeout, f"job {job}")
 
@@ -148,15 +162,7 @@ def test_a_lone_task_waits_for_its_prediction(api, image_server, start_worker):
 def test_the_interactive_lane_overtakes_a_bulk_import(api, image_server, start_worker):
     start_worker(CHUNK_SIZE="4", DOWNLOAD_WORKERS="4")
 
-    def slowish(handler):
-        time.sleep(0.4)
-        body = png_bytes(synthetic_particle("speckle", int(handler.path.split("=")[-1])))
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
-
-    image_server.routes["/slowish.png"] = slowish
+    image_server.routes["/slowish.png"] = slow_particle_route("speckle", 0.4)
     bulk = [{"id": i, "data": {"image": f"{image_server.url}/slowish.png?s={i}"}} for i in range(1, 61)]
     reply = api.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": PID}, "tasks": bulk})
     job = reply.json["job"]
@@ -176,15 +182,7 @@ def test_a_worker_killed_mid_batch_loses_no_task(api, image_server, start_worker
     env = {"CHUNK_SIZE": "4", "DOWNLOAD_WORKERS": "2", "BROKER_VISIBILITY_TIMEOUT": "5"}
     first = start_worker("crash", **env)
 
-    def slowish(handler):
-        time.sleep(0.5)
-        body = png_bytes(synthetic_particle("rod", int(handler.path.split("=")[-1])))
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
-
-    image_server.routes["/slow-rod.png"] = slowish
+    image_server.routes["/slow-rod.png"] = slow_particle_route("rod", 0.5)
     tasks = [{"id": i, "data": {"image": f"{image_server.url}/slow-rod.png?s={i}"}} for i in range(1, 25)]
     reply = api.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": PID}, "tasks": tasks})
     job = reply.json["job"]
