@@ -196,7 +196,7 @@ def test_a_worker_killed_mid_batch_loses_no_task(api, image_server, start_worker
 
 
 def test_annotations_trigger_debounced_refits(clean_redis, image_server, start_worker):
-    settings = dataclasses.replace(Settings.from_env(), chunk_size=8, refit_every=3, refit_delay_seconds=1.0)
+    settings = dataclasses.replace(Settings.from_env(), chunk_size=8, refit_every=3, refit_delay_seconds=4.0)
     api = create_app(settings).test_client()
     api.post("/setup", json={"project": f"{PID}.1", "schema": LABEL_CONFIG})
     start_worker(KMEANS_CLUSTERS="3")
