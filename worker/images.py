@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import requests
+import urllib3
 from PIL import Image, ImageOps
 
 from common.settings import Settings
@@ -61,9 +62,12 @@ class LabelStudioAuth:
             return {"Authorization": f"Token {self.api_key}"}
         with self._lock:
             if refresh or self._access is None or time.time() > self._expires:
-                resp = self.session.post(
-                    f"{self.base_url}/api/token/refresh/", json={"refresh": self.api_key}, timeout=self.timeout
-                )
+                try:
+                    resp = self.session.post(
+                        f"{self.base_url}/api/token/refresh/", json={"refresh": self.api_key}, timeout=self.timeout
+                    )
+                except requests.RequestException as exc:
+                    raise ImageError(f"cannot reach Label Studio to exchange LABEL_STUDIO_API_KEY: {exc}") from None
                 if resp.status_code != 200:
                     raise ImageError(f"Label Studio refused LABEL_STUDIO_API_KEY ({resp.status_code})")
                 self._access = resp.json()["access"]
@@ -85,12 +89,10 @@ class ImageFetcher:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(4, settings.download_workers * 2))
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.http = urllib3.PoolManager(maxsize=max(4, settings.download_workers * 2), block=False)
+        self.retries = urllib3.Retry(total=3, connect=2, read=0, status=0, redirect=3)
         self.ls_auth = LabelStudioAuth(
-            settings.label_studio_url, settings.label_studio_api_key, self.session, settings.download_timeout
+            settings.label_studio_url, settings.label_studio_api_key, requests.Session(), settings.download_timeout
         )
         self._s3 = None
 
@@ -111,29 +113,45 @@ class ImageFetcher:
     def _fetch_http(self, url: str, label_studio: bool) -> bytes:
         try:
             resp = self._get(url, self.ls_auth.headers() if label_studio else {})
-            if resp.status_code == 401 and label_studio and _is_jwt(self.settings.label_studio_api_key):
-                resp.close()
+            if resp.status == 401 and label_studio and _is_jwt(self.settings.label_studio_api_key):
+                resp.release_conn()
                 resp = self._get(url, self.ls_auth.headers(refresh=True))
-            with resp:
-                if resp.status_code != 200:
-                    raise ImageError(f"GET {url} answered HTTP {resp.status_code}")
-                declared = resp.headers.get("Content-Length")
-                limit = self.settings.image_max_bytes
-                if declared and declared.isdigit() and int(declared) > limit:
-                    raise ImageError(f"{url} is {int(declared)} bytes, over the {limit}-byte limit (IMAGE_MAX_BYTES)")
-                body = bytearray()
-                for block in resp.iter_content(64 * 1024):
-                    body += block
-                    if len(body) > limit:
-                        raise ImageError(f"{url} is over the {limit}-byte limit (IMAGE_MAX_BYTES)")
-                return bytes(body)
-        except requests.Timeout:
-            raise ImageError(f"GET {url} timed out after {self.settings.download_timeout:g} s") from None
-        except requests.RequestException as exc:
-            raise ImageError(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
+            try:
+                return self._read_limited(url, resp)
+            finally:
+                resp.release_conn()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason else exc
+            if isinstance(reason, urllib3.exceptions.NewConnectionError):  # before TimeoutError: a subclass
+                raise ImageError(f"GET {url} failed: cannot connect ({reason})") from None
+            if isinstance(reason, urllib3.exceptions.TimeoutError):
+                raise ImageError(f"GET {url} timed out after {self.settings.download_timeout:g} s") from None
+            raise ImageError(f"GET {url} failed: {type(reason).__name__}: {reason}") from None
 
-    def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
-        return self.session.get(url, headers=headers, timeout=self.settings.download_timeout, stream=True)
+    def _read_limited(self, url: str, resp: urllib3.BaseHTTPResponse) -> bytes:
+        if resp.status != 200:
+            raise ImageError(f"GET {url} answered HTTP {resp.status}")
+        declared = resp.headers.get("Content-Length")
+        limit = self.settings.image_max_bytes
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ImageError(f"{url} is {int(declared)} bytes, over the {limit}-byte limit (IMAGE_MAX_BYTES)")
+        body = bytearray()
+        for block in resp.stream(64 * 1024):
+            body += block
+            if len(body) > limit:
+                raise ImageError(f"{url} is over the {limit}-byte limit (IMAGE_MAX_BYTES)")
+        return bytes(body)
+
+    def _get(self, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+        """urllib3 directly: a third of requests' CPU per image, which counts when the model is fast."""
+        return self.http.request(
+            "GET",
+            url,
+            headers=headers,
+            timeout=self.settings.download_timeout,
+            preload_content=False,
+            retries=self.retries,
+        )
 
     def _fetch_s3(self, ref: str) -> bytes:
         parsed = urlparse(ref)
