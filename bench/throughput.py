@@ -33,6 +33,7 @@ import platform
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -58,7 +59,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server  # noqa: E402
 from common.models import embedding_space, image_size  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.store import Store  # noqa: E402
-from tests.helpers import DATA, ApiProcess, ImageServer, WorkerProcess, wait_until  # noqa: E402
+from tests.helpers import DATA, ApiProcess, WorkerProcess, wait_until  # noqa: E402
 from worker.backbones import create_backbone  # noqa: E402
 from worker.embedder import Embedder, cpu_threads, pick_device  # noqa: E402
 from worker.images import ImageFetcher, decode_image, to_model_input  # noqa: E402
@@ -114,20 +115,6 @@ def mib(n: float) -> float:
     return n / 2**20
 
 
-def group_pss(pid: int) -> int:
-    """PSS of a process and its descendants: pages a forked pool shares with its parent count once."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += proc.memory_full_info().pss
-    return total
-
-
 def tree_cpu_seconds(pid: int) -> float:
     try:
         root = psutil.Process(pid)
@@ -143,7 +130,7 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 def own_cpu_seconds() -> float:
-    """This process only (its threads: image server, UI caller, probes, polling), not its children."""
+    """This process only (its threads: UI caller, probes, polling, sampling), not its children."""
     t = psutil.Process().cpu_times()
     return t.user + t.system
 
@@ -235,15 +222,49 @@ class Particles:
             self.probe_sources.append(source)
 
 
-def serve_bytes(data: bytes) -> Callable[[Any], None]:
-    def route(handler: Any) -> None:
-        handler.send_response(200)
-        handler.send_header("Content-Type", "image/png")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
+SERVE = """
+import sys, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from tests.helpers import ImageServer
+server = ImageServer(Path(sys.argv[2]))
+print(server.url, flush=True)
+threading.Event().wait()
+"""
 
-    return route
+
+class ImageServerProcess:
+    """tests.helpers.ImageServer in a process of its own, so that serving the images competes with the
+    service under test only for the cores, not for this process's GIL (UI caller, probes, sampling).
+    Serves `particles/` (a link to the shared folder: nothing is copied) and `probe/` (images not in
+    the import, written as needed into a temporary folder outside the repository)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "probe").mkdir(parents=True, exist_ok=True)
+        (root / "particles").symlink_to(PARTICLES)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, str(REPO), str(root)], stdout=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            self.close()
+            raise RuntimeError("the image server did not start")
+
+    def particle(self, name: str) -> str:
+        return f"{self.url}/particles/{name}"
+
+    def put(self, name: str, data: bytes) -> str:
+        (self.root / "probe" / name).write_bytes(data)
+        return f"{self.url}/probe/{name}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
 
 
 # -- 1. model only ----------------------------------------------------------------------------------------
@@ -263,7 +284,7 @@ def sync(embedder: Embedder) -> None:
         torch.cuda.synchronize(embedder.device)
 
 
-def measure_model(settings: Settings, particles: Particles, server: ImageServer, passes: int) -> dict[str, Any]:
+def measure_model(settings: Settings, particles: Particles, server: ImageServerProcess, passes: int) -> dict[str, Any]:
     max_pixels = settings.image_max_pixels
     size = image_size(settings)
     t0 = time.perf_counter()
@@ -314,15 +335,15 @@ def measure_model(settings: Settings, particles: Particles, server: ImageServer,
 
 
 def stage_costs(
-    settings: Settings, particles: Particles, server: ImageServer, embedder: Embedder, pixels: list[np.ndarray]
+    settings: Settings, particles: Particles, server: ImageServerProcess, embedder: Embedder, pixels: list[np.ndarray]
 ) -> dict[str, float]:
     """What one image costs in each step the worker takes, one thread, wall ms per image (on a loaded
-    machine these are upper bounds). The download includes the loopback image server's own work."""
+    machine these are upper bounds). The download's wall time includes the image server's work."""
     n = min(len(particles.names), 500)
     fetcher = ImageFetcher(settings)
     store = Store.from_url(settings.redis_url, embedding_space(settings))
     t0 = time.perf_counter()
-    blobs = [fetcher.fetch(f"{server.url}/{name}") for name in particles.names[:n]]
+    blobs = [fetcher.fetch(server.particle(name)) for name in particles.names[:n]]
     download = time.perf_counter() - t0
     t0 = time.perf_counter()
     for blob in blobs:
@@ -348,16 +369,38 @@ def stage_costs(
 
 
 class RssSampler(threading.Thread):
+    """RSS and PSS of process trees every 0.2 s. The trees are listed again once a second only: listing
+    children scans every process of the machine, which would make the sampler a load of its own."""
+
     def __init__(self, groups: dict[str, int]) -> None:
         super().__init__(daemon=True, name="rss")
         self.groups = groups
         self.samples: dict[str, list[tuple[int, int]]] = {name: [] for name in groups}
         self.stop_event = threading.Event()
 
+    @staticmethod
+    def tree(pid: int) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def run(self) -> None:
+        trees: dict[str, list[psutil.Process]] = {}
+        listed = 0.0
         while not self.stop_event.is_set():
-            for name, pid in self.groups.items():
-                self.samples[name].append((group_rss(pid), group_pss(pid)))
+            if time.monotonic() - listed > 1.0:
+                trees = {name: self.tree(pid) for name, pid in self.groups.items()}
+                listed = time.monotonic()
+            for name, procs in trees.items():
+                rss = pss = 0
+                for proc in procs:
+                    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                        info = proc.memory_full_info()
+                        rss += info.rss
+                        pss += info.pss
+                self.samples[name].append((rss, pss))
             self.stop_event.wait(RSS_EVERY_SECONDS)
 
     def peak(self, name: str, which: int = 0) -> int:
@@ -405,7 +448,7 @@ class UiCaller(threading.Thread):
 class InteractiveProber(threading.Thread):
     """Every ~2 s, an annotator opens a task nobody has embedded yet: /predict for that one task."""
 
-    def __init__(self, api: str, store: Store, server: ImageServer, images: Iterator[bytes]) -> None:
+    def __init__(self, api: str, store: Store, server: ImageServerProcess, images: Iterator[bytes]) -> None:
         super().__init__(daemon=True, name="probe")
         self.api = api
         self.store = store
@@ -422,10 +465,8 @@ class InteractiveProber(threading.Thread):
         next_at = time.monotonic()
         while not self.stop_event.is_set():
             tid = PROBE_TASK_BASE + k
-            path = f"/probe/{k}.png"
-            self.server.routes[path] = serve_bytes(next(self.images))
+            task = {"id": tid, "data": {"image": self.server.put(f"{k}.png", next(self.images))}}
             k += 1
-            task = {"id": tid, "data": {"image": f"{self.server.url}{path}"}}
             t0 = time.perf_counter()
             try:
                 resp = session.post(f"{self.api}/predict", json={"project": PID, "tasks": [task]}, timeout=60)
@@ -437,7 +478,7 @@ class InteractiveProber(threading.Thread):
                 while not self.store.embeddings(PID, [tid]):
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"task {tid}: no embedding after 300 s")
-                    time.sleep(0.005)
+                    time.sleep(0.01)
                 self.until_stored.append(time.perf_counter() - t0)
             except (requests.RequestException, TimeoutError) as exc:
                 self.errors.append(str(exc))
@@ -473,7 +514,7 @@ def measure_service(
     settings: Settings,
     particles: Particles,
     tmp: Path,
-    server: ImageServer,
+    server: ImageServerProcess,
     stack: contextlib.ExitStack,
 ) -> dict[str, Any]:
     redis.Redis.from_url(settings.redis_url).flushdb()
@@ -492,8 +533,7 @@ def measure_service(
     resp = http.post(f"{api}/setup", json={"project": f"{PID}.1700000000", "schema": LABEL_CONFIG_XML}, timeout=10)
     resp.raise_for_status()
     probes = particles.probe_images()
-    server.routes["/warm.png"] = serve_bytes(next(probes))
-    warm_task = {"id": WARM_TASK_ID, "data": {"image": f"{server.url}/warm.png"}}
+    warm_task = {"id": WARM_TASK_ID, "data": {"image": server.put("warm.png", next(probes))}}
     http.post(f"{api}/predict", json={"project": PID, "tasks": [warm_task]}, timeout=60).raise_for_status()
     version = store.current_version(PID)
     wait_until(lambda: store.predictions(PID, version, [WARM_TASK_ID]), 120, "the warm-up task's prediction")
@@ -502,7 +542,7 @@ def measure_service(
     for digest in particles.import_hashes:
         pipe.exists(f"plk:emb:{store.backbone}:{digest}")
     cached_before = sum(pipe.execute())
-    tasks = [{"id": i + 1, "data": {"image": f"{server.url}/{name}"}} for i, name in enumerate(particles.names)]
+    tasks = [{"id": i + 1, "data": {"image": server.particle(name)}} for i, name in enumerate(particles.names)]
     log_offset = len((tmp / "worker.log").read_bytes())
 
     sampler = RssSampler({"worker": worker.proc.pid, "api": gunicorn.proc.pid})
@@ -524,7 +564,8 @@ def measure_service(
         {
             "worker": lambda: tree_cpu_seconds(worker_pid),
             "api": lambda: tree_cpu_seconds(api_pid),
-            "bench (image server, UI, probes)": own_cpu_seconds,
+            "image server": lambda: tree_cpu_seconds(server.proc.pid),
+            "bench (UI, probes, polling)": own_cpu_seconds,
         }
     ).__enter__()
     t0 = time.perf_counter()
@@ -633,7 +674,7 @@ class QuietHandler(WSGIRequestHandler):
 
 
 def measure_baseline(
-    settings: Settings, particles: Particles, count: int, server: ImageServer, stack: contextlib.ExitStack
+    settings: Settings, particles: Particles, count: int, server: ImageServerProcess, stack: contextlib.ExitStack
 ) -> dict[str, Any]:
     embedder = build_embedder(settings, batch_size=1)
     httpd = make_server("127.0.0.1", 0, baseline_app(embedder, settings), threaded=True, request_handler=QuietHandler)
@@ -645,11 +686,13 @@ def measure_baseline(
     session = requests.Session()
 
     def post(i: int, name: str) -> None:
-        body = {"project": PID, "tasks": [{"id": i, "data": {"image": f"{server.url}/{name}"}}]}
+        body = {"project": PID, "tasks": [{"id": i, "data": {"image": server.particle(name)}}]}
         session.post(url, json=body, timeout=60).raise_for_status()
 
     post(0, names[0])  # warm-up request
-    with CpuMeter({"bench (peer server + client)": own_cpu_seconds}) as cpu:
+    with CpuMeter(
+        {"image server": lambda: tree_cpu_seconds(server.proc.pid), "bench (peer server + client)": own_cpu_seconds}
+    ) as cpu:
         t0 = time.perf_counter()
         for i, name in enumerate(names, 1):
             post(i, name)
@@ -738,7 +781,7 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"  peer:       {CpuMeter.format(b['cpu_cores'])}")
     lines.append(
         f"  CPU per image: model-only {m['cpu_ms_per_image']:.2f} ms; worker during the import "
-        f"{e['worker_cpu_ms_per_image']:.2f} ms (its share of the loopback image server is in 'bench')"
+        f"{e['worker_cpu_ms_per_image']:.2f} ms"
     )
     lines += ["", "One image, step by step (one thread, wall ms; the worker does all of these on the same cores):"]
     lines += [f"  {name:<40} {ms:7.2f} ms" for name, ms in m["stages_ms_per_image"].items()]
@@ -759,7 +802,7 @@ def header(results: dict[str, Any]) -> str:
         f"backbone {c['backbone']} at {m['image_size']} px, batch {m['batch_size']}, device {m['device']} "
         f"({m['device_name']}), torch threads {m['torch_threads']}, {c['cpu_cores']} CPU cores",
         f"chunk size {e['chunk_size']}, download workers {e['download_workers']}; images served over HTTP on loopback "
-        "by the bench itself (tests.helpers.ImageServer)",
+        "by tests.helpers.ImageServer in a process of its own",
         "no LABEL_STUDIO_URL: predictions stored in Redis only, no write-back to Label Studio (not in the figures)",
         f"interactive probes: {e['interactive']['source']}",
         f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
@@ -818,7 +861,7 @@ def main() -> int:
     }
     try:
         with contextlib.ExitStack() as stack:
-            server = ImageServer(PARTICLES)
+            server = ImageServerProcess(tmp / "www")
             stack.callback(server.close)
             log(f"1/3 model-only over {args.count} particles decoded and preprocessed in memory")
             results["model_only"] = measure_model(settings, particles, server, args.model_passes)
