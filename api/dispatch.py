@@ -39,20 +39,32 @@ class Dispatcher:
         """Queue tasks in chunks of CHUNK_SIZE under one job; returns the job id."""
         job_id = job_id or self.store.create_job(kind, pid, len(tasks))
         size = max(1, self.settings.chunk_size)
-        for start in range(0, len(tasks), size):
-            chunk = [slim_task(t) for t in tasks[start : start + size]]
-            self.celery.send_task(
-                queues.PREDICT_TASKS,
-                kwargs={
-                    "project": pid,
-                    "tasks": chunk,
-                    "job_id": job_id,
-                    "deliver_via_api": interactive,
-                    "embed_only": embed_only,
-                },
-                queue=queues.INTERACTIVE if interactive else queues.BULK,
-            )
+        with self.celery.producer_or_acquire() as producer:  # one connection for all chunks: fast webhooks
+            for start in range(0, len(tasks), size):
+                self._send_chunk(pid, tasks[start : start + size], job_id, interactive, embed_only, producer)
         return job_id
+
+    def _send_chunk(
+        self,
+        pid: int,
+        tasks: Sequence[Mapping[str, Any]],
+        job_id: str,
+        interactive: bool,
+        embed_only: bool,
+        producer: Any,
+    ) -> None:
+        self.celery.send_task(
+            queues.PREDICT_TASKS,
+            kwargs={
+                "project": pid,
+                "tasks": [slim_task(t) for t in tasks],
+                "job_id": job_id,
+                "deliver_via_api": interactive,
+                "embed_only": embed_only,
+            },
+            queue=queues.INTERACTIVE if interactive else queues.BULK,
+            producer=producer,
+        )
 
     def refit(self, pid: int, *, force: bool, countdown: float = 0) -> str:
         job_id = self.store.create_job("refit", pid, 1)

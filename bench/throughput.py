@@ -18,6 +18,10 @@ What it measures, on the same images, backbone, input size, batch size and devic
 6. memory       peak RSS of the worker (main + pool) and the API (master + workers) during the import, and
                 the worker's RSS at the start vs the end of the import.
 
+To tell where the time goes it also prints the CPU each process group used in each phase (the machine may
+be shared: other processes' use and idle time are shown, and a warning when others were busy), the
+Celery task runtimes from the worker's log, and what each step costs for one image, one thread.
+
 Run: `.venv/bin/python bench/throughput.py` (or `make bench`); `--help` lists the options.
 """
 
@@ -57,11 +61,11 @@ from PIL import Image  # noqa: E402
 from werkzeug.serving import WSGIRequestHandler, make_server  # noqa: E402
 
 from common.models import embedding_space, image_size  # noqa: E402
-from common.settings import Settings  # noqa: E402
+from common.settings import Settings, available_cores  # noqa: E402
 from common.store import Store  # noqa: E402
 from tests.helpers import DATA, ApiProcess, WorkerProcess, wait_until  # noqa: E402
 from worker.backbones import create_backbone  # noqa: E402
-from worker.embedder import Embedder, cpu_threads, pick_device  # noqa: E402
+from worker.embedder import Embedder, pick_device  # noqa: E402
 from worker.images import ImageFetcher, decode_image, to_model_input  # noqa: E402
 
 PARTICLES = DATA / "flowcam" / "particles"
@@ -113,6 +117,14 @@ def group_rss(pid: int) -> int:
 
 def mib(n: float) -> float:
     return n / 2**20
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -317,7 +329,7 @@ def measure_model(settings: Settings, particles: Particles, server: ImageServerP
         "image_size": size,
         "batch_size": embedder.batch_size,
         "device": str(embedder.device),
-        "device_name": torch.cuda.get_device_name(embedder.device) if embedder.cuda else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(embedder.device) if embedder.cuda else cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "passes": len(runs),
         "seconds": model_s,
@@ -358,7 +370,7 @@ def stage_costs(
     sync(embedder)
     forward = time.perf_counter() - t0
     return {
-        "download (requests + loopback server)": 1000 * download / n,
+        "download (ImageFetcher + loopback server)": 1000 * download / n,
         "sha256 + Redis cache lookup": 1000 * lookup / n,
         "decode + preprocess": 1000 * prep / n,
         f"forward (batch {embedder.batch_size}, all threads)": 1000 * forward / n,
@@ -369,13 +381,15 @@ def stage_costs(
 
 
 class RssSampler(threading.Thread):
-    """RSS and PSS of process trees every 0.2 s. The trees are listed again once a second only: listing
-    children scans every process of the machine, which would make the sampler a load of its own."""
+    """RSS of process trees every 0.2 s, PSS every 2 s. Trees are listed again once a second only (listing
+    children scans every process of the machine), and PSS is read rarely (parsing smaps of a process with
+    torch loaded costs milliseconds): otherwise the sampler would be a load of its own."""
 
     def __init__(self, groups: dict[str, int]) -> None:
         super().__init__(daemon=True, name="rss")
         self.groups = groups
-        self.samples: dict[str, list[tuple[int, int]]] = {name: [] for name in groups}
+        self.samples: dict[str, list[int]] = {name: [] for name in groups}
+        self.pss: dict[str, list[int]] = {name: [] for name in groups}
         self.stop_event = threading.Event()
 
     @staticmethod
@@ -389,6 +403,7 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         trees: dict[str, list[psutil.Process]] = {}
         listed = 0.0
+        n = 0
         while not self.stop_event.is_set():
             if time.monotonic() - listed > 1.0:
                 trees = {name: self.tree(pid) for name, pid in self.groups.items()}
@@ -397,14 +412,20 @@ class RssSampler(threading.Thread):
                 rss = pss = 0
                 for proc in procs:
                     with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                        info = proc.memory_full_info()
-                        rss += info.rss
-                        pss += info.pss
-                self.samples[name].append((rss, pss))
+                        rss += proc.memory_info().rss
+                        if n % 10 == 0:
+                            pss += proc.memory_full_info().pss
+                self.samples[name].append(rss)
+                if n % 10 == 0:
+                    self.pss[name].append(pss)
+            n += 1
             self.stop_event.wait(RSS_EVERY_SECONDS)
 
-    def peak(self, name: str, which: int = 0) -> int:
-        return max((sample[which] for sample in self.samples[name]), default=0)
+    def peak(self, name: str) -> int:
+        return max(self.samples[name], default=0)
+
+    def peak_pss(self, name: str) -> int:
+        return max(self.pss[name], default=0)
 
 
 class UiCaller(threading.Thread):
@@ -617,6 +638,7 @@ def measure_service(
         "write_back": False,
         "chunk_size": settings.chunk_size,
         "download_workers": settings.download_workers,
+        "worker_concurrency": int(env.get("WORKER_CONCURRENCY") or os.environ.get("WORKER_CONCURRENCY") or 1),
         "worker_log": wlog,
         "cpu_cores": cpu.result,
         "worker_cpu_ms_per_image": 1000 * cpu.result["worker"] * cpu.wall / len(tasks),
@@ -640,8 +662,8 @@ def measure_service(
             "api_peak": mib(sampler.peak("api")),
             "worker_start": mib(worker_rss_start),
             "worker_end": mib(worker_rss_end),
-            "worker_pss_peak": mib(sampler.peak("worker", 1)),
-            "api_pss_peak": mib(sampler.peak("api", 1)),
+            "worker_pss_peak": mib(sampler.peak_pss("worker")),
+            "api_pss_peak": mib(sampler.peak_pss("api")),
             "samples": len(sampler.samples["worker"]),
             "rss_per_process_end": per_process,
         },
@@ -743,12 +765,15 @@ def table(results: dict[str, Any]) -> str:
         f"{w['predict_tasks']} Celery tasks; {w['bulk_tasks']} chunks of {e['chunk_size']}: first "
         f"{w['bulk_first_seconds']:.2f} s, p50 {w['bulk_seconds_p50']:.2f} s, max {w['bulk_seconds_max']:.2f} s",
     )
-    row(
-        "3. peer: sync /predict, 1 image each",
-        f"{b['images_per_s']:.1f} img/s",
-        f"{b['images']} images in {b['seconds']:.1f} s",
-    )
-    row("   speed-up over the peer", f"{e['images_per_s'] / b['images_per_s']:.1f}x", "end-to-end / peer")
+    if b["images"]:
+        row(
+            "3. peer: sync /predict, 1 image each",
+            f"{b['images_per_s']:.1f} img/s",
+            f"{b['images']} images in {b['seconds']:.1f} s",
+        )
+        row("   speed-up over the peer", f"{e['images_per_s'] / b['images_per_s']:.1f}x", "end-to-end / peer")
+    else:
+        row("3. peer: sync /predict, 1 image each", "skipped", "--skip-baseline")
     for name, s in e["ui"].items():
         row(
             f"4. UI {name}",
@@ -766,7 +791,7 @@ def table(results: dict[str, Any]) -> str:
     row(
         "6. peak RSS worker (main + pool)",
         f"{mem['worker_peak']:.0f} MiB",
-        f"PSS {mem['worker_pss_peak']:.0f} MiB (shared pages once); {mem['samples']} samples every 0.2 s",
+        f"PSS {mem['worker_pss_peak']:.0f} MiB (shared pages once, every 2 s); {mem['samples']} samples every 0.2 s",
     )
     row("   peak RSS API (master + workers)", f"{mem['api_peak']:.0f} MiB", f"PSS {mem['api_pss_peak']:.0f} MiB")
     row("   worker RSS start -> end of import", f"{mem['worker_start']:.0f} -> {mem['worker_end']:.0f} MiB", "")
@@ -801,7 +826,8 @@ def header(results: dict[str, Any]) -> str:
     return "\n".join(warning + [
         f"backbone {c['backbone']} at {m['image_size']} px, batch {m['batch_size']}, device {m['device']} "
         f"({m['device_name']}), torch threads {m['torch_threads']}, {c['cpu_cores']} CPU cores",
-        f"chunk size {e['chunk_size']}, download workers {e['download_workers']}; images served over HTTP on loopback "
+        f"one Celery worker, concurrency {e['worker_concurrency']}; chunk size {e['chunk_size']}, download workers "
+        f"{e['download_workers']}; images served over HTTP on loopback "
         "by tests.helpers.ImageServer in a process of its own",
         "no LABEL_STUDIO_URL: predictions stored in Redis only, no write-back to Label Studio (not in the figures)",
         f"interactive probes: {e['interactive']['source']}",
@@ -852,7 +878,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "config": {
             "backbone": settings.backbone,
-            "cpu_cores": cpu_threads(),
+            "cpu_cores": available_cores(),
             "machine": platform.machine(),
             "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

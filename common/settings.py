@@ -21,6 +21,14 @@ def _env_float(name: str, default: float) -> float:
     return float(raw) if raw else default
 
 
+def available_cores() -> int:
+    """The cores this process may run on (the affinity mask, which containers set), not the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -69,7 +77,8 @@ class Settings:
             predict_wait_seconds=_env_float("PREDICT_WAIT_SECONDS", cls.predict_wait_seconds),
             chunk_size=_env_int("CHUNK_SIZE", cls.chunk_size),
             download_timeout=_env_float("DOWNLOAD_TIMEOUT", cls.download_timeout),
-            download_workers=_env_int("DOWNLOAD_WORKERS", cls.download_workers),
+            # Two download threads per core: enough to hide latency, few enough not to starve the model.
+            download_workers=_env_int("DOWNLOAD_WORKERS", max(4, 2 * available_cores())),
             image_max_bytes=_env_int("IMAGE_MAX_BYTES", cls.image_max_bytes),
             image_max_pixels=_env_int("IMAGE_MAX_PIXELS", cls.image_max_pixels),
             s3_endpoint_url=_env("S3_ENDPOINT_URL"),

@@ -81,7 +81,8 @@ class WorkerProcess(ChildProcess):
     def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.worker_app", "worker", "-Q", "interactive,bulk",
-             "-c", self.env.get("WORKER_CONCURRENCY", "1"), "--prefetch-multiplier", "1", "-O", "fair", "-n", f"{self.name}@%h", "-l", "INFO",
+             "-c", self.env.get("WORKER_CONCURRENCY", "1"), "--prefetch-multiplier", "1", "-O", "fair",
+             "-n", f"{self.name}@%h", "-l", "INFO",
              "--without-mingle", "--without-gossip"],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from common.settings import available_cores
 from worker.backbones import Backbone
 
 log = logging.getLogger(__name__)
@@ -18,14 +18,6 @@ def pick_device(requested: str) -> torch.device:
     if requested in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
-
-
-def cpu_threads() -> int:
-    """The cores this process may run on (the affinity mask, which containers set), not the host's."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def default_batch_size(device: torch.device, image_size: int) -> int:
@@ -43,12 +35,13 @@ class Embedder:
         self.device = device
         self.image_size = image_size
         self.cuda = device.type == "cuda"
+        # No cudnn.benchmark: a service sees many batch shapes (partial chunks, a lone interactive task), and
+        # autotuning each new one costs more than it saves.
         if self.cuda:
-            torch.backends.cudnn.benchmark = True
             self.model = backbone.model.to(device, memory_format=torch.channels_last)
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
-            torch.set_num_threads(cpu_threads())
+            torch.set_num_threads(available_cores())
             self.model = backbone.model.to(device)
             self.autocast_dtype = None
         self.batch_size = batch_size or default_batch_size(device, image_size)
@@ -63,6 +56,10 @@ class Embedder:
             self.batch_size,
             f", autocast {self.autocast_dtype}, channels_last, pinned memory" if self.cuda else "",
         )
+
+    def warm_up(self) -> None:
+        """One full batch at start-up, so the first real chunk does not pay for lazy initialisation."""
+        self.embed([np.zeros((self.image_size, self.image_size, 3), np.uint8)] * self.batch_size)
 
     @torch.inference_mode()
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:

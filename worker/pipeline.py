@@ -8,12 +8,14 @@ import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.embedder import Embedder
 from worker.images import ImageError, ImageFetcher, decode_image, image_reference, to_model_input
+
+if TYPE_CHECKING:  # torch stays out of the Celery main process, which never runs the model
+    from worker.embedder import Embedder
 
 log = logging.getLogger(__name__)
 

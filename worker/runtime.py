@@ -10,7 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_process_init
 
@@ -18,11 +18,13 @@ from common.label_config import LabelConfig, parse_label_config
 from common.models import embedding_space, image_size
 from common.settings import Settings, get_settings
 from common.store import Store
-from worker.embedder import Embedder, pick_device
 from worker.images import ImageFetcher
 from worker.pipeline import EmbeddingPipeline
 from worker.project_model import CollectionModels, ProjectModel, load_model
 from worker.writeback import WriteBack, make_client
+
+if TYPE_CHECKING:  # imported where used: torch loads in pool processes only, never in the main one
+    from worker.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Runtime:
     @cached_property
     def embedder(self) -> Embedder:
         from worker.backbones import create_backbone
+        from worker.embedder import Embedder, pick_device
 
         backbone = create_backbone(self.settings.backbone, self.settings.weights or None)
         return Embedder(
@@ -120,5 +123,5 @@ def runtime() -> Runtime:
 def _load_after_fork(**_: Any) -> None:
     """Load the model in each pool process as it starts, so the first task does not pay for it."""
     rt = runtime()
-    rt.embedder  # noqa: B018
+    rt.embedder.warm_up()
     rt.store.r.ping()

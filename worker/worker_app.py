@@ -1,6 +1,12 @@
 """What `celery -A worker.worker_app worker` loads: the Celery app and its task modules."""
 
-from worker import learn_tasks, predict_tasks
-from worker.celery_app import app
+import os
+
+# Idle OpenMP threads sleep instead of spinning: the forward pass shares the cores with the download
+# threads, and spinning workers slowed both (bench/throughput.py). Set before any pool process loads torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from worker import learn_tasks, predict_tasks  # noqa: E402
+from worker.celery_app import app  # noqa: E402
 
 __all__ = ["app", "learn_tasks", "predict_tasks"]
