@@ -9,8 +9,8 @@ from flask import Flask
 
 from api import ml, webhook
 from api.auth import register_auth
-from api.dispatch import Dispatcher
 from api.errors import register_error_handlers
+from common.dispatch import Dispatcher
 from common.models import embedding_space
 from common.settings import Settings, get_settings
 from common.store import Store

@@ -8,10 +8,10 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify
 
-from api.dispatch import Dispatcher
 from api.errors import BadPayload
 from api.payloads import json_object, require_project, task_list
 from common.annotations import annotation_labels
+from common.dispatch import Dispatcher
 from common.label_config import LabelConfig, LabelConfigError, parse_label_config
 from common.store import Store
 
@@ -69,8 +69,6 @@ def tasks_created(pid: int, body: dict[str, Any]) -> dict[str, Any]:
         _store().set_label_config(pid, body["project"]["label_config"])
     if not tasks:
         return {"status": "ignored", "reason": "no tasks"}
-    version = _store().current_version(pid)
-    _store().mark_queued(pid, version, [t["id"] for t in tasks])
     return {"status": "queued", "job": _dispatcher().predict(pid, tasks), "tasks": len(tasks)}
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from common.settings import Settings
 
-# Measured in bench/input_size.py: see README "Input size".
-DEFAULT_IMAGE_SIZE = {"efficientnet-lite0": 64, "resnet18": 64, "resnet50": 64, "resnet50-cefas": 64}
+# efficientnet-lite0: measured with bench/input_size.py (README "Input size"). The ResNets could not be
+# measured here (no ImageNet or CEFAS weights on this machine): same stride-32 design, same default.
+DEFAULT_IMAGE_SIZE = {"efficientnet-lite0": 48, "resnet18": 48, "resnet50": 48, "resnet50-cefas": 48}
 
 
 def image_size(settings: Settings) -> int:
-    return settings.image_size or DEFAULT_IMAGE_SIZE.get(settings.backbone, 64)
+    return settings.image_size or DEFAULT_IMAGE_SIZE.get(settings.backbone, 48)
 
 
 def embedding_space(settings: Settings) -> str:

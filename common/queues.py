@@ -4,6 +4,7 @@ INTERACTIVE = "interactive"
 BULK = "bulk"
 
 PREDICT_TASKS = "plankton.predict_tasks"
+FAN_OUT = "plankton.fan_out"
 DELIVER = "plankton.deliver"
 REFIT = "plankton.refit"
 REPREDICT = "plankton.repredict"

@@ -168,12 +168,14 @@ class Store:
         """Remember tasks sent to a worker; returns those that were not already waiting."""
         key = self._k(pid, "queued", version)
         ids = list(task_ids)
+        if not ids:
+            return []
         pipe = self.r.pipeline()
-        for tid in ids:
-            pipe.sadd(key, tid)
+        pipe.smismember(key, ids)
+        pipe.sadd(key, *ids)
         pipe.expire(key, QUEUED_TTL_SECONDS)
-        added = pipe.execute()[:-1]
-        return [tid for tid, new in zip(ids, added, strict=True) if new]
+        already = pipe.execute()[0]
+        return [tid for tid, was in zip(ids, already, strict=True) if not was]
 
     def unmark_queued(self, pid: int, version: str, task_ids: Iterable[int]) -> None:
         ids = list(task_ids)
@@ -340,6 +342,17 @@ class Store:
         for suffix in (":done", ":failed"):
             pipe.expire(key + suffix, JOB_TTL_SECONDS)
         pipe.execute()
+
+    def park_job_tasks(self, job_id: str, tasks: list[dict[str, Any]]) -> None:
+        """A big import waits here as one blob until a worker splits it into chunks."""
+        self.r.set(f"{PREFIX}:job:{job_id}:tasks", json.dumps(tasks), ex=JOB_TTL_SECONDS)
+
+    def parked_job_tasks(self, job_id: str) -> list[dict[str, Any]] | None:
+        raw = self.r.get(f"{PREFIX}:job:{job_id}:tasks")
+        return json.loads(raw) if raw else None
+
+    def drop_parked_job_tasks(self, job_id: str) -> None:
+        self.r.delete(f"{PREFIX}:job:{job_id}:tasks")
 
     def job(self, job_id: str) -> Job | None:
         key = f"{PREFIX}:job:{job_id}"

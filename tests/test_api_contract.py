@@ -150,19 +150,31 @@ def test_predict_rejects_malformed_bodies(client, body):
     assert reply.status_code == 400 and reply.json["error"]
 
 
-def test_webhook_tasks_created_queues_chunks_under_one_job(client, clean_redis):
+def test_webhook_tasks_created_parks_a_big_import_for_one_fan_out_message(client, clean_redis):
     setup_project(client)
     tasks = [{"id": i, "data": {"image": f"/data/upload/3/{i}.png"}, "annotations": []} for i in range(1, 151)]
     reply = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": tasks})
     assert reply.status_code == 200
     job = reply.json["job"]
-    bulk = queued(clean_redis, "bulk")
-    assert len(bulk) == -(-150 // Settings.from_env().chunk_size)
-    bodies = [json.loads(base64.b64decode(m["body"]))[1] for m in bulk]
-    assert {b["job_id"] for b in bodies} == {job}
-    assert all(set(t) == {"id", "data"} for b in bodies for t in b["tasks"])
+    (message,) = queued(clean_redis, "bulk")
+    assert message["headers"]["task"] == "plankton.fan_out"
+    assert json.loads(base64.b64decode(message["body"]))[1]["job_id"] == job
+    parked = client.store.parked_job_tasks(job)
+    assert [t["id"] for t in parked] == list(range(1, 151))
+    assert all(set(t) == {"id", "data"} for t in parked)
     status = client.get(f"/jobs/{job}").json
     assert (status["state"], status["total"], status["done"], status["failed"]) == ("queued", 150, 0, 0)
+
+
+def test_webhook_tasks_created_sends_a_small_import_as_one_chunk(client, clean_redis):
+    setup_project(client)
+    tasks = [{"id": i, "data": {"image": f"/data/upload/3/{i}.png"}} for i in range(1, 4)]
+    job = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": tasks}).json["job"]
+    (message,) = queued(clean_redis, "bulk")
+    assert message["headers"]["task"] == "plankton.predict_tasks"
+    assert message["headers"]["kwargsrepr"].startswith("{'project': 3, 'tasks': 3")
+    body = json.loads(base64.b64decode(message["body"]))[1]
+    assert body["job_id"] == job and [t["id"] for t in body["tasks"]] == [1, 2, 3]
 
 
 def test_webhook_annotations_update_labels_and_schedule_a_refit(client, clean_redis):

@@ -10,6 +10,7 @@ import numpy as np
 
 from common import queues
 from common.collections import collection_of
+from common.dispatch import Dispatcher
 from common.label_config import LabelConfigError
 from worker.celery_app import app
 from worker.pipeline import from_bytes, to_bytes
@@ -140,3 +141,23 @@ def deliver(project: int, version: str, task_ids: list[int]) -> int:
     for tid, reason in errors.items():
         log.warning("project %s task %s: %s", project, tid, reason)
     return len(predictions) - len(errors)
+
+
+@app.task(name=queues.FAN_OUT, bind=True, autoretry_for=RETRYABLE, retry_backoff=5, max_retries=5)
+def fan_out(self: Any, project: int, job_id: str, embed_only: bool = False) -> int:
+    """Split a parked import into chunk messages. Runs again after a crash: a chunk sent twice only
+    repeats work (embeddings are cached, predictions are claimed once)."""
+    rt = runtime()
+    tasks = rt.store.parked_job_tasks(job_id)
+    if tasks is None:
+        return 0
+    dispatcher = Dispatcher(app, rt.store, rt.settings)
+    size = max(1, rt.settings.chunk_size)
+    rt.store.mark_queued(project, rt.store.current_version(project), [t["id"] for t in tasks])
+    with app.producer_or_acquire() as producer:
+        for start in range(0, len(tasks), size):
+            dispatcher.send_chunk(
+                project, tasks[start : start + size], job_id, embed_only=embed_only, producer=producer
+            )
+    rt.store.drop_parked_job_tasks(job_id)
+    return len(tasks)
