@@ -84,7 +84,6 @@ def predict():
     dispatcher = current_app.extensions["dispatcher"]
     if len(tasks) == 1 and missing:
         # The annotator has this task open: the interactive lane, even if a bulk job holds it too.
-        store.mark_queued(pid, version, ids)
         dispatcher.predict(pid, missing, interactive=True)
         deadline = time.monotonic() + settings.predict_wait_seconds
         while not stored and (left := deadline - time.monotonic()) > 0:

@@ -11,12 +11,17 @@ images; synthetic classes would be too easy.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-PARTICLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flowcam" / "particles"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.helpers import DATA  # noqa: E402
+
+PARTICLES = DATA / "flowcam" / "particles"
 
 
 def elongation(path: Path) -> float | None:

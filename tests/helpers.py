@@ -19,7 +19,20 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PLANKTON_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+
+
+def find_data_dir() -> Path:
+    """The shared FlowCam data: `$PLANKTON_DATA_DIR`, else `../shared/data` beside the checkout, else the
+    workplace's `/work/shared/data` (a clone made elsewhere, as CI may do)."""
+    candidates = [os.environ.get("PLANKTON_DATA_DIR"), REPO.parent / "shared" / "data", "/work/shared/data"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "label_config.xml").is_file():
+            return Path(candidate).resolve()
+    raise FileNotFoundError(f"no shared data (label_config.xml) in {[str(c) for c in candidates if c]}; "
+                            "set PLANKTON_DATA_DIR")  # fmt: skip
+
+
+DATA = find_data_dir()
 LABEL_CONFIG = (DATA / "label_config.xml").read_text()
 
 

@@ -7,18 +7,19 @@ skipped: if it cannot be installed or started, every test that uses it errors wi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .label_studio import REPO_ROOT, LabelStudioServer
+from tests.helpers import DATA
+
+from .label_studio import LabelStudioServer
 
 
 def plankton_data_dir() -> Path:
-    """``$PLANKTON_DATA_DIR`` or ``<repo>/../shared/data``, resolved (Label Studio's local-files root)."""
-    return Path(os.environ.get("PLANKTON_DATA_DIR") or REPO_ROOT.parent / "shared" / "data").resolve()
+    """The shared data folder, found as the rest of the suite finds it (tests/helpers.py)."""
+    return DATA
 
 
 @pytest.fixture(scope="session")
