@@ -272,6 +272,20 @@ def test_webhook_secret_header(clean_redis):
     assert c.post("/webhook", json=body, headers={"X-Webhook-Secret": "s3cret"}).status_code == 200
 
 
+def test_start_training_from_the_ml_connector_passes_with_basic_auth_instead_of_the_secret(clean_redis):
+    """Label Studio's ML connector sends START_TRAINING with the backend's basic auth, without the webhook's
+    custom headers."""
+    c, _ = make_client(webhook_secret="s3cret", basic_auth_user="ls", basic_auth_pass="pw")
+    c.post("/setup", json={"project": "3.1", "schema": LABEL_CONFIG},
+           headers={"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()})  # fmt: skip
+    body = {"action": "START_TRAINING", "project": {"id": 3}}
+    assert c.post("/webhook", json=body).status_code == 401
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"ls:nope").decode()}
+    assert c.post("/webhook", json=body, headers=wrong).status_code == 401
+    good = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    assert c.post("/webhook", json=body, headers=good).status_code == 200
+
+
 def test_health_answers_when_redis_is_down():
     settings = dataclasses.replace(Settings.from_env(), redis_url="redis://127.0.0.1:1/0")
     reply = create_app(settings).test_client().get("/health")
