@@ -29,10 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import requests
@@ -60,8 +60,6 @@ WEBHOOK_ACTIONS = (
     "REVIEW_UPDATED",
     "REVIEWS_DELETED",
 )
-
-T = TypeVar("T")
 
 
 class LabelStudioError(RuntimeError):
@@ -133,18 +131,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def wait_for(check: Callable[[], T | None], timeout: float, interval: float = 0.5, what: str = "condition") -> T:
-    """Call ``check`` until it returns something truthy and return that; raise ``TimeoutError`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 class LabelStudioClient:
