@@ -128,7 +128,10 @@ class ImageServer:
         def make(*args: Any, **kwargs: Any) -> _Handler:
             return handler(*args, directory=str(root), **kwargs)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+        # A listen backlog for hundreds of concurrent downloads (socketserver's default is 5: connections
+        # beyond it stall for seconds in SYN retries, which a GPU benchmark's workers hit at once).
+        server_class = type("Server", (http.server.ThreadingHTTPServer,), {"request_queue_size": 1024})
+        self.httpd = server_class(("127.0.0.1", 0), make)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
