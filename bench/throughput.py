@@ -101,15 +101,19 @@ def png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def group_rss(pid: int) -> int:
-    """RSS of a process and all its descendants, in bytes (0 once it is gone)."""
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (none once it is gone)."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return []
+
+
+def group_rss(pid: int) -> int:
+    """RSS of a process and all its descendants, in bytes (0 once it is gone)."""
     total = 0
-    for proc in procs:
+    for proc in process_tree(pid):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             total += proc.memory_info().rss
     return total
@@ -128,13 +132,8 @@ def cpu_name() -> str:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
     total = 0.0
-    for proc in procs:
+    for proc in process_tree(pid):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             t = proc.cpu_times()
             total += t.user + t.system
