@@ -80,10 +80,11 @@ def refit_project(rt: Runtime, project: int, force: bool) -> dict[str, Any]:
     if not force and seen <= 0:
         return {"status": "nothing new"}
     config = rt.label_config(project)
-    missing = [t for t in labels if not store.embeddings(project, [t])]
+    blobs = store.embeddings(project)
+    missing = [t for t in labels if t not in blobs]
     if missing:
         _embed_missing(rt, project, missing, config.image_key)
-    blobs = store.embeddings(project)
+        blobs = store.embeddings(project)
     if not blobs or (not labels and not rt.head_map):
         store.reset_changes(project, seen)
         return {"status": "nothing to learn from", "tasks": len(blobs), "annotated": len(labels)}
