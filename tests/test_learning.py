@@ -105,7 +105,8 @@ def _features(rt: Runtime) -> tuple[list[int], np.ndarray]:
     from worker.pipeline import from_bytes
 
     blobs = rt.store.embeddings(PID)
-    return list(blobs), from_bytes(list(blobs.values()))
+    ids = sorted(blobs)  # not Redis's hash order, which changes with each redis-server's hash seed
+    return ids, from_bytes([blobs[t] for t in ids])
 
 
 def test_models_persist_and_a_restarted_worker_predicts_the_same(rt):
