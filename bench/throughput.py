@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -64,8 +66,7 @@ from common.models import embedding_space, image_size  # noqa: E402
 from common.settings import Settings, available_cores  # noqa: E402
 from common.store import Store  # noqa: E402
 from tests.helpers import DATA, ApiProcess, WorkerProcess, wait_until  # noqa: E402
-from worker.backbones import create_backbone  # noqa: E402
-from worker.embedder import Embedder, pick_device  # noqa: E402
+from worker.embedder import Embedder, embedder_from_settings  # noqa: E402
 from worker.images import ImageFetcher, decode_image, to_model_input  # noqa: E402
 
 PARTICLES = DATA / "flowcam" / "particles"
@@ -233,20 +234,10 @@ class Particles:
             self.probe_sources.append(source)
 
 
-SERVE = """
-import sys, threading
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-from tests.helpers import ImageServer
-server = ImageServer(Path(sys.argv[2]))
-print(server.url, flush=True)
-threading.Event().wait()
-"""
-
-
 class ImageServerProcess:
-    """tests.helpers.ImageServer in a process of its own, so that serving the images competes with the
-    service under test only for the cores, not for this process's GIL (UI caller, probes, sampling).
+    """bench/static_server.py (HTTP/1.1, keep-alive, as nginx or S3 serve images) in a process of its own,
+    so that serving the images competes with the service under test only for the cores, not for this
+    process's GIL (UI caller, probes, sampling).
     Serves `particles/` (a link to the shared folder: nothing is copied) and `probe/` (images not in
     the import, written as needed into a temporary folder outside the repository)."""
 
@@ -255,7 +246,7 @@ class ImageServerProcess:
         (root / "probe").mkdir(parents=True, exist_ok=True)
         (root / "particles").symlink_to(PARTICLES)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE, str(REPO), str(root)], stdout=subprocess.PIPE, text=True,
+            [sys.executable, str(REPO / "bench" / "static_server.py"), str(root)], stdout=subprocess.PIPE, text=True,
             start_new_session=True,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -281,18 +272,57 @@ class ImageServerProcess:
 # -- 1. model only ----------------------------------------------------------------------------------------
 
 
-def build_embedder(settings: Settings, batch_size: int | None = None) -> Embedder:
-    """As worker/runtime.py builds it."""
-    backbone = create_backbone(settings.backbone, settings.weights or None)
-    size = image_size(settings)
-    return Embedder(
-        backbone, pick_device(settings.device), size, settings.batch_size if batch_size is None else batch_size
-    )
-
-
 def sync(embedder: Embedder) -> None:
     if embedder.cuda:
         torch.cuda.synchronize(embedder.device)
+
+
+def _model_process(settings: Settings, blobs: list[bytes], passes: int, barrier: Any, results: Any) -> None:
+    """One worker process's share of the model-only figure: its embedder, as the worker builds it."""
+    embedder = embedder_from_settings(settings)
+    pixels = [to_model_input(decode_image(b, settings.image_max_pixels), embedder.image_size) for b in blobs]
+    embedder.embed(pixels[: embedder.batch_size])  # warm-up batch
+    sync(embedder)
+    barrier.wait()
+    for _ in range(passes):
+        barrier.wait()
+        embedder.embed(pixels)
+        sync(embedder)
+        barrier.wait()
+    results.put(os.getpid())
+
+
+def model_passes(settings: Settings, blobs: list[bytes], passes: int) -> tuple[list[float], dict[str, float], float]:
+    """Wall seconds of each pass over `blobs`, split among WORKER_CONCURRENCY processes that run at once
+    with the worker's threads per process, and the cores they used: the model alone, laid out on the
+    cores as the worker lays it out."""
+    n = max(1, settings.worker_concurrency)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(n + 1), ctx.Queue()
+    procs = [
+        ctx.Process(target=_model_process, args=(settings, blobs[i::n], passes, barrier, results), daemon=True)
+        for i in range(n)
+    ]
+    for proc in procs:
+        proc.start()
+    handles = [psutil.Process(p.pid) for p in procs]
+
+    def children_cpu() -> float:
+        return sum(sum(h.cpu_times()[:2]) for h in handles)
+
+    barrier.wait(timeout=600)  # every process loaded and warmed up
+    runs = []
+    with CpuMeter({"model processes": children_cpu, "bench": own_cpu_seconds}) as cpu:
+        for _ in range(passes):
+            barrier.wait()
+            t0 = time.perf_counter()
+            barrier.wait()
+            runs.append(time.perf_counter() - t0)
+    for _ in procs:
+        results.get(timeout=60)
+    for proc in procs:
+        proc.join(timeout=30)
+    return runs, cpu.result, cpu.wall
 
 
 def measure_model(settings: Settings, particles: Particles, server: ImageServerProcess, passes: int) -> dict[str, Any]:
@@ -301,19 +331,10 @@ def measure_model(settings: Settings, particles: Particles, server: ImageServerP
     t0 = time.perf_counter()
     pixels = [to_model_input(decode_image(b, max_pixels), size) for b in particles.blobs]
     prep_s = time.perf_counter() - t0
-    embedder = build_embedder(settings)
-    embedder.embed(pixels[: embedder.batch_size])  # warm-up batch
-    sync(embedder)
-    runs = []
-    with CpuMeter({"bench": own_cpu_seconds}) as cpu:
-        for _ in range(passes):
-            t0 = time.perf_counter()
-            features = embedder.embed(pixels)
-            sync(embedder)
-            runs.append(time.perf_counter() - t0)
-    assert features.shape[0] == len(pixels)
+    runs, cpu_cores, cpu_wall = model_passes(settings, particles.blobs, passes)
     model_s = statistics.median(runs)
-    one = Embedder(embedder.backbone, embedder.device, size, 1)
+    embedder = embedder_from_settings(settings)
+    one = embedder_from_settings(settings, batch_size=1)
     for x in pixels[:5]:
         one.embed([x])
     sync(one)
@@ -329,14 +350,15 @@ def measure_model(settings: Settings, particles: Particles, server: ImageServerP
         "batch_size": embedder.batch_size,
         "device": str(embedder.device),
         "device_name": torch.cuda.get_device_name(embedder.device) if embedder.cuda else cpu_name(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": settings.threads_per_process(),
+        "processes": max(1, settings.worker_concurrency),
         "passes": len(runs),
         "seconds": model_s,
         "images_per_s": len(pixels) / model_s,
         "images_per_s_min": len(pixels) / max(runs),
         "images_per_s_max": len(pixels) / min(runs),
-        "cpu_cores": cpu.result,
-        "cpu_ms_per_image": 1000 * cpu.result["bench"] * cpu.wall / (passes * len(pixels)),
+        "cpu_cores": cpu_cores,
+        "cpu_ms_per_image": 1000 * cpu_cores["model processes"] * cpu_wall / (passes * len(pixels)),
         "preprocess_seconds": prep_s,
         "preprocess_images_per_s_one_thread": len(pixels) / prep_s,
         "batch1_ms_p50": 1000 * statistics.median(single),
@@ -357,8 +379,9 @@ def stage_costs(
     blobs = [fetcher.fetch(server.particle(name)) for name in particles.names[:n]]
     download = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for blob in blobs:
-        store.cached_embedding(sha256(blob))
+    batch = embedder.batch_size
+    for i in range(0, n, batch):
+        store.cached_embeddings([sha256(blob) for blob in blobs[i : i + batch]])
     lookup = time.perf_counter() - t0
     t0 = time.perf_counter()
     for blob in blobs:
@@ -370,9 +393,9 @@ def stage_costs(
     forward = time.perf_counter() - t0
     return {
         "download (ImageFetcher + loopback server)": 1000 * download / n,
-        "sha256 + Redis cache lookup": 1000 * lookup / n,
+        f"sha256 + Redis cache lookup (one per {batch})": 1000 * lookup / n,
         "decode + preprocess": 1000 * prep / n,
-        f"forward (batch {embedder.batch_size}, all threads)": 1000 * forward / n,
+        f"forward (batch {batch}, {settings.threads_per_process()} thread(s))": 1000 * forward / n,
     }
 
 
@@ -637,7 +660,7 @@ def measure_service(
         "write_back": False,
         "chunk_size": settings.chunk_size,
         "download_workers": settings.download_workers,
-        "worker_concurrency": int(env.get("WORKER_CONCURRENCY") or os.environ.get("WORKER_CONCURRENCY") or 1),
+        "worker_concurrency": settings.worker_concurrency,
         "worker_log": wlog,
         "cpu_cores": cpu.result,
         "worker_cpu_ms_per_image": 1000 * cpu.result["worker"] * cpu.wall / len(tasks),
@@ -697,7 +720,8 @@ class QuietHandler(WSGIRequestHandler):
 def measure_baseline(
     settings: Settings, particles: Particles, count: int, server: ImageServerProcess, stack: contextlib.ExitStack
 ) -> dict[str, Any]:
-    embedder = build_embedder(settings, batch_size=1)
+    # The original backend: eager PyTorch, one image per call.
+    embedder = embedder_from_settings(dataclasses.replace(settings, torchscript=False), batch_size=1)
     httpd = make_server("127.0.0.1", 0, baseline_app(embedder, settings), threaded=True, request_handler=QuietHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -733,7 +757,7 @@ def table(results: dict[str, Any]) -> str:
 
     ratio = e["images_per_s"] / m["images_per_s"]
     row(
-        "1. model-only (Embedder, in memory)",
+        "1. model-only (in memory)",
         f"{m['images_per_s']:.1f} img/s",
         f"median of {m['passes']} pass(es) over {m['images']} images ({m['images_per_s_min']:.0f}-"
         f"{m['images_per_s_max']:.0f}), batch {m['batch_size']}, after a warm-up batch",
@@ -824,10 +848,11 @@ def header(results: dict[str, Any]) -> str:
     )  # fmt: skip
     return "\n".join(warning + [
         f"backbone {c['backbone']} at {m['image_size']} px, batch {m['batch_size']}, device {m['device']} "
-        f"({m['device_name']}), torch threads {m['torch_threads']}, {c['cpu_cores']} CPU cores",
+        f"({m['device_name']}), {c['cpu_cores']} CPU cores; {m['processes']} worker process(es) x {m['torch_threads']} "
+        "torch thread(s), in the model-only figure as in the worker",
         f"one Celery worker, concurrency {e['worker_concurrency']}; chunk size {e['chunk_size']}, download workers "
         f"{e['download_workers']}; images served over HTTP on loopback "
-        "by tests.helpers.ImageServer in a process of its own",
+        "by bench/static_server.py (keep-alive) in a process of its own",
         "no LABEL_STUDIO_URL: predictions stored in Redis only, no write-back to Label Studio (not in the figures)",
         f"interactive probes: {e['interactive']['source']}",
         f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
@@ -871,6 +896,7 @@ def main() -> int:
             env[name] = os.environ[name]
     os.environ.update(env)
     settings = Settings.from_env()
+    env["WORKER_CONCURRENCY"] = os.environ["WORKER_CONCURRENCY"] = str(settings.worker_concurrency)
     redis.Redis.from_url(settings.redis_url).flushdb()
 
     particles = Particles.load(args.count)

@@ -45,7 +45,7 @@ class Settings:
     batch_size: int = 0
     device: str = "auto"
     predict_wait_seconds: float = 2.0
-    chunk_size: int = 64
+    chunk_size: int = 512
     download_timeout: float = 10.0
     download_workers: int = 8
     image_max_bytes: int = 20 * 1024 * 1024
@@ -57,6 +57,13 @@ class Settings:
     cefas_label_map: str = ""
     visibility_timeout: int = 900
     model_scope: str = "project"
+    worker_concurrency: int = 1
+    torch_threads: int = 0
+    torchscript: bool = True
+
+    def threads_per_process(self) -> int:
+        """TORCH_THREADS, else the worker's cores shared among its WORKER_CONCURRENCY processes."""
+        return self.torch_threads or max(1, available_cores() // max(1, self.worker_concurrency))
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -88,6 +95,10 @@ class Settings:
             cefas_label_map=_env("CEFAS_LABEL_MAP"),
             visibility_timeout=_env_int("BROKER_VISIBILITY_TIMEOUT", cls.visibility_timeout),
             model_scope=_env("MODEL_SCOPE", cls.model_scope),
+            # One process per core up to 4, each with cores/processes torch threads (README "Throughput").
+            worker_concurrency=_env_int("WORKER_CONCURRENCY", min(4, available_cores())),
+            torch_threads=_env_int("TORCH_THREADS", 0),
+            torchscript=_env("TORCHSCRIPT", "1").lower() not in ("0", "false", "no", "off"),
         )
 
 

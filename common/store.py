@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,8 +240,10 @@ class Store:
         raw = self.r.hmget(self._k(pid, "image"), [str(t) for t in ids])
         return {t: u.decode() for t, u in zip(ids, raw, strict=True) if u is not None}
 
-    def cached_embedding(self, content_hash: str) -> bytes | None:
-        return self.r.get(f"{PREFIX}:emb:{self.backbone}:{content_hash}")
+    def cached_embeddings(self, content_hashes: Sequence[str]) -> list[bytes | None]:
+        if not content_hashes:
+            return []
+        return self.r.mget([f"{PREFIX}:emb:{self.backbone}:{h}" for h in content_hashes])
 
     def cache_embeddings(self, by_hash: Mapping[str, bytes], ttl: int = 30 * 24 * 3600) -> None:
         if by_hash:

@@ -35,7 +35,6 @@ export MODEL_DIR=${MODEL_DIR:-./models}
 export LOG_LEVEL=${LOG_LEVEL:-INFO}
 export PORT=${PORT:-9090}
 export FLOWER_PORT=${FLOWER_PORT:-5555}
-export WORKER_CONCURRENCY=${WORKER_CONCURRENCY:-1}
 export PREDICT_WAIT_SECONDS=${PREDICT_WAIT_SECONDS:-2}
 export PYTHONUNBUFFERED=1
 log_level_lower=$(printf '%s' "$LOG_LEVEL" | tr '[:upper:]' '[:lower:]')
@@ -180,8 +179,8 @@ start api "$BIN/gunicorn" "api.app:create_app()" \
     --access-logfile - --error-logfile - --log-level "$log_level_lower"
 
 start worker "$BIN/celery" -A worker.worker_app worker \
-    -Q interactive,bulk -O fair --prefetch-multiplier 1 \
-    --concurrency "$WORKER_CONCURRENCY" --loglevel "$LOG_LEVEL"
+    -Q interactive,bulk -O fair --prefetch-multiplier 1 --loglevel "$LOG_LEVEL"
+# (processes: WORKER_CONCURRENCY, read by worker/celery_app.py; default one per core, at most 4)
 
 # Flower reads FLOWER_BASIC_AUTH (user:pass[,user2:pass2]) from the environment itself; set but empty it
 # would lock everybody out.

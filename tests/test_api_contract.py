@@ -152,7 +152,7 @@ def test_predict_rejects_malformed_bodies(client, body):
 
 def test_webhook_tasks_created_parks_a_big_import_for_one_fan_out_message(client, clean_redis):
     setup_project(client)
-    tasks = [{"id": i, "data": {"image": f"/data/upload/3/{i}.png"}, "annotations": []} for i in range(1, 151)]
+    tasks = [{"id": i, "data": {"image": f"/data/upload/3/{i}.png"}, "annotations": []} for i in range(1, 1001)]
     reply = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": tasks})
     assert reply.status_code == 200
     job = reply.json["job"]
@@ -160,10 +160,10 @@ def test_webhook_tasks_created_parks_a_big_import_for_one_fan_out_message(client
     assert message["headers"]["task"] == "plankton.fan_out"
     assert json.loads(base64.b64decode(message["body"]))[1]["job_id"] == job
     parked = client.store.parked_job_tasks(job)
-    assert [t["id"] for t in parked] == list(range(1, 151))
+    assert [t["id"] for t in parked] == list(range(1, 1001))
     assert all(set(t) == {"id", "data"} for t in parked)
     status = client.get(f"/jobs/{job}").json
-    assert (status["state"], status["total"], status["done"], status["failed"]) == ("queued", 150, 0, 0)
+    assert (status["state"], status["total"], status["done"], status["failed"]) == ("queued", 1000, 0, 0)
 
 
 def test_webhook_tasks_created_sends_a_small_import_as_one_chunk(client, clean_redis):

@@ -70,6 +70,17 @@ def test_batches_equal_one_by_one(embedder: Embedder):
     assert np.abs(batched[0] - batched[1]).max() > 1e-2
 
 
+def test_frozen_model_equals_eager_mode(embedder: Embedder):
+    assert embedder.frozen is not None, "the CPU embedder runs the TorchScript-frozen model"
+    eager = Embedder(embedder.backbone, torch.device("cpu"), SIZE, batch_size=4, torchscript=False)
+    assert eager.frozen is None
+    images = model_inputs(7)  # batches of 4 and 3: the frozen model was traced with a batch of 2
+    frozen_out, eager_out = embedder.embed(images), eager.embed(images)
+    # Batch norm folded into the convolutions changes rounding only.
+    np.testing.assert_allclose(frozen_out, eager_out, atol=1e-3, rtol=1e-3)
+    assert np.abs(frozen_out[0] - frozen_out[1]).max() > 1e-2
+
+
 def test_empty_batch(embedder: Embedder):
     out = embedder.embed([])
     assert out.shape == (0, 1280)
@@ -152,3 +163,46 @@ def test_bad_tasks_fail_alone(pipeline: EmbeddingPipeline, serve, image_server: 
     assert out.computed == 7 and out.cache_hits == 0
     assert all(v.shape == (1280,) and np.isfinite(v).all() for v in out.features.values())
     assert not set(out.refs) & set(out.errors)
+
+
+def test_stream_settles_every_task_once_in_parts(pipeline: EmbeddingPipeline, serve):
+    """Parts as the model finishes batches (of 4 here), with downloads running ahead; a copy of an image
+    already embedded in this run is settled from it."""
+    data = [png_bytes(synthetic_particle(KINDS[i % 3], 300 + i, size=40)) for i in range(10)]
+    tasks = [{"id": i, "data": {"image": serve(f"st{i}.png", d)}} for i, d in enumerate(data)]
+    tasks.append({"id": 50, "data": {"image": serve("st-copy.png", data[0])}})
+    tasks.append({"id": 51, "data": {"image": serve("st-broken.png", b"not an image")}})
+
+    parts = list(pipeline.stream(tasks, "image"))
+    assert len(parts) >= 3  # 10 distinct images in batches of 4
+    settled = [t for p in parts for t in (*p.features, *p.errors)]
+    assert sorted(settled) == sorted(t["id"] for t in tasks), "each task settled exactly once"
+    assert sum(p.computed for p in parts) == 10
+    assert not any(p.unstarted for p in parts)
+    merged = {t: v for p in parts for t, v in p.features.items()}
+    np.testing.assert_array_equal(merged[50], merged[0])
+    assert "cannot decode image" in next(p.errors[51] for p in parts if 51 in p.errors)
+
+
+def test_stream_stops_within_a_batch_and_returns_the_rest(pipeline: EmbeddingPipeline, serve):
+    tasks = [
+        {"id": i, "data": {"image": serve(f"stop{i}.png", png_bytes(synthetic_particle(KINDS[i % 3], 400 + i)))}}
+        for i in range(20)
+    ]
+    asked = []
+
+    def stop() -> bool:
+        asked.append(True)
+        return True
+
+    parts = list(pipeline.stream(tasks, "image", stop=stop))
+    assert len(asked) == 1, "asked once, after the first batch"
+    first, rest = parts
+    assert first.computed == 4 and len(first.features) == 4
+    # Nothing settled after the question; everything else comes back, once, to run later.
+    assert not rest.features and not rest.errors
+    assert sorted([*first.features, *(t["id"] for t in rest.unstarted)]) == list(range(20))
+    assert all(t in tasks for t in rest.unstarted)
+    # The pipeline is usable again at once: the unstarted tasks run in a later stream.
+    later = pipeline.run(rest.unstarted, "image")
+    assert sorted(later.features) == sorted(t["id"] for t in rest.unstarted)

@@ -178,6 +178,30 @@ def test_the_interactive_lane_overtakes_a_bulk_import(api, image_server, start_w
     assert done_after < 60
 
 
+def test_a_big_bulk_chunk_gives_way_to_the_interactive_lane(clean_redis, image_server, start_worker):
+    """One 60-task chunk (CHUNK_SIZE 64): the lone task does not wait for the chunk. The chunk stops after
+    its batch in progress, sends its unstarted tasks back to the bulk queue, and they all finish later."""
+    settings = dataclasses.replace(Settings.from_env(), predict_wait_seconds=20, chunk_size=64)
+    api = create_app(settings).test_client()
+    assert api.post("/setup", json={"project": f"{PID}.1", "schema": LABEL_CONFIG}).status_code == 200
+    worker = start_worker(BATCH_SIZE="4", DOWNLOAD_WORKERS="4")
+
+    image_server.routes["/slowish.png"] = slow_particle_route("rod", 0.3)
+    bulk = [{"id": i, "data": {"image": f"{image_server.url}/slowish.png?s={i}"}} for i in range(1, 61)]
+    job = api.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": PID}, "tasks": bulk}).json["job"]
+    store = api.application.extensions["store"]
+    wait_until(lambda: store.embedding_count(PID) >= 4 or api.get(f"/jobs/{job}").json["done"], 60, "the import")
+    lone = {"id": 999, "data": {"image": f"{image_server.url}/slowish.png?s=999"}}
+    api.post("/predict", json={"project": f"{PID}.1", "tasks": [lone]})
+    wait_until(lambda: store.embeddings(PID, [999]), 60, "the interactive task")
+    assert api.get(f"/jobs/{job}").json["done"] < 60, "the lone task did not wait for the whole chunk"
+    assert "tasks back to the bulk queue" in worker.log_path.read_text()
+
+    status = job_done(api, job)
+    assert (status["done"], status["failed"]) == (60, 0)
+    assert sorted(store.embeddings(PID)) == [*range(1, 61), 999]
+
+
 def test_a_worker_killed_mid_batch_loses_no_task(api, image_server, start_worker, tmp_path: Path):
     env = {"CHUNK_SIZE": "4", "DOWNLOAD_WORKERS": "2", "BROKER_VISIBILITY_TIMEOUT": "5"}
     first = start_worker("crash", **env)

@@ -21,6 +21,8 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     # One message at a time per process: an interactive task waits for at most the batch in progress.
     worker_prefetch_multiplier=1,
+    # WORKER_CONCURRENCY (default: one process per core, at most 4); each runs cores/processes torch threads.
+    worker_concurrency=settings.worker_concurrency,
     broker_transport_options={
         # Poll queues in the order the worker lists them (-Q interactive,bulk), not round robin.
         "queue_order_strategy": "priority",

@@ -3,15 +3,45 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from common.settings import available_cores
-from worker.backbones import Backbone
+from common.models import image_size
+from common.settings import Settings, available_cores
+from worker.backbones import Backbone, create_backbone
 
 log = logging.getLogger(__name__)
+
+
+class _FeaturesOnly(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
+def freeze_for_cpu(model: torch.nn.Module, image_size: int) -> torch.nn.Module | None:
+    """The model traced and frozen with TorchScript: batch norm folded into the convolutions, and the
+    whole forward one call that holds the GIL only to start. In eager mode every operator takes the GIL
+    back, so the worker's download threads (which hold it for their Python) stalled the model: a batch
+    that takes 50 ms alone took up to 20 times longer beside one busy thread (bench/RESULTS.md).
+
+    torch.jit is deprecated in favour of torch.compile, which needs a C++ compiler in the image and
+    minutes at every worker start; tracing takes a second. None when the model cannot be traced."""
+    example = torch.zeros(2, 3, image_size, image_size)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the deprecation notice, and tracer notes on shape arithmetic
+            traced = torch.jit.trace(_FeaturesOnly(model).eval(), example, check_trace=False)
+            return torch.jit.freeze(traced.eval())
+    except Exception as exc:  # a backbone TorchScript cannot trace still runs, in eager mode
+        log.warning("embedder: cannot freeze the model with TorchScript (%s: %s); eager mode", type(exc).__name__, exc)
+        return None
 
 
 def pick_device(requested: str) -> torch.device:
@@ -30,20 +60,31 @@ def default_batch_size(device: torch.device, image_size: int) -> int:
 
 
 class Embedder:
-    def __init__(self, backbone: Backbone, device: torch.device, image_size: int, batch_size: int = 0) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        device: torch.device,
+        image_size: int,
+        batch_size: int = 0,
+        threads: int = 0,
+        torchscript: bool = True,
+    ) -> None:
         self.backbone = backbone
         self.device = device
         self.image_size = image_size
         self.cuda = device.type == "cuda"
         # No cudnn.benchmark: a service sees many batch shapes (partial chunks, a lone interactive task), and
         # autotuning each new one costs more than it saves.
+        self.frozen: torch.nn.Module | None = None
         if self.cuda:
             self.model = backbone.model.to(device, memory_format=torch.channels_last)
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
-            torch.set_num_threads(available_cores())
+            torch.set_num_threads(threads or available_cores())
             self.model = backbone.model.to(device)
             self.autocast_dtype = None
+            if torchscript:
+                self.frozen = freeze_for_cpu(self.model, image_size)
         self.batch_size = batch_size or default_batch_size(device, image_size)
         self.mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
@@ -54,7 +95,9 @@ class Embedder:
             torch.cuda.get_device_name(device) if self.cuda else f"{torch.get_num_threads()} threads",
             image_size,
             self.batch_size,
-            f", autocast {self.autocast_dtype}, channels_last, pinned memory" if self.cuda else "",
+            f", autocast {self.autocast_dtype}, channels_last, pinned memory"
+            if self.cuda
+            else (", TorchScript (frozen)" if self.frozen is not None else ", eager"),
         )
 
     def warm_up(self) -> None:
@@ -79,6 +122,8 @@ class Embedder:
         x = (x - self.mean) / self.std
         if self.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.frozen is not None:
+            return self.frozen(x).numpy()
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             features, _ = self.model(x)
         return features.float().cpu().numpy()
@@ -93,3 +138,15 @@ class Embedder:
         bias = head.bias.detach().float().cpu()
         logits = torch.from_numpy(np.asarray(features, np.float32)) @ weight.T + bias
         return torch.softmax(logits, dim=1).numpy()
+
+
+def embedder_from_settings(settings: Settings, batch_size: int | None = None) -> Embedder:
+    """The embedder a worker process runs (`batch_size` overrides BATCH_SIZE, for a benchmark)."""
+    return Embedder(
+        create_backbone(settings.backbone, settings.weights or None),
+        pick_device(settings.device),
+        image_size(settings),
+        settings.batch_size if batch_size is None else batch_size,
+        threads=settings.threads_per_process(),
+        torchscript=settings.torchscript,
+    )

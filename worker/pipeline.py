@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import queue
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,74 +47,190 @@ class EmbedOutcome:
     errors: dict[int, str] = field(default_factory=dict)
     computed: int = 0
     cache_hits: int = 0
+    # Tasks not embedded because the run was asked to stop (their downloads, if any, are dropped).
+    unstarted: list[Mapping[str, Any]] = field(default_factory=list)
+
+    def merge(self, other: EmbedOutcome) -> None:
+        self.features.update(other.features)
+        self.refs.update(other.refs)
+        self.errors.update(other.errors)
+        self.computed += other.computed
+        self.cache_hits += other.cache_hits
+        self.unstarted.extend(other.unstarted)
+
+    def __len__(self) -> int:
+        """Tasks settled (embedded, from the cache, or failed)."""
+        return len(self.features) + len(self.errors)
 
 
 class EmbeddingPipeline:
-    def __init__(self, embedder: Embedder, fetcher: ImageFetcher, store: Any, workers: int, max_pixels: int) -> None:
+    """Downloads and decodes in threads, a few batches ahead of the model, so that the forward pass
+    never waits for the network once the first batch is in; the model runs in the calling thread."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        fetcher: ImageFetcher,
+        store: Any,
+        workers: int,
+        max_pixels: int,
+        lookahead_batches: int = 3,
+    ) -> None:
         self.embedder = embedder
         self.fetcher = fetcher
         self.store = store
         self.max_pixels = max_pixels
+        self.lookahead = max(1, lookahead_batches) * embedder.batch_size
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="download")
 
     def _prepare(self, task: Mapping[str, Any], image_key: str) -> Prepared:
+        """Download, hash, decode and preprocess, in a download thread. The content cache is asked later,
+        once per batch: most images of an import are new, and one Redis call per image cost more than
+        decoding the few that turn out to be cached."""
         ref = image_reference(task, image_key)
         data = self.fetcher.fetch(ref)
         digest = hashlib.sha256(data).hexdigest()
-        cached = self.store.cached_embedding(digest)
-        if cached is not None:
-            return Prepared(task["id"], ref, digest, features=from_bytes([cached])[0])
         img = decode_image(data, self.max_pixels)
         return Prepared(task["id"], ref, digest, pixels=to_model_input(img, self.embedder.image_size))
 
     def run(self, tasks: Sequence[Mapping[str, Any]], image_key: str) -> EmbedOutcome:
         out = EmbedOutcome()
-        pending: set[Future[Prepared]] = set()
-        owner: dict[Future[Prepared], int] = {}
-        for task in tasks:
-            fut = self.pool.submit(self._prepare, task, image_key)
-            pending.add(fut)
-            owner[fut] = task["id"]
-        ready: list[Prepared] = []
-        first_with: dict[str, int] = {}  # content digest -> the task embedded for it in this run
-        copies: dict[int, str] = {}
-        batch = self.embedder.batch_size
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                tid = owner.pop(fut)
-                try:
-                    prepared = fut.result()
-                except ImageError as exc:
-                    out.errors[tid] = str(exc)
-                    continue
-                except Exception as exc:  # a bug or an unexpected library error: still only this task
-                    log.exception("task %s: unexpected error preparing its image", tid)
-                    out.errors[tid] = f"unexpected error: {type(exc).__name__}: {exc}"
-                    continue
-                out.refs[tid] = prepared.ref
-                if prepared.features is not None:
-                    out.features[tid] = prepared.features
-                    out.cache_hits += 1
-                elif prepared.digest in first_with:
-                    copies[tid] = prepared.digest
-                    out.cache_hits += 1
-                else:
-                    first_with[prepared.digest] = tid
-                    ready.append(prepared)
-            # The forward pass runs while the remaining downloads go on in their threads.
-            while len(ready) >= batch or (ready and not pending):
-                self._embed(ready[:batch], out)
-                ready = ready[batch:]
-        for tid, digest in copies.items():
-            out.features[tid] = out.features[first_with[digest]]
+        for part in self.stream(tasks, image_key):
+            out.merge(part)
         return out
 
-    def _embed(self, items: list[Prepared], out: EmbedOutcome) -> None:
+    def stream(
+        self, tasks: Sequence[Mapping[str, Any]], image_key: str, stop: Callable[[], bool] | None = None
+    ) -> Iterator[EmbedOutcome]:
+        """Yields what each model batch settled (and the cache hits and failures that came in meanwhile).
+
+        `stop` is asked after every batch: when it says yes, the rest of `tasks` is yielded as
+        `unstarted`, within one batch of the question, so that waiting interactive work can go first.
+        """
+        run = _Run(tasks, self.store)
+        batch = self.embedder.batch_size
+
+        def top_up() -> None:
+            while len(run.in_flight) + len(run.fresh) + len(run.ready) < self.lookahead:
+                task = next(run.todo, None)
+                if task is None:
+                    return
+                fut = self.pool.submit(self._prepare, task, image_key)
+                run.in_flight[fut] = task["id"]
+                fut.add_done_callback(run.completed.put)
+
+        top_up()
+        while run.in_flight or run.fresh or run.ready:
+            if run.in_flight and len(run.fresh) + len(run.ready) < batch:
+                run.settle_completed()
+                top_up()
+                continue
+            run.check_cache()
+            if len(run.ready) >= batch or (run.ready and not run.in_flight):
+                items, run.ready = run.ready[:batch], run.ready[batch:]
+                self._embed(items, run)
+                top_up()  # before yielding: the downloads go on while the caller stores this part
+                yield run.take_part()
+                if stop is not None and (run.in_flight or run.fresh or run.ready) and stop():
+                    yield run.abandon()
+                    return
+            elif run.in_flight:
+                run.settle_completed()
+                top_up()
+        if len(run.part):
+            yield run.take_part()
+
+    def _embed(self, items: list[Prepared], run: _Run) -> None:
         features = self.embedder.embed([p.pixels for p in items])
         fresh: dict[str, bytes] = {}
         for prepared, vec in zip(items, features, strict=True):
-            out.features[prepared.task_id] = vec
+            run.embedded(prepared, vec)
             fresh[prepared.digest] = to_bytes(vec)
         self.store.cache_embeddings(fresh)
-        out.computed += len(items)
+        run.part.computed += len(items)
+
+
+class _Run:
+    """The state of one `EmbeddingPipeline.stream`: what is downloading, what waits for the cache or the
+    model, and which tasks share content with one embedded in this run."""
+
+    def __init__(self, tasks: Sequence[Mapping[str, Any]], store: Any) -> None:
+        self.store = store
+        self.todo = iter(tasks)
+        self.by_id = {t["id"]: t for t in tasks}
+        self.in_flight: dict[Future[Prepared], int] = {}
+        self.completed: queue.SimpleQueue[Future[Prepared]] = queue.SimpleQueue()
+        self.fresh: list[Prepared] = []  # decoded, not yet looked up in the content cache
+        self.ready: list[Prepared] = []  # not in the cache: for the model
+        self.first_with: dict[str, int] = {}  # content digest -> the task embedded for it in this run
+        self.vectors: dict[str, np.ndarray] = {}  # digest -> features, once known in this run
+        self.copies: dict[str, list[tuple[int, str]]] = {}  # digest -> (task, ref) waiting for its first
+        self.part = EmbedOutcome()
+
+    def settle_completed(self) -> None:
+        """Wait for one download to finish, then take every other finished one too."""
+        futures = [self.completed.get()]
+        while True:
+            try:
+                futures.append(self.completed.get_nowait())
+            except queue.Empty:
+                break
+        for fut in futures:
+            self.settle(self.in_flight.pop(fut), fut)
+
+    def settle(self, tid: int, fut: Future[Prepared]) -> None:
+        part = self.part
+        try:
+            prepared = fut.result()
+        except ImageError as exc:
+            part.errors[tid] = str(exc)
+            return
+        except Exception as exc:  # a bug or an unexpected library error: still only this task
+            log.exception("task %s: unexpected error preparing its image", tid)
+            part.errors[tid] = f"unexpected error: {type(exc).__name__}: {exc}"
+            return
+        if prepared.digest in self.vectors:
+            part.refs[tid] = prepared.ref
+            part.features[tid] = self.vectors[prepared.digest]
+            part.cache_hits += 1
+        elif prepared.digest in self.first_with:
+            self.copies.setdefault(prepared.digest, []).append((tid, prepared.ref))
+        else:
+            self.first_with[prepared.digest] = tid
+            self.fresh.append(prepared)
+
+    def check_cache(self) -> None:
+        """One Redis call for everything decoded since the last: hits are settled, the rest go to the model."""
+        if not self.fresh:
+            return
+        fresh, self.fresh = self.fresh, []
+        for prepared, blob in zip(fresh, self.store.cached_embeddings([p.digest for p in fresh]), strict=True):
+            if blob is None:
+                self.ready.append(prepared)
+            else:
+                self.embedded(prepared, from_bytes([blob])[0])
+                self.part.cache_hits += 1
+
+    def embedded(self, prepared: Prepared, vec: np.ndarray) -> None:
+        self.vectors[prepared.digest] = vec
+        self.part.features[prepared.task_id] = vec
+        self.part.refs[prepared.task_id] = prepared.ref
+        for tid, ref in self.copies.pop(prepared.digest, []):
+            self.part.features[tid] = vec
+            self.part.refs[tid] = ref
+            self.part.cache_hits += 1
+
+    def take_part(self) -> EmbedOutcome:
+        part, self.part = self.part, EmbedOutcome()
+        return part
+
+    def abandon(self) -> EmbedOutcome:
+        """Drop the downloads in progress; everything not settled goes back as `unstarted`."""
+        for fut in self.in_flight:
+            fut.cancel()
+        wait(self.in_flight)
+        part = self.take_part()
+        waiting = [*self.in_flight.values(), *(p.task_id for p in (*self.fresh, *self.ready))]
+        waiting += [tid for pairs in self.copies.values() for tid, _ in pairs]
+        part.unstarted = [self.by_id[t] for t in waiting] + list(self.todo)
+        return part

@@ -13,7 +13,7 @@ from common.collections import collection_of
 from common.dispatch import Dispatcher
 from common.label_config import LabelConfigError
 from worker.celery_app import app
-from worker.pipeline import from_bytes, to_bytes
+from worker.pipeline import EmbedOutcome, from_bytes, to_bytes
 from worker.results import build_prediction
 from worker.runtime import Runtime, runtime
 from worker.writeback import WriteBackError
@@ -85,6 +85,11 @@ def predict_tasks(
     deliver_via_api: bool = False,
     embed_only: bool = False,
 ) -> dict[str, int]:
+    """Embed and predict a chunk of tasks, storing what is done every few batches.
+
+    A bulk chunk gives way to interactive work: when the interactive queue has a message, the chunk
+    stops after the batch in progress and sends its unstarted tasks back to the bulk queue.
+    """
     rt = runtime()
     store = rt.store
     ids = [t["id"] for t in tasks]
@@ -94,29 +99,55 @@ def predict_tasks(
         record(rt, job_id, project, [], {t: str(exc) for t in ids})
         return {"done": 0, "failed": len(ids)}
     version = store.current_version(project)
-    known = store.embeddings(project, ids)
-    features = {t: from_bytes([b])[0] for t, b in known.items()}
-    outcome = rt.pipeline.run([t for t in tasks if t["id"] not in known], config.image_key)
-    features.update(outcome.features)
-    store.save_embeddings(project, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
-    errors = dict(outcome.errors)
-    if errors:
-        store.unmark_queued(project, version, errors)
-    if not embed_only:
-        predictions = predict_from_features(rt, project, version, features)
-        errors.update(store_and_deliver(rt, project, version, predictions, deliver_via_api))
-    record(rt, job_id, project, features, errors)
-    if outcome.features:
-        maybe_refit_for_new_tasks(rt, project, len(outcome.features))
+    known = {t: from_bytes([b])[0] for t, b in store.embeddings(project, ids).items()}
+    commit_every = 4 * rt.embedder.batch_size
+    stop = None if deliver_via_api else rt.interactive_waiting
+    pending, total = EmbedOutcome(features=dict(known)), EmbedOutcome()
+    failed = 0
+    for part in rt.pipeline.stream([t for t in tasks if t["id"] not in known], config.image_key, stop):
+        pending.merge(part)
+        total.merge(part)
+        if len(pending) >= commit_every:
+            failed += commit(rt, project, version, job_id, pending, deliver_via_api, embed_only)
+            pending = EmbedOutcome()
+    failed += commit(rt, project, version, job_id, pending, deliver_via_api, embed_only)
+    if total.unstarted:
+        Dispatcher(app, store, rt.settings).send_chunk(project, total.unstarted, job_id or "", embed_only=embed_only)
+        log.info("project %s: interactive work waiting, %d tasks back to the bulk queue", project, len(total.unstarted))
+    if total.computed:
+        maybe_refit_for_new_tasks(rt, project, total.computed)
     log.info(
         "project %s: %d tasks, %d embedded, %d from cache, %d failed",
         project,
-        len(ids),
-        outcome.computed,
-        outcome.cache_hits + len(known),
-        len(errors),
+        len(ids) - len(total.unstarted),
+        total.computed,
+        total.cache_hits + len(known),
+        failed,
     )
-    return {"done": len(features), "failed": len(errors)}
+    return {"done": len(total.features) + len(known), "failed": failed}
+
+
+def commit(
+    rt: Runtime,
+    pid: int,
+    version: str,
+    job_id: str | None,
+    outcome: EmbedOutcome,
+    deliver_via_api: bool,
+    embed_only: bool,
+) -> int:
+    """Store what part of a chunk settled: features, predictions (written back), job progress."""
+    if not len(outcome):
+        return 0
+    rt.store.save_embeddings(pid, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
+    errors = dict(outcome.errors)
+    if errors:
+        rt.store.unmark_queued(pid, version, errors)
+    if not embed_only:
+        predictions = predict_from_features(rt, pid, version, outcome.features)
+        errors.update(store_and_deliver(rt, pid, version, predictions, deliver_via_api))
+    record(rt, job_id, pid, outcome.features, errors)
+    return len(errors)
 
 
 def maybe_refit_for_new_tasks(rt: Runtime, pid: int, new: int) -> None:

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_process_init
 
+from common import queues
 from common.label_config import LabelConfig, parse_label_config
-from common.models import embedding_space, image_size
+from common.models import embedding_space
 from common.settings import Settings, get_settings
 from common.store import Store
 from worker.images import ImageFetcher
@@ -41,13 +42,9 @@ class Runtime:
 
     @cached_property
     def embedder(self) -> Embedder:
-        from worker.backbones import create_backbone
-        from worker.embedder import Embedder, pick_device
+        from worker.embedder import embedder_from_settings
 
-        backbone = create_backbone(self.settings.backbone, self.settings.weights or None)
-        return Embedder(
-            backbone, pick_device(self.settings.device), image_size(self.settings), self.settings.batch_size
-        )
+        return embedder_from_settings(self.settings)
 
     @cached_property
     def fetcher(self) -> ImageFetcher:
@@ -96,6 +93,20 @@ class Runtime:
             while len(self._models) > 16:
                 self._models.popitem(last=False)
         return self._models[key]
+
+    @cached_property
+    def serves_interactive(self) -> bool:
+        """Whether this worker consumes the interactive queue (`-Q`; all queues when not given)."""
+        from worker.celery_app import app
+
+        selected = app.amqp.queues.consume_from
+        return not selected or queues.INTERACTIVE in selected
+
+    def interactive_waiting(self) -> bool:
+        """An interactive message sits in the broker, which none of this worker's processes has taken:
+        a bulk chunk in this worker should give way. (Celery's Redis transport keeps a queue as a list
+        under its name.)"""
+        return self.serves_interactive and bool(self.store.r.llen(queues.INTERACTIVE))
 
     def model_scope(self, pid: int) -> str:
         return self.store.model_scope(pid) or self.settings.model_scope
