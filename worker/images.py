@@ -17,10 +17,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 import requests
-import urllib3
 from PIL import Image, ImageOps
 
 from common.settings import Settings
+from worker.http_client import FetchError, KeepAliveClient
 
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clear error
 
@@ -89,8 +89,7 @@ class ImageFetcher:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.http = urllib3.PoolManager(maxsize=max(4, settings.download_workers * 2), block=False)
-        self.retries = urllib3.Retry(total=3, connect=2, read=0, status=0, redirect=3)
+        self.http = KeepAliveClient(settings.download_timeout, settings.image_max_bytes)
         self.ls_auth = LabelStudioAuth(
             settings.label_studio_url, settings.label_studio_api_key, requests.Session(), settings.download_timeout
         )
@@ -112,46 +111,14 @@ class ImageFetcher:
 
     def _fetch_http(self, url: str, label_studio: bool) -> bytes:
         try:
-            resp = self._get(url, self.ls_auth.headers() if label_studio else {})
+            resp = self.http.get(url, self.ls_auth.headers() if label_studio else {})
             if resp.status == 401 and label_studio and _is_jwt(self.settings.label_studio_api_key):
-                resp.release_conn()
-                resp = self._get(url, self.ls_auth.headers(refresh=True))
-            try:
-                return self._read_limited(url, resp)
-            finally:
-                resp.release_conn()
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason else exc
-            if isinstance(reason, urllib3.exceptions.NewConnectionError):  # before TimeoutError: a subclass
-                raise ImageError(f"GET {url} failed: cannot connect ({reason})") from None
-            if isinstance(reason, urllib3.exceptions.TimeoutError):
-                raise ImageError(f"GET {url} timed out after {self.settings.download_timeout:g} s") from None
-            raise ImageError(f"GET {url} failed: {type(reason).__name__}: {reason}") from None
-
-    def _read_limited(self, url: str, resp: urllib3.BaseHTTPResponse) -> bytes:
+                resp = self.http.get(url, self.ls_auth.headers(refresh=True))
+        except FetchError as exc:
+            raise ImageError(str(exc)) from None
         if resp.status != 200:
             raise ImageError(f"GET {url} answered HTTP {resp.status}")
-        declared = resp.headers.get("Content-Length")
-        limit = self.settings.image_max_bytes
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise ImageError(f"{url} is {int(declared)} bytes, over the {limit}-byte limit (IMAGE_MAX_BYTES)")
-        body = bytearray()
-        for block in resp.stream(64 * 1024):
-            body += block
-            if len(body) > limit:
-                raise ImageError(f"{url} is over the {limit}-byte limit (IMAGE_MAX_BYTES)")
-        return bytes(body)
-
-    def _get(self, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
-        """urllib3 directly: a third of requests' CPU per image, which counts when the model is fast."""
-        return self.http.request(
-            "GET",
-            url,
-            headers=headers,
-            timeout=self.settings.download_timeout,
-            preload_content=False,
-            retries=self.retries,
-        )
+        return resp.body
 
     def _fetch_s3(self, ref: str) -> bytes:
         parsed = urlparse(ref)
@@ -194,7 +161,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def to_model_input(img: Image.Image, size: int) -> np.ndarray:
