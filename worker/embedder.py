@@ -50,13 +50,14 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def default_batch_size(device: torch.device, image_size: int) -> int:
-    """CPU: big enough to amortise per-call overhead. CUDA: scaled to the card's memory at this size."""
+def default_batch_size(device: torch.device, image_size: int, processes: int = 1) -> int:
+    """CPU: big enough to amortise per-call overhead. CUDA: scaled to the card's memory at this size, a
+    quarter of it shared among the worker processes that use the card."""
     if device.type != "cuda":
         return 32
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     per_image_gib = 3 * image_size * image_size * 4 * 60 / 2**30  # activations ~60x the input, in fp32
-    return int(max(32, min(512, total_gib * 0.25 / per_image_gib)) // 32 * 32)
+    return int(max(32, min(512, total_gib * 0.25 / max(1, processes) / per_image_gib)) // 32 * 32)
 
 
 class Embedder:
@@ -68,6 +69,7 @@ class Embedder:
         batch_size: int = 0,
         threads: int = 0,
         torchscript: bool = True,
+        processes: int = 1,
     ) -> None:
         self.backbone = backbone
         self.device = device
@@ -85,7 +87,7 @@ class Embedder:
             self.autocast_dtype = None
             if torchscript:
                 self.frozen = freeze_for_cpu(self.model, image_size)
-        self.batch_size = batch_size or default_batch_size(device, image_size)
+        self.batch_size = batch_size or default_batch_size(device, image_size, processes)
         self.mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
         log.info(
@@ -149,4 +151,5 @@ def embedder_from_settings(settings: Settings, batch_size: int | None = None) ->
         settings.batch_size if batch_size is None else batch_size,
         threads=settings.threads_per_process(),
         torchscript=settings.torchscript,
+        processes=settings.worker_concurrency,
     )
