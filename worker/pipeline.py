@@ -36,8 +36,7 @@ class Prepared:
     task_id: int
     ref: str
     digest: str
-    pixels: np.ndarray | None = None  # None when the cache had the features
-    features: np.ndarray | None = None
+    pixels: np.ndarray
 
 
 @dataclass

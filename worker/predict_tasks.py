@@ -102,8 +102,8 @@ def predict_tasks(
     known = {t: from_bytes([b])[0] for t, b in store.embeddings(project, ids).items()}
     commit_every = 4 * rt.embedder.batch_size
     stop = None if deliver_via_api else rt.interactive_waiting
-    pending, total = EmbedOutcome(features=dict(known)), EmbedOutcome()
-    failed = 0
+    pending, total = EmbedOutcome(), EmbedOutcome()
+    failed = commit(rt, project, version, job_id, EmbedOutcome(), deliver_via_api, embed_only, known=known)
     for part in rt.pipeline.stream([t for t in tasks if t["id"] not in known], config.image_key, stop):
         pending.merge(part)
         total.merge(part)
@@ -135,18 +135,21 @@ def commit(
     outcome: EmbedOutcome,
     deliver_via_api: bool,
     embed_only: bool,
+    known: Mapping[int, np.ndarray] | None = None,
 ) -> int:
-    """Store what part of a chunk settled: features, predictions (written back), job progress."""
-    if not len(outcome):
+    """Store what part of a chunk settled: features, predictions (written back), job progress. `known`:
+    tasks whose features were stored before, predicted without being stored again."""
+    features = {**(known or {}), **outcome.features}
+    if not features and not outcome.errors:
         return 0
     rt.store.save_embeddings(pid, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
     errors = dict(outcome.errors)
     if errors:
         rt.store.unmark_queued(pid, version, errors)
     if not embed_only:
-        predictions = predict_from_features(rt, pid, version, outcome.features)
+        predictions = predict_from_features(rt, pid, version, features)
         errors.update(store_and_deliver(rt, pid, version, predictions, deliver_via_api))
-    record(rt, job_id, pid, outcome.features, errors)
+    record(rt, job_id, pid, features, errors)
     return len(errors)
 
 
