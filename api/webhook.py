@@ -86,15 +86,17 @@ def annotations_saved(pid: int, body: dict[str, Any]) -> dict[str, Any]:
     annotations = _objects(body, "annotation")
     sent_tasks = _objects(body, "task") if body.get("task") else []
     tasks = {t["id"]: t for t in sent_tasks if isinstance(t.get("id"), int)}
-    unembedded = []
+    annotated = []
     for ann in annotations:
         task_id = ann.get("task")
         task_id = task_id.get("id") if isinstance(task_id, dict) else task_id
         if not isinstance(ann.get("id"), int) or not isinstance(task_id, int):
             raise BadPayload("each annotation needs an integer 'id' and 'task'")
         store.set_labels(pid, ann["id"], task_id, annotation_labels(ann, config))
-        if task_id in tasks and not store.embeddings(pid, [task_id]):
-            unembedded.append(tasks[task_id])
+        annotated.append(task_id)
+    sent = [t for t in dict.fromkeys(annotated) if t in tasks]
+    embedded = store.tasks_with_embeddings(pid, sent)
+    unembedded = [tasks[t] for t in sent if t not in embedded]
     if unembedded:
         _dispatcher().predict(pid, unembedded, embed_only=True, kind="embed")
     refit_job = _dispatcher().after_labels_changed(pid)

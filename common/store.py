@@ -230,6 +230,15 @@ class Store:
         raw = self.r.hmget(key, [str(t) for t in ids])
         return {t: e for t, e in zip(ids, raw, strict=True) if e is not None}
 
+    def tasks_with_embeddings(self, pid: int, task_ids: Sequence[int]) -> set[int]:
+        """Which of these tasks have features stored, in one round trip and without fetching them."""
+        if not task_ids:
+            return set()
+        pipe = self.r.pipeline(transaction=False)
+        for t in task_ids:
+            pipe.hexists(self._k(pid, "emb", self.backbone), str(t))
+        return {t for t, present in zip(task_ids, pipe.execute(), strict=True) if present}
+
     def embedding_count(self, pid: int) -> int:
         return int(self.r.hlen(self._k(pid, "emb", self.backbone)))
 

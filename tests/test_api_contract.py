@@ -197,6 +197,20 @@ def test_webhook_annotations_update_labels_and_schedule_a_refit(client, clean_re
     assert client.store.labels(3) == {}
 
 
+def test_webhook_annotations_embed_only_the_tasks_without_features(client, clean_redis):
+    """An annotated task whose import webhook was missed is embedded (embed_only), once per task."""
+    setup_project(client)
+    client.store.save_embeddings(3, {7: b"\0" * 8}, {7: "x7"})
+    choice = {"from_name": "organism_type", "to_name": "image", "type": "choices", "value": {"choices": ["Debris"]}}
+    anns = [{"id": 20 + t, "task": t, "result": [choice], "was_cancelled": False} for t in (7, 8, 8)]
+    tasks = [{"id": t, "data": {"image": f"x{t}"}} for t in (7, 8)]
+    body = {"action": "ANNOTATIONS_CREATED", "project": {"id": 3}, "annotation": anns, "task": tasks}
+    assert client.post("/webhook", json=body).status_code == 200
+    sent = [json.loads(base64.b64decode(m["body"]))[1] for m in queued(clean_redis, "bulk")]
+    embeds = [b for b in sent if b.get("embed_only")]
+    assert [[t["id"] for t in b["tasks"]] for b in embeds] == [[8]]
+
+
 def test_webhook_start_training_and_train_queue_a_forced_refit(client, clean_redis):
     setup_project(client)
     reply = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 3}})
