@@ -3,11 +3,15 @@ closed, redirects, chunked bodies, limits."""
 
 from __future__ import annotations
 
+import datetime
 import http.server
+import ipaddress
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,17 +63,52 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server() -> Iterator[tuple[str, list[int]]]:
+def serve(tls: ssl.SSLContext | None = None) -> tuple[http.server.ThreadingHTTPServer, str, list[int]]:
     connections: list[int] = []
     handler = type("Handler", (_Handler,), {"connections": connections})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", connections
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}", connections
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, list[int]]]:
+    httpd, url, connections = serve()
+    yield url, connections
     httpd.shutdown()
     httpd.server_close()
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
 
 
 def test_one_connection_serves_many_images(server):
@@ -125,3 +164,21 @@ def test_limits_apply_to_declared_and_chunked_bodies(server):
         client.get(f"{url}/chunked")
     # The client is still usable after an error.
     assert client.get(f"{url}/missing").body == b"no such image"
+
+
+def test_https_verifies_the_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    cert, key = self_signed_certificate(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    httpd, url, connections = serve(tls)
+    try:
+        with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
+            KeepAliveClient(timeout=5, max_bytes=10_000).get(f"{url}/file")
+        # Trusted through the variable OpenSSL reads, as a user with a private CA would set it.
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        client = KeepAliveClient(timeout=5, max_bytes=10_000)
+        assert [client.get(f"{url}/file").body for _ in range(3)] == [BODY] * 3
+        assert len(connections) == 1  # kept alive (the refused handshake never reached a handler)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
