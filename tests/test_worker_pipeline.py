@@ -178,6 +178,25 @@ def test_the_interactive_lane_overtakes_a_bulk_import(api, image_server, start_w
     assert done_after < 60
 
 
+def test_a_bulk_chunk_gives_way_only_to_interactive_work_its_worker_serves(clean_redis):
+    """The question a bulk chunk asks after each batch, against the broker's real queue in Redis."""
+    from worker.celery_app import app
+    from worker.runtime import Runtime
+
+    queues_ = app.amqp.queues
+    before = queues_._consume_from  # None: no -Q given (consume every queue); select() sets it
+    try:
+        queues_.select(["interactive", "bulk"])  # what `-Q interactive,bulk` does
+        serving = Runtime(Settings.from_env())
+        assert not serving.interactive_waiting()
+        app.send_task("plankton.predict_tasks", kwargs={"project": PID, "tasks": []}, queue="interactive")
+        assert serving.interactive_waiting()
+        queues_.select(["bulk"])  # a worker started with `-Q bulk`: nothing to give way to
+        assert not Runtime(Settings.from_env()).interactive_waiting()
+    finally:
+        queues_._consume_from = before
+
+
 def test_a_big_bulk_chunk_gives_way_to_the_interactive_lane(clean_redis, image_server, start_worker):
     """One 60-task chunk (CHUNK_SIZE 64): the lone task does not wait for the chunk. The chunk stops after
     its batch in progress, sends its unstarted tasks back to the bulk queue, and they all finish later."""
