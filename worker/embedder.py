@@ -29,7 +29,7 @@ def freeze_for_cpu(model: torch.nn.Module, image_size: int) -> torch.nn.Module |
     """The model traced and frozen with TorchScript: batch norm folded into the convolutions, and the
     whole forward one call that holds the GIL only to start. In eager mode every operator takes the GIL
     back, so the worker's download threads (which hold it for their Python) stalled the model: a batch
-    that takes 50 ms alone took up to 20 times longer beside one busy thread (bench/RESULTS.md).
+    took 17 times longer beside one busy Python thread (bench/RESULTS.md).
 
     torch.jit is deprecated in favour of torch.compile, which needs a C++ compiler in the image and
     minutes at every worker start; tracing takes a second. None when the model cannot be traced."""

@@ -133,9 +133,6 @@ class EmbeddingPipeline:
                 if stop is not None and (run.in_flight or run.fresh or run.ready) and stop():
                     yield run.abandon()
                     return
-            elif run.in_flight:
-                run.settle_completed()
-                top_up()
         if len(run.part):
             yield run.take_part()
 
