@@ -60,6 +60,7 @@ class Settings:
     worker_concurrency: int = 1
     torch_threads: int = 0
     torchscript: bool = True
+    worker_nice: int = 10
 
     def threads_per_process(self) -> int:
         """TORCH_THREADS, else the worker's cores shared among its WORKER_CONCURRENCY processes."""
@@ -99,6 +100,7 @@ class Settings:
             worker_concurrency=_env_int("WORKER_CONCURRENCY", min(4, available_cores())),
             torch_threads=_env_int("TORCH_THREADS", 0),
             torchscript=_env("TORCHSCRIPT", "1").lower() not in ("0", "false", "no", "off"),
+            worker_nice=_env_int("WORKER_NICE", cls.worker_nice),
         )
 
 

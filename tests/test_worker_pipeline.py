@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -215,6 +216,8 @@ def test_a_big_bulk_chunk_gives_way_to_the_interactive_lane(clean_redis, image_s
     wait_until(lambda: store.embeddings(PID, [999]), 60, "the interactive task")
     assert api.get(f"/jobs/{job}").json["done"] < 60, "the lone task did not wait for the whole chunk"
     assert "tasks back to the bulk queue" in worker.log_path.read_text()
+    pool = psutil.Process(worker.proc.pid).children()
+    assert pool and all(p.nice() == 10 for p in pool), "pool processes yield the CPU to the API (WORKER_NICE)"
 
     status = job_done(api, job)
     assert (status["done"], status["failed"]) == (60, 0)

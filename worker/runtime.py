@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -132,7 +133,11 @@ def runtime() -> Runtime:
 
 @worker_process_init.connect
 def _load_after_fork(**_: Any) -> None:
-    """Load the model in each pool process as it starts, so the first task does not pay for it."""
+    """Load the model in each pool process as it starts, so the first task does not pay for it. Pool
+    processes run at a lower CPU priority (WORKER_NICE): on a shared host the API answers Label Studio
+    first, and the model takes every cycle the API does not need."""
     rt = runtime()
+    if rt.settings.worker_nice > 0:
+        os.nice(rt.settings.worker_nice)
     rt.embedder.warm_up()
     rt.store.r.ping()
