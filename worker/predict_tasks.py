@@ -102,29 +102,31 @@ def predict_tasks(
     known = {t: from_bytes([b])[0] for t, b in store.embeddings(project, ids).items()}
     commit_every = 4 * rt.embedder.batch_size
     stop = None if deliver_via_api else rt.interactive_waiting
-    pending, total = EmbedOutcome(), EmbedOutcome()
+    pending = EmbedOutcome()
     failed = commit(rt, project, version, job_id, EmbedOutcome(), deliver_via_api, embed_only, known=known)
+    done, computed, cache_hits, unstarted = len(known), 0, len(known), []
     for part in rt.pipeline.stream([t for t in tasks if t["id"] not in known], config.image_key, stop):
         pending.merge(part)
-        total.merge(part)
+        done, computed, cache_hits = done + len(part.features), computed + part.computed, cache_hits + part.cache_hits
+        unstarted += part.unstarted
         if len(pending) >= commit_every:
             failed += commit(rt, project, version, job_id, pending, deliver_via_api, embed_only)
             pending = EmbedOutcome()
     failed += commit(rt, project, version, job_id, pending, deliver_via_api, embed_only)
-    if total.unstarted:
-        Dispatcher(app, store, rt.settings).send_chunk(project, total.unstarted, job_id or "", embed_only=embed_only)
-        log.info("project %s: interactive work waiting, %d tasks back to the bulk queue", project, len(total.unstarted))
-    if total.computed:
-        maybe_refit_for_new_tasks(rt, project, total.computed)
+    if unstarted:
+        Dispatcher(app, store, rt.settings).send_chunk(project, unstarted, job_id or "", embed_only=embed_only)
+        log.info("project %s: interactive work waiting, %d tasks back to the bulk queue", project, len(unstarted))
+    if computed:
+        maybe_refit_for_new_tasks(rt, project, computed)
     log.info(
         "project %s: %d tasks, %d embedded, %d from cache, %d failed",
         project,
-        len(ids) - len(total.unstarted),
-        total.computed,
-        total.cache_hits + len(known),
+        len(ids) - len(unstarted),
+        computed,
+        cache_hits,
         failed,
     )
-    return {"done": len(total.features) + len(known), "failed": failed}
+    return {"done": done, "failed": failed}
 
 
 def commit(
