@@ -894,6 +894,7 @@ def main() -> int:
         "REDIS_URL": args.redis_url,
         "MODEL_DIR": str(tmp / "models"),
         "BACKBONE": args.backbone,
+        "IMAGE_HOSTS": "127.0.0.1",  # the image server of this benchmark listens on loopback
         "IMAGE_SIZE": str(args.image_size or ""),
         "BATCH_SIZE": str(args.batch_size or ""),
         "DEVICE": args.device,

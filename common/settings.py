@@ -51,6 +51,12 @@ class Settings:
     image_max_bytes: int = 20 * 1024 * 1024
     image_max_pixels: int = 40_000_000
     s3_endpoint_url: str = ""
+    # Outbound guard and image limits (README "Fetching images safely").
+    image_hosts: str = ""
+    local_files_document_root: str = ""
+    label_studio_base_data_dir: str = ""
+    image_max_side: int = 10_000
+    image_max_aspect: float = 100.0
     kmeans_clusters: int = 0
     refit_every: int = 5
     refit_delay_seconds: float = 10.0
@@ -90,6 +96,12 @@ class Settings:
             image_max_bytes=_env_int("IMAGE_MAX_BYTES", cls.image_max_bytes),
             image_max_pixels=_env_int("IMAGE_MAX_PIXELS", cls.image_max_pixels),
             s3_endpoint_url=_env("S3_ENDPOINT_URL"),
+            image_hosts=_env("IMAGE_HOSTS"),
+            # The names Label Studio reads (with or without its LABEL_STUDIO_ prefix), the same meaning.
+            local_files_document_root=_env("LOCAL_FILES_DOCUMENT_ROOT", _env("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")),
+            label_studio_base_data_dir=_env("LABEL_STUDIO_BASE_DATA_DIR"),
+            image_max_side=_env_int("IMAGE_MAX_SIDE", cls.image_max_side),
+            image_max_aspect=_env_float("IMAGE_MAX_ASPECT", cls.image_max_aspect),
             kmeans_clusters=_env_int("KMEANS_CLUSTERS", 0),
             refit_every=_env_int("REFIT_EVERY", cls.refit_every),
             refit_delay_seconds=_env_float("REFIT_DELAY_SECONDS", cls.refit_delay_seconds),

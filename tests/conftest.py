@@ -57,6 +57,8 @@ def worker_env(tmp: Path, **extra: str) -> dict[str, str]:
         "LOG_LEVEL": "INFO",
         "CHUNK_SIZE": "8",
         "PREDICT_WAIT_SECONDS": "5",
+        # The test image servers listen on loopback, which the outbound guard refuses unless listed.
+        "IMAGE_HOSTS": "127.0.0.1,localhost",
         **extra,
     }
 

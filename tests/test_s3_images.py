@@ -7,6 +7,7 @@ over real HTTP with boto3, exactly as the worker speaks to MinIO or AWS.
 from __future__ import annotations
 
 import dataclasses
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
@@ -14,6 +15,7 @@ from moto.server import ThreadedMotoServer
 
 from common.settings import Settings
 from tests.helpers import DATA, free_port
+from tests.servers import redirect, running
 from worker.images import ImageError, ImageFetcher, decode_image
 
 
@@ -56,3 +58,37 @@ def test_s3_errors_name_the_object(fetcher, ref, message):
     fetch, _ = fetcher
     with pytest.raises(ImageError, match=message):
         fetch.fetch(ref)
+
+
+def test_missing_object_is_not_transient_and_unreachable_endpoint_is(fetcher, monkeypatch):
+    fetch, _ = fetcher
+    with pytest.raises(ImageError, match="NoSuchKey") as exc:
+        fetch.fetch("s3://flowcam/missing.tif")
+    assert not exc.value.transient
+    dead = dataclasses.replace(fetch.settings, s3_endpoint_url=f"http://127.0.0.1:{free_port()}", download_timeout=2)
+    with pytest.raises(ImageError, match="cannot read s3://flowcam/sample-1/crop.tif") as exc:
+        ImageFetcher(dead).fetch("s3://flowcam/sample-1/crop.tif")
+    assert exc.value.transient
+
+
+def test_label_studio_presigned_urls_are_followed_to_the_s3_endpoint(fetcher, s3_endpoint):
+    """Label Studio's /tasks/<id>/presign/ answers with a redirect to a presigned URL on the S3 endpoint:
+    followed (the endpoint is allowed because S3_ENDPOINT_URL names it), without Label Studio's key, and
+    the signature never shows in a message."""
+    fetch, crop = fetcher
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    good = s3.generate_presigned_url("get_object", Params={"Bucket": "flowcam", "Key": "sample-1/crop.tif"})
+    gone = s3.generate_presigned_url("get_object", Params={"Bucket": "flowcam", "Key": "gone.tif"})
+    with running() as ls:
+        ls.routes["/tasks/9/presign/"] = redirect(good, 303)
+        ls.routes["/tasks/10/presign/"] = redirect(gone, 303)
+        with_ls = dataclasses.replace(fetch.settings, label_studio_url=ls.url, label_studio_api_key="ls-key-123456")
+        assert ImageFetcher(with_ls).fetch("/tasks/9/presign/?fileuri=czM6Ly9mbG93Y2Ft") == crop.read_bytes()
+        assert ls.hits("/tasks/9/presign/")[0]["Authorization"] == "Token ls-key-123456"
+        with pytest.raises(ImageError, match="answered HTTP 404") as exc:
+            ImageFetcher(with_ls).fetch("/tasks/10/presign/?fileuri=czM6Ly9mbG93Y2Ft")
+        name, (signature,) = next((k, v) for k, v in parse_qs(urlsplit(gone).query).items() if "Signature" in k)
+        assert f"{name}=***" in str(exc.value) and signature not in str(exc.value)
+        # Without S3_ENDPOINT_URL naming it, the loopback endpoint is refused like any private address.
+        with pytest.raises(ImageError, match="refused: 127.0.0.1 is not a public address"):
+            ImageFetcher(dataclasses.replace(with_ls, s3_endpoint_url="")).fetch("/tasks/9/presign/?fileuri=czM6")

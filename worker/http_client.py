@@ -1,129 +1,579 @@
-"""GET over keep-alive HTTP/1.1 connections, one set per download thread.
+"""Outbound HTTP for the worker's image downloads: urllib3 behind an address guard.
 
-Python's `http.client` directly: urllib3's pool, retry and response layers took more CPU per image than the
-request itself, and a worker downloads thousands of 1 KB particles a minute beside a model that needs about
-a millisecond per image (bench/RESULTS.md). Connections stay open between images; one the server closed
-while idle is opened again once, transparently.
+- **Address guard.** Every hop (the first request and each redirect) is resolved by `OutboundGuard`, which
+  refuses loopback, private, link-local, multicast, reserved and unspecified addresses (IPv4, IPv6, and
+  IPv4 inside IPv6: mapped, 6to4, NAT64) unless the host is allowed: Label Studio's host:port
+  (`LABEL_STUDIO_URL`), the S3 endpoint (`S3_ENDPOINT_URL`) and `IMAGE_HOSTS`. The socket then connects to
+  the address that was checked, never to a second lookup (no DNS-rebinding gap). A refused address is
+  refused before any packet is sent, with one message whatever the port, so job statuses cannot be used
+  to scan a network.
+- **Redirects** are followed here, not inside urllib3: at most `MAX_REDIRECTS`, never in a loop, never from
+  https to http, and the caller's headers (`Authorization`) go only to the first origin: once a redirect
+  leaves it, they are dropped for good.
+- **One deadline per fetch** covers everything (connect, TLS handshake, every read, every redirect): each
+  socket read waits at most until it, so a server that drips a byte at a time cannot hold a download thread.
+- **Pools.** Each download thread keeps its own urllib3 `PoolManager` (keep-alive connections, no locks
+  shared between threads); bodies are read with `preload_content=False`, up to the byte limit.
+
+Why urllib3 and not the hand-written `http.client` client this replaced: `bench/http_clients.py` measured
+both through a real keep-alive server (README "Fetching images safely"); the difference is a few percent
+of the model's own CPU per image, too little to keep a hand-written HTTP client in a security boundary.
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
+import ipaddress
+import json
+import re
+import socket
 import ssl
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from typing import Any
+from urllib.parse import unquote_plus, urljoin, urlsplit
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    LocationParseError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-# What a reused connection raises when the server closed it while it was idle.
-STALE = (http.client.RemoteDisconnected, http.client.CannotSendRequest, ConnectionResetError, BrokenPipeError)
+MAX_REDIRECTS = 5
+SMALL_BODY = 64 * 1024  # a redirect's or an error's body is read (keeping the connection) up to this
 USER_AGENT = "plankton-ml-backend"
+# Query parameters whose values are shown in messages: Label Studio's file paths. Every other value may be
+# a token (presigned URLs, SAS signatures, ?token=...) and is replaced by ***.
+SHOWN_QUERY_KEYS = frozenset({"d", "fileuri"})
 
 
 class FetchError(Exception):
-    """The message says what went wrong, with the URL."""
+    """The message says what went wrong, with the URL (redacted). `transient`: it may work later."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), str(self), self.transient)
+
+
+class Refused(FetchError):
+    """The guard refused an address or a redirect before connecting. Never transient."""
+
+
+def _rebuild(cls: type[FetchError], message: str, transient: bool) -> FetchError:
+    return cls(message, transient=transient)
 
 
 @dataclass(frozen=True)
 class Response:
     status: int
     body: bytes
+    url: str  # the last hop's URL (after redirects)
 
 
-Origin = tuple[str, str, int]
+# -- redaction -------------------------------------------------------------------------------------
 
 
-class KeepAliveClient:
-    """Thread-safe: each thread keeps its own connections."""
+def redact_url(url: str, limit: int = 300) -> str:
+    """The URL without its password or user part, its fragment, and every query value but a file path's."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    pieces = []
+    for piece in parts.query.split("&") if parts.query else ():
+        key, sep, value = piece.partition("=")
+        if sep and unquote_plus(key) not in SHOWN_QUERY_KEYS:
+            value = "***"
+        pieces.append(key + sep + value)
+    shown = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else (f"//{netloc}" if netloc else "") + parts.path
+    if pieces:
+        shown += "?" + "&".join(pieces)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
-    def __init__(self, timeout: float, max_bytes: int, max_redirects: int = 3) -> None:
-        self.timeout = timeout
+
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()]+")
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """Every URL in `text` redacted, and every one of `secrets` (4 characters or more) replaced by ***."""
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+# -- the address guard -----------------------------------------------------------------------------
+
+_NUMERIC_IPV4 = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+Address = tuple[int, tuple[Any, ...]]  # (socket family, sockaddr)
+Resolver = Callable[[str, int], list[Address]]
+
+
+def canonical_host(host: str) -> str:
+    """Lower case, no brackets, no trailing dot; IP literals in their one standard spelling, including the
+    forms `inet_aton` accepts (127.1, 2130706433, 0x7f.1, 0177.0.0.1), which resolvers accept too."""
+    h = host.strip().lower()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    h = h.rstrip(".")
+    try:
+        return str(ipaddress.ip_address(h))
+    except ValueError:
+        pass
+    if _NUMERIC_IPV4.match(h):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(h))
+        except OSError:
+            pass
+    return h
+
+
+def refusal_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why a connection to `ip` is refused by default, or None for a public address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return refusal_reason(ip.ipv4_mapped)
+        if ip.sixtofour is not None:
+            return refusal_reason(ip.sixtofour)
+        if ip.teredo is not None:
+            return "reserved"
+        if ip in _NAT64:
+            return refusal_reason(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip in _IPV4_COMPATIBLE and not ip.is_loopback and not ip.is_unspecified:
+            return "reserved"
+    for reason, flag in (("loopback", ip.is_loopback), ("unspecified", ip.is_unspecified),
+                         ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
+                         ("private", ip.is_private), ("reserved", ip.is_reserved)):  # fmt: skip
+        if flag:
+            return reason
+    return None if ip.is_global else "private"
+
+
+def system_resolver(host: str, port: int) -> list[Address]:
+    seen: list[Address] = []
+    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        if (family, sockaddr) not in seen:
+            seen.append((family, sockaddr))
+    return seen
+
+
+def parse_host_list(raw: str, what: str = "IMAGE_HOSTS") -> list[tuple[str, int | None]]:
+    """`host` or `host:port` entries, comma-separated (`[v6]:port`, bare IPv6 and URLs accepted too)."""
+    rules: list[tuple[str, int | None]] = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        port: str | int | None = None
+        if "://" in item:
+            parts = urlsplit(item)
+            host, port = parts.hostname or "", parts.port
+        elif item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else None
+        elif item.count(":") == 1:
+            host, port = item.split(":")
+        else:
+            host = item
+        try:
+            port = int(port) if port not in (None, "") else None
+        except ValueError:
+            port = -1
+        if not host or (port is not None and not 0 < port < 65536) or any(c in host for c in "/@ "):
+            raise ValueError(f"{what}: {item!r} is not host or host:port")
+        rules.append((canonical_host(host), port))
+    return rules
+
+
+def origin_rule(url: str) -> tuple[str, int | None] | None:
+    """The host:port rule of a configured service URL (LABEL_STUDIO_URL, S3_ENDPOINT_URL)."""
+    try:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    return (canonical_host(parts.hostname), port) if parts.hostname else None
+
+
+class OutboundGuard:
+    """Which (host, port) may be connected to, and at which addresses. Thread-safe (read-only)."""
+
+    def __init__(self, allowed: Iterable[tuple[str, int | None]] = (), resolver: Resolver | None = None) -> None:
+        self.any_port: set[str] = set()
+        self.ports: set[tuple[str, int]] = set()
+        for host, port in allowed:
+            if port is None:
+                self.any_port.add(canonical_host(host))
+            else:
+                self.ports.add((canonical_host(host), port))
+        self.resolver: Resolver = resolver or system_resolver
+
+    @classmethod
+    def from_settings(cls, settings: Any, resolver: Resolver | None = None) -> OutboundGuard:
+        rules = parse_host_list(getattr(settings, "image_hosts", "") or "")
+        for url in (settings.label_studio_url, settings.s3_endpoint_url):
+            rule = origin_rule(url) if url else None
+            if rule:
+                rules.append(rule)
+        return cls(rules, resolver)
+
+    def addresses(self, host: str, port: int) -> list[Address]:
+        """The addresses to connect to for host:port, each checked; Refused when there is none. A listed host
+        (IMAGE_HOSTS, Label Studio, the S3 endpoint) may resolve to any address; any other must be public."""
+        canon = canonical_host(host)
+        listed = canon in self.any_port or (canon, port) in self.ports
+        try:
+            found = self.resolver(canon, port)
+        except socket.gaierror as exc:
+            # A listed host is expected to exist (a service restarting in compose): worth another try.
+            transient = listed or exc.errno == socket.EAI_AGAIN
+            raise FetchError(f"cannot resolve {host}", transient=transient) from None
+        except (OSError, UnicodeError, ValueError):
+            raise FetchError(f"cannot resolve {host}") from None
+        if listed:
+            if not found:
+                raise FetchError(f"cannot resolve {host}")
+            return found
+        usable, reasons = [], []
+        for family, sockaddr in found:
+            try:
+                reason = refusal_reason(ipaddress.ip_address(str(sockaddr[0]).split("%")[0]))
+            except ValueError:
+                reason = "not an IP address"
+            if reason is None:
+                usable.append((family, sockaddr))
+            else:
+                reasons.append(reason)
+        if not usable:
+            reason = reasons[0] if reasons else "no address"
+            if any(h == canon for h, _ in self.ports):
+                raise Refused(f"refused: {host} is not a public address ({reason}) and is allowed on other ports "
+                              "only (IMAGE_HOSTS, LABEL_STUDIO_URL, S3_ENDPOINT_URL)")  # fmt: skip
+            raise Refused(f"refused: {host} is not a public address ({reason}); list it in IMAGE_HOSTS to fetch "
+                          "from a private image server")  # fmt: skip
+        return usable
+
+
+# -- one deadline per fetch, enforced at every socket read -----------------------------------------
+
+_deadline = threading.local()
+
+
+def _time_left() -> float | None:
+    end = getattr(_deadline, "end", None)
+    if end is None:
+        return None
+    left = end - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the fetch's deadline passed")
+    return left
+
+
+class _DeadlineSocket(socket.socket):
+    """A socket whose every receive (and send) waits at most until the calling thread's fetch deadline."""
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        left = _time_left()
+        if left is not None:
+            self.settimeout(left)
+        return super().recv_into(buffer, nbytes, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        left = _time_left()
+        if left is not None:
+            self.settimeout(left)
+        return super().sendall(data, flags)
+
+
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        left = _time_left()
+        if left is not None:
+            self.settimeout(left)
+        return super().recv_into(buffer, nbytes, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        left = _time_left()
+        if left is not None:
+            self.settimeout(left)
+        return super().sendall(data, flags)
+
+
+def _open_socket(addresses: list[Address], options: Any, default_timeout: float) -> socket.socket:
+    """Connect to the first of the checked addresses that answers (within the deadline)."""
+    last: OSError | None = None
+    for family, sockaddr in addresses:
+        sock = _DeadlineSocket(family, socket.SOCK_STREAM)
+        try:
+            for option in options or ():
+                sock.setsockopt(*option)
+            left = _time_left()
+            sock.settimeout(default_timeout if left is None else left)
+            sock.connect(sockaddr)
+            left = _time_left()  # the TLS handshake, if any, runs under what is left
+            if left is not None:
+                sock.settimeout(left)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise last or OSError("no address to connect to")
+
+
+class _GuardedConnectionMixin:
+    guard: OutboundGuard  # set on the per-client subclasses
+    host: str
+    port: int
+    socket_options: Any
+    timeout: Any
+
+    def _new_conn(self) -> socket.socket:
+        addresses = self.guard.addresses(self.host, self.port)  # FetchError / Refused go straight up
+        timeout = self.timeout if isinstance(self.timeout, int | float) else 10.0
+        try:
+            return _open_socket(addresses, self.socket_options, timeout)
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(self, f"connecting to {self.host} timed out") from exc
+        except OSError as exc:
+            raise NewConnectionError(self, f"cannot connect to {self.host}: {_os_reason(exc)}") from exc  # type: ignore[arg-type]
+
+
+def _os_reason(exc: BaseException) -> str:
+    names = {errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset",
+             errno.EHOSTUNREACH: "host unreachable", errno.ENETUNREACH: "network unreachable",
+             errno.ECONNABORTED: "connection aborted", errno.EPIPE: "connection closed"}  # fmt: skip
+    if isinstance(exc, OSError) and exc.errno in names:
+        return names[exc.errno]
+    return type(exc).__name__
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = 0
+    while seen < 10:
+        inner = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else None
+        inner = inner if isinstance(inner, BaseException) else (exc.__cause__ or exc.__context__)
+        if inner is None:
+            return exc
+        exc, seen = inner, seen + 1
+    return exc
+
+
+class HttpClient:
+    """GET with the guard, the deadline and the byte limit. Thread-safe: each thread keeps its own pools."""
+
+    def __init__(
+        self, guard: OutboundGuard, timeout: float, max_bytes: int, max_redirects: int = MAX_REDIRECTS
+    ) -> None:
+        self.guard = guard
+        self.timeout = timeout  # seconds for a whole fetch, redirects included
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
+        self._timeouts = urllib3.Timeout(connect=timeout, read=timeout)  # the deadline is tighter
         self._local = threading.local()
+        self._ssl_lock = threading.Lock()
         self._ssl_context: ssl.SSLContext | None = None
+        http_conn = type("GuardedHTTPConnection", (_GuardedConnectionMixin, HTTPConnection), {"guard": guard})
+        https_conn = type("GuardedHTTPSConnection", (_GuardedConnectionMixin, HTTPSConnection), {"guard": guard})
+        self._pool_classes = {
+            "http": type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+            "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+        }
+
+    # -- public ------------------------------------------------------------------------------------
 
     def get(self, url: str, headers: Mapping[str, str] | None = None) -> Response:
-        """The response to GET `url`, redirects followed. A body over `max_bytes` is an error; so are a
-        timeout and a failed connection. Any status is returned: the caller decides what it means."""
-        for _ in range(self.max_redirects + 1):
-            status, location, body = self._get_once(url, headers or {})
-            if status not in REDIRECTS or not location:
-                return Response(status, body)
-            url = urljoin(url, location)
-        raise FetchError(f"GET {url} failed: more than {self.max_redirects} redirects")
+        """The response to GET `url`, redirects followed, whatever its status (the caller decides what it
+        means). FetchError for everything else: refused, unreachable, too slow, too big, bad redirects."""
+        with self._deadline():
+            return self._get(url, dict(headers or {}))
 
-    def _connections(self) -> dict[Origin, http.client.HTTPConnection]:
-        conns = getattr(self._local, "conns", None)
-        if conns is None:
-            conns = self._local.conns = {}
-        return conns
+    def post_json(self, url: str, payload: Any, limit: int = SMALL_BODY) -> tuple[int, bytes]:
+        """POST a JSON body, no redirect followed (a redirected POST would carry the body elsewhere)."""
+        body = json.dumps(payload).encode()
+        with self._deadline():
+            resp = self._send("POST", url, {"Content-Type": "application/json"}, body)
+            return resp.status, self._read_body(url, resp, limit)
 
-    def _get_once(self, url: str, headers: Mapping[str, str]) -> tuple[int, str | None, bytes]:
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _deadline(self) -> _DeadlineScope:
+        return _DeadlineScope(self.timeout)
+
+    def _pools(self) -> urllib3.PoolManager:
+        pools = getattr(self._local, "pools", None)
+        if pools is None:
+            pools = urllib3.PoolManager(num_pools=16, maxsize=1, block=False, ssl_context=self._context())
+            pools.pool_classes_by_scheme = self._pool_classes
+            self._local.pools = pools
+        return pools
+
+    def _context(self) -> ssl.SSLContext:
+        with self._ssl_lock:
+            if self._ssl_context is None:
+                context = ssl.create_default_context()  # system CAs; SSL_CERT_FILE / SSL_CERT_DIR honoured
+                context.sslsocket_class = _DeadlineSSLSocket
+                self._ssl_context = context
+            return self._ssl_context
+
+    def _get(self, url: str, headers: dict[str, str]) -> Response:
+        first = origin(url) if headers else None
+        visited = {url}
+        for hop in range(self.max_redirects + 1):
+            if headers and hop and origin(url) != first:
+                headers = {}  # the origin changed: the caller's headers are dropped for good
+            resp = self._send("GET", url, headers)
+            location = resp.headers.get("Location") if resp.status in REDIRECTS else None
+            if not location:
+                return Response(resp.status, self._read_body(url, resp, self.max_bytes), url)
+            self._discard(resp)
+            target = urljoin(url, location.strip())
+            if urlsplit(url).scheme == "https" and urlsplit(target).scheme == "http":
+                raise Refused(f"GET {redact_url(url)}: refused a redirect from https to http ({redact_url(target)})")
+            if target in visited:
+                raise FetchError(f"GET {redact_url(url)}: redirect loop (back to {redact_url(target)})")
+            if hop == self.max_redirects:
+                break
+            visited.add(target)
+            url = target
+        raise FetchError(f"GET {redact_url(url)} failed: more than {self.max_redirects} redirects")
+
+    def _send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None) -> Any:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FetchError(f"GET {url} failed: not an http(s) URL")
-        origin = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        conns = self._connections()
+            raise FetchError(f"{method} {redact_url(url)} failed: not an http(s) URL")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise FetchError(f"{method} {redact_url(url)} failed: bad port") from None
+        all_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
         for attempt in range(2):
-            conn = conns.get(origin)
-            reused = conn is not None
-            if conn is None:
-                conn = conns[origin] = self._connect(url, origin)
             try:
-                conn.request("GET", target, headers={"User-Agent": USER_AGENT, **headers})
-                resp = conn.getresponse()
-                status, location, body = resp.status, resp.getheader("Location"), self._read(url, resp)
-            except STALE as exc:
-                self._drop(origin)
-                if reused and attempt == 0:
+                return self._pools().urlopen(
+                    method, url, body=body, headers=all_headers, redirect=False, retries=False,
+                    preload_content=False, decode_content=False, assert_same_host=False,
+                    timeout=self._timeouts,
+                )  # fmt: skip
+            except FetchError as exc:  # from the guard: say which request
+                raise type(exc)(f"{method} {redact_url(url)} {exc}", transient=exc.transient) from None
+            except (HTTPError, OSError) as exc:
+                # A kept-alive connection the server closed while idle fails once; a fresh one follows.
+                if attempt == 0 and _stale(exc) and not _DeadlineScope.passed():
                     continue
-                raise FetchError(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
-            except FetchError:
-                self._drop(origin)
-                raise
-            except TimeoutError:
-                self._drop(origin)
-                raise FetchError(f"GET {url} timed out after {self.timeout:g} s") from None
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop(origin)
-                raise FetchError(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
-            if resp.will_close or not resp.isclosed():
-                self._drop(origin)
-            return status, location, body
+                raise self._error(method, url, exc) from None
         raise AssertionError("unreachable")
 
-    def _connect(self, url: str, origin: Origin) -> http.client.HTTPConnection:
-        scheme, host, port = origin
-        if scheme == "https":
-            if self._ssl_context is None:
-                self._ssl_context = ssl.create_default_context()
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                host, port, timeout=self.timeout, context=self._ssl_context
-            )
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+    def _read_body(self, url: str, resp: Any, limit: int) -> bytes:
+        complete = False
         try:
-            conn.connect()
-        except TimeoutError:
-            raise FetchError(f"GET {url} timed out after {self.timeout:g} s (connecting)") from None
-        except OSError as exc:
-            raise FetchError(f"GET {url} failed: cannot connect ({type(exc).__name__}: {exc})") from None
-        return conn
+            encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise FetchError(f"GET {redact_url(url)}: served with Content-Encoding {encoding[:40]}, "
+                                 "not the identity encoding asked for")  # fmt: skip
+            declared = resp.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise FetchError(f"{redact_url(url)} is {int(declared)} bytes, over the {limit}-byte limit "
+                                 "(IMAGE_MAX_BYTES)")  # fmt: skip
+            body = resp.read(limit + 1, decode_content=False)
+            if len(body) > limit:
+                raise FetchError(f"{redact_url(url)} is over the {limit}-byte limit (IMAGE_MAX_BYTES)")
+            # At the end of the body the connection can be used again (a read of nothing says so).
+            complete = resp.closed or not resp.read(1, decode_content=False)
+            return body
+        except FetchError:
+            raise
+        except (HTTPError, OSError) as exc:
+            raise self._error("GET", url, exc) from None
+        finally:
+            self._release(resp, complete)
 
-    def _read(self, url: str, resp: http.client.HTTPResponse) -> bytes:
-        limit = self.max_bytes
-        declared = resp.getheader("Content-Length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise FetchError(f"{url} is {int(declared)} bytes, over the {limit}-byte limit (IMAGE_MAX_BYTES)")
-        body = resp.read(limit + 1)
-        if len(body) > limit:
-            raise FetchError(f"{url} is over the {limit}-byte limit (IMAGE_MAX_BYTES)")
-        return body
+    def _discard(self, resp: Any) -> None:
+        """A redirect's body: read when small (the connection is kept), else the connection is closed."""
+        declared = resp.headers.get("Content-Length", "")
+        complete = False
+        if declared.isdigit() and int(declared) <= SMALL_BODY:
+            try:
+                resp.read(int(declared) + 1, decode_content=False)
+                complete = True
+            except (HTTPError, OSError):
+                pass
+        self._release(resp, complete)
 
-    def _drop(self, origin: Origin) -> None:
-        conn = self._connections().pop(origin, None)
-        if conn is not None:
-            conn.close()
+    @staticmethod
+    def _release(resp: Any, complete: bool) -> None:
+        if not complete:
+            resp.close()  # closes the connection: nothing unread is left on it for the next request
+        resp.release_conn()
+
+    def _error(self, method: str, url: str, exc: BaseException) -> FetchError:
+        shown = f"{method} {redact_url(url)}"
+        if isinstance(exc, LocationParseError):
+            return FetchError(f"{shown} failed: not a valid URL")
+        cause = _root_cause(exc)
+        if isinstance(exc, NewConnectionError) and not isinstance(cause, TimeoutError):  # a ConnectTimeoutError too
+            return FetchError(f"{shown} failed: cannot connect ({_os_reason(cause)})", transient=True)
+        if isinstance(exc, ConnectTimeoutError | ReadTimeoutError | TimeoutError) or isinstance(cause, TimeoutError):
+            return FetchError(f"{shown} timed out after {self.timeout:g} s (DOWNLOAD_TIMEOUT, the whole fetch)",
+                              transient=True)  # fmt: skip
+        if isinstance(exc, SSLError) or isinstance(cause, ssl.SSLError):
+            return FetchError(f"{shown} failed: TLS: {redact_text(str(cause))[:200]}")
+        if isinstance(cause, ConnectionError | http.client.IncompleteRead):
+            return FetchError(f"{shown} failed: {_os_reason(cause)} by the server", transient=True)
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return FetchError(f"{shown} failed: {_os_reason(cause)}", transient=True)
+        reason = redact_text(str(cause))[:200] or type(cause).__name__
+        return FetchError(f"{shown} failed: bad HTTP answer ({type(cause).__name__}: {reason})")
+
+
+def _stale(exc: BaseException) -> bool:
+    cause = _root_cause(exc)
+    return isinstance(cause, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError)
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, canonical host, port with the scheme's default filled in)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, canonical_host(parts.hostname or ""), port or (443 if scheme == "https" else 80)
+
+
+class _DeadlineScope:
+    """Sets the calling thread's fetch deadline (the socket reads obey it) for the duration of a fetch."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_deadline, "end", None)
+        _deadline.end = time.monotonic() + self.seconds
+
+    def __exit__(self, *exc: object) -> None:
+        _deadline.end = self.previous
+
+    @staticmethod
+    def passed() -> bool:
+        end = getattr(_deadline, "end", None)
+        return end is not None and time.monotonic() >= end

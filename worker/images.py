@@ -1,32 +1,68 @@
-"""Getting a task's image: fetch the bytes (http, Label Studio paths, S3), decode, and preprocess.
+"""Getting a task's image: fetch the bytes (Label Studio paths read from disk or over HTTP, other http(s)
+URLs, S3), decode, and preprocess.
 
-Every failure is an `ImageError` whose message says what went wrong for that one task; the rest of a
-batch goes on.
+Every failure is an `ImageError` whose message says what went wrong for that one task (URLs redacted, no
+secret in it); the rest of a batch goes on. `transient` says whether the same fetch may work later.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import json
+import logging
+import os
+import posixpath
+import re
+import stat
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import numpy as np
-import requests
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.settings import Settings
-from worker.http_client import FetchError, KeepAliveClient
+from worker.http_client import FetchError, HttpClient, OutboundGuard, origin, redact_text, redact_url
 
-Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, with a clear error
+log = logging.getLogger(__name__)
+
+Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, before decoding, with a clear error
+
+# What Pillow may open (Image.open tries only these): the formats Label Studio shows as images (JPEG includes
+# the MPO variant many cameras write). Everything else (PSD, EPS, ICO, TGA, PCX, ...) is refused unparsed.
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")
+FORMATS_SHOWN = "PNG, JPEG, TIFF, BMP, GIF or WebP"
+DEEP_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I", "F"})
+RETRY_STATUSES = frozenset({408, 425, 429})
+PAD_LIMIT = 1024  # longest side padded to a square as it is; longer images are shrunk first
 
 
 class ImageError(Exception):
-    """One task's image cannot be used. The message is shown in the job status and the log."""
+    """One task's image cannot be used. The message is shown in the job status and the log.
+
+    `transient`: the same fetch may work later (an allowed host refused or reset the connection, a
+    timeout, HTTP 429 or 5xx, Label Studio unreachable for the token exchange); False for everything else
+    (404, decode errors, limits, refused addresses)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_image_error, (str(self), self.transient)
+
+
+def _rebuild_image_error(message: str, transient: bool) -> ImageError:
+    return ImageError(message, transient=transient)
+
+
+def _from_fetch(exc: FetchError) -> ImageError:
+    return ImageError(str(exc), transient=exc.transient)
 
 
 def image_reference(task: Mapping[str, Any], image_key: str) -> str:
@@ -35,6 +71,100 @@ def image_reference(task: Mapping[str, Any], image_key: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ImageError(f"task {task.get('id')} has no '{image_key}' in its data")
     return value.strip()
+
+
+# -- Label Studio paths ----------------------------------------------------------------------------
+
+LABEL_STUDIO_PATHS = "/data/upload/..., /data/local-files/?d=... or /tasks/<id>/presign/?fileuri=..."
+_STORAGE_PATH = re.compile(r"/(tasks|projects)/([0-9]+)/(presign|resolve)/?")
+
+
+@dataclass(frozen=True)
+class LabelStudioTarget:
+    """A Label Studio file path, normalised: `kind` upload, local-files or storage; `rel` the file's path
+    under its root (uploads and local files); `request` the path and query to ask Label Studio for."""
+
+    kind: str
+    rel: str
+    request: str
+
+
+def label_studio_target(ref: str) -> LabelStudioTarget:
+    """The normalised target of a Label Studio path (`/data/upload/1/a.png`, `data/local-files/?d=x/a.png`,
+    `/tasks/5/presign/?fileuri=...`). Anything else, `..` escaping to `/api/...` included, is refused."""
+    shown = redact_url(ref)
+    parts = urlsplit("/" + ref.lstrip("/"))
+    path = unquote(parts.path)
+    if "\x00" in path:
+        raise ImageError(f"{shown}: not a Label Studio image path")
+    norm = "/" + posixpath.normpath(path).lstrip("/")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if norm.startswith("/data/upload/"):
+        rel = norm[len("/data/upload/") :]
+        return LabelStudioTarget("upload", rel, "/data/upload/" + quote(rel, safe="/"))
+    if norm == "/data/local-files":
+        values = query.get("d", [])
+        if len(values) != 1 or not values[0].strip() or "\x00" in values[0]:
+            raise ImageError(f"{shown}: a local-files path needs one ?d=<path>")
+        rel = posixpath.normpath(values[0]).lstrip("/")  # what Label Studio does with it
+        if rel in (".", "..") or rel.startswith("../"):
+            raise ImageError(f"{shown}: the path escapes LOCAL_FILES_DOCUMENT_ROOT: not fetched")
+        return LabelStudioTarget("local-files", rel, "/data/local-files/?d=" + quote(rel, safe="/"))
+    match = _STORAGE_PATH.fullmatch(norm)
+    if match:
+        values = query.get("fileuri", [])
+        if len(values) != 1 or not values[0]:
+            raise ImageError(f"{shown}: a storage path needs one ?fileuri=<uri>")
+        kind, ident, verb = match.groups()
+        return LabelStudioTarget("storage", "", f"/{kind}/{ident}/{verb}/?" + urlencode({"fileuri": values[0]}))
+    raise ImageError(f"{shown}: not a Label Studio image path ({LABEL_STUDIO_PATHS})")
+
+
+class _OutsideRoot(Exception):
+    pass
+
+
+def read_under(root: str, rel: str, max_bytes: int) -> bytes | None:
+    """The file `rel` under `root` (a resolved folder), or None when it is not there (or not readable by
+    this process). `_OutsideRoot` when its real path leaves the root (a symbolic link out of it)."""
+    candidate = os.path.join(root, rel)
+    try:
+        real = os.path.realpath(candidate, strict=True)
+    except OSError:
+        return None
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise _OutsideRoot(real)
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except (FileNotFoundError, PermissionError):
+        return None
+    except OSError as exc:
+        raise ImageError(f"cannot read {rel}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{rel} is not a regular file")
+        if info.st_size > max_bytes:
+            raise ImageError(f"{rel} is {info.st_size} bytes, over the {max_bytes}-byte limit (IMAGE_MAX_BYTES)")
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise ImageError(f"{rel} is over the {max_bytes}-byte limit (IMAGE_MAX_BYTES)")
+    return data
+
+
+def _folder(path: str) -> str | None:
+    if not path:
+        return None
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        log.warning("%s is not a folder this worker can see: its files are fetched over HTTP", path)
+    return real
+
+
+# -- Label Studio credentials ----------------------------------------------------------------------
 
 
 def _is_jwt(token: str) -> bool:
@@ -46,14 +176,16 @@ class LabelStudioAuth:
     """Headers for Label Studio's own file URLs. A personal access token (a JWT refresh token) is not
     accepted there: it is exchanged at /api/token/refresh/ for a short-lived access token first."""
 
-    def __init__(self, base_url: str, api_key: str, session: requests.Session, timeout: float) -> None:
+    def __init__(self, base_url: str, api_key: str, http: HttpClient) -> None:
         self.base_url = base_url
         self.api_key = api_key
-        self.session = session
-        self.timeout = timeout
+        self.http = http
         self._access: str | None = None
         self._expires = 0.0
         self._lock = threading.Lock()
+
+    def secrets(self) -> list[str]:
+        return [s for s in (self.api_key, self._access) if s]
 
     def headers(self, refresh: bool = False) -> dict[str, str]:
         if not self.api_key:
@@ -62,17 +194,27 @@ class LabelStudioAuth:
             return {"Authorization": f"Token {self.api_key}"}
         with self._lock:
             if refresh or self._access is None or time.time() > self._expires:
-                try:
-                    resp = self.session.post(
-                        f"{self.base_url}/api/token/refresh/", json={"refresh": self.api_key}, timeout=self.timeout
-                    )
-                except requests.RequestException as exc:
-                    raise ImageError(f"cannot reach Label Studio to exchange LABEL_STUDIO_API_KEY: {exc}") from None
-                if resp.status_code != 200:
-                    raise ImageError(f"Label Studio refused LABEL_STUDIO_API_KEY ({resp.status_code})")
-                self._access = resp.json()["access"]
+                self._access = self._exchange()
                 self._expires = time.time() + _jwt_lifetime(self._access) - 30
             return {"Authorization": f"Bearer {self._access}"}
+
+    def _exchange(self) -> str:
+        try:
+            status, body = self.http.post_json(f"{self.base_url}/api/token/refresh/", {"refresh": self.api_key})
+        except FetchError as exc:  # Label Studio down or restarting: the task layer tries again later
+            raise ImageError(
+                f"cannot reach Label Studio to exchange LABEL_STUDIO_API_KEY: {exc}", transient=True
+            ) from None
+        if status != 200:
+            transient = status >= 500 or status in RETRY_STATUSES
+            raise ImageError(f"Label Studio refused LABEL_STUDIO_API_KEY ({status})", transient=transient)
+        try:
+            access = json.loads(body)["access"]
+            if not isinstance(access, str) or not access:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise ImageError("Label Studio's token exchange answered without an access token") from None
+        return access
 
 
 def _jwt_lifetime(token: str) -> float:
@@ -80,101 +222,251 @@ def _jwt_lifetime(token: str) -> float:
         payload = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         return max(0.0, float(claims["exp"]) - time.time())
-    except (ValueError, KeyError, IndexError):
+    except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
         return 60.0
 
 
+# -- the fetcher -----------------------------------------------------------------------------------
+
+
 class ImageFetcher:
-    """Thread-safe: one per worker process, used from the download threads."""
+    """Thread-safe: one per worker process, used from the download threads.
+
+    Label Studio paths are read from disk when the worker sees the same folders as Label Studio
+    (`LOCAL_FILES_DOCUMENT_ROOT` for local files, `LABEL_STUDIO_BASE_DATA_DIR`/media for uploads), else
+    over HTTP from `LABEL_STUDIO_URL` with its key. Other URLs go through the outbound guard, never with
+    the key; `s3://` through boto3 with the worker's own credentials."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.http = KeepAliveClient(settings.download_timeout, settings.image_max_bytes)
-        self.ls_auth = LabelStudioAuth(
-            settings.label_studio_url, settings.label_studio_api_key, requests.Session(), settings.download_timeout
-        )
-        self._s3 = None
+        self.guard = OutboundGuard.from_settings(settings)
+        self.http = HttpClient(self.guard, settings.download_timeout, settings.image_max_bytes)
+        self.ls_url = settings.label_studio_url.rstrip("/")
+        self.ls_auth = LabelStudioAuth(self.ls_url, settings.label_studio_api_key, self.http)
+        self.local_root = _folder(getattr(settings, "local_files_document_root", ""))
+        base = getattr(settings, "label_studio_base_data_dir", "")
+        self.upload_root = _folder(os.path.join(base, "media", "upload")) if base else None
+        self._s3: Any = None
+        self._s3_lock = threading.Lock()
 
     def fetch(self, ref: str) -> bytes:
+        try:
+            return self._fetch(ref.strip())
+        except ValueError as exc:  # urlsplit's own complaints (an unclosed [, a bad port)
+            raise ImageError(f"{redact_url(ref)[:200]!r} is not a valid URL ({exc})") from None
+        except ImageError as exc:
+            secrets = [*self.ls_auth.secrets(), os.environ.get("AWS_SECRET_ACCESS_KEY", "")]
+            raise ImageError(redact_text(str(exc), secrets), transient=exc.transient) from None
+
+    def _fetch(self, ref: str) -> bytes:
         if ref.startswith("s3://"):
             return self._fetch_s3(ref)
-        if ref.startswith("/data/") or ref.startswith("data/"):
-            if not self.settings.label_studio_url:
-                raise ImageError(f"{ref} is a Label Studio path but LABEL_STUDIO_URL is not set")
-            url = f"{self.settings.label_studio_url}/{ref.lstrip('/')}"
-            return self._fetch_http(url, label_studio=True)
-        scheme = urlparse(ref).scheme
+        scheme = urlsplit(ref).scheme.lower() if "://" in ref else ""
         if scheme in ("http", "https"):
-            is_ls = bool(self.settings.label_studio_url) and ref.startswith(self.settings.label_studio_url + "/")
-            return self._fetch_http(ref, label_studio=is_ls)
-        raise ImageError(f"unsupported image reference {ref[:200]!r} (expected http(s)://, /data/... or s3://)")
+            relative = self._under_label_studio(ref)
+            if relative is None:
+                return self._get(ref, label_studio=False)
+            return self._fetch_label_studio(relative, ref)
+        if ref.startswith("/") or ref.startswith("data/"):
+            return self._fetch_label_studio(ref, ref)
+        raise ImageError(f"unsupported image reference {redact_url(ref)[:200]!r} (expected http(s)://, /data/... "
+                         "or s3://)")  # fmt: skip
 
-    def _fetch_http(self, url: str, label_studio: bool) -> bytes:
+    def _under_label_studio(self, url: str) -> str | None:
+        """The path and query of `url` relative to LABEL_STUDIO_URL when it is on Label Studio's origin and
+        under its base path; None for any other URL."""
+        if not self.ls_url:
+            return None
         try:
-            resp = self.http.get(url, self.ls_auth.headers() if label_studio else {})
+            mine, base = urlsplit(url), urlsplit(self.ls_url)
+            same = origin(url) == origin(self.ls_url)
+        except ValueError:
+            return None
+        prefix = base.path.rstrip("/")
+        if not same or not (mine.path == prefix or mine.path.startswith(prefix + "/")):
+            return None
+        return mine.path[len(prefix) :] + (f"?{mine.query}" if mine.query else "")
+
+    def _fetch_label_studio(self, ref: str, shown: str) -> bytes:
+        target = label_studio_target(ref)
+        root = {"local-files": self.local_root, "upload": self.upload_root}.get(target.kind)
+        outside = False
+        if root is not None and target.rel:
+            try:
+                data = read_under(root, target.rel, self.settings.image_max_bytes)
+            except _OutsideRoot:
+                # Never read by this process; Label Studio decides, over HTTP, with its own rules.
+                log.warning("%s leads out of %s: not read from disk", redact_url(shown), root)
+                outside = True
+            else:
+                if data is not None:
+                    return data
+        if not self.ls_url:
+            where = " (its real path is outside the folder it names: not read)" if outside else ""
+            raise ImageError(f"{redact_url(shown)} is a Label Studio path{where} but LABEL_STUDIO_URL is not set")
+        return self._get(self.ls_url + target.request, label_studio=True)
+
+    def _get(self, url: str, label_studio: bool) -> bytes:
+        try:
+            resp = self.http.get(url, self.ls_auth.headers() if label_studio else None)
             if resp.status == 401 and label_studio and _is_jwt(self.settings.label_studio_api_key):
                 resp = self.http.get(url, self.ls_auth.headers(refresh=True))
         except FetchError as exc:
-            raise ImageError(str(exc)) from None
+            raise _from_fetch(exc) from None
         if resp.status != 200:
-            raise ImageError(f"GET {url} answered HTTP {resp.status}")
+            via = f" (redirected to {redact_url(resp.url)})" if resp.url != url else ""
+            transient = resp.status >= 500 or resp.status in RETRY_STATUSES
+            raise ImageError(f"GET {redact_url(url)} answered HTTP {resp.status}{via}", transient=transient)
         return resp.body
 
+    def _s3_client(self) -> Any:
+        with self._s3_lock:
+            if self._s3 is None:
+                import boto3
+                from botocore.config import Config
+
+                timeout = self.settings.download_timeout
+                config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 2})
+                self._s3 = boto3.client("s3", endpoint_url=self.settings.s3_endpoint_url or None, config=config)
+            return self._s3
+
     def _fetch_s3(self, ref: str) -> bytes:
-        parsed = urlparse(ref)
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        parsed = urlsplit(ref)
         bucket, key = parsed.netloc, parsed.path.lstrip("/")
         if not bucket or not key:
-            raise ImageError(f"{ref} is not s3://bucket/key")
-        if self._s3 is None:
-            import boto3
-
-            self._s3 = boto3.client("s3", endpoint_url=self.settings.s3_endpoint_url or None)
+            raise ImageError(f"{redact_url(ref)} is not s3://bucket/key")
+        limit = self.settings.image_max_bytes
         try:
-            obj = self._s3.get_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            raise ImageError(f"cannot read {ref}: {exc}") from None
-        if obj.get("ContentLength", 0) > self.settings.image_max_bytes:
-            raise ImageError(f"{ref} is over the {self.settings.image_max_bytes}-byte limit (IMAGE_MAX_BYTES)")
-        return obj["Body"].read()
+            obj = self._s3_client().get_object(Bucket=bucket, Key=key)
+            if obj.get("ContentLength", 0) > limit:
+                obj["Body"].close()
+                raise ImageError(f"{redact_url(ref)} is over the {limit}-byte limit (IMAGE_MAX_BYTES)")
+            data = obj["Body"].read(limit + 1)
+        except ClientError as exc:
+            meta = exc.response.get("ResponseMetadata", {}) if isinstance(exc.response, dict) else {}
+            status = int(meta.get("HTTPStatusCode") or 0)
+            code = str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc.response, dict) else ""
+            transient = (
+                status >= 500 or status in RETRY_STATUSES or code in ("SlowDown", "Throttling", "RequestTimeout")
+            )
+            raise ImageError(f"cannot read {redact_url(ref)}: {exc}", transient=transient) from None
+        except (BotoConnectionError, HTTPClientError) as exc:
+            raise ImageError(f"cannot read {redact_url(ref)}: {exc}", transient=True) from None
+        except BotoCoreError as exc:
+            raise ImageError(f"cannot read {redact_url(ref)}: {exc}") from None
+        if len(data) > limit:
+            raise ImageError(f"{redact_url(ref)} is over the {limit}-byte limit (IMAGE_MAX_BYTES)")
+        return data
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Any Pillow-readable image as 8-bit RGB. Greyscale deeper than 8 bits (FlowCam and cytometer
-    TIFFs) is scaled by its own maximum to 0..1, then replicated to three channels."""
+# -- decode ----------------------------------------------------------------------------------------
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    *,
+    max_side: int = Settings.image_max_side,
+    max_aspect: float = Settings.image_max_aspect,
+) -> Image.Image:
+    """A PNG, JPEG, TIFF, BMP, GIF or WebP image as 8-bit RGB, upright (EXIF orientation applied), the first
+    frame of an animation. Greyscale deeper than 8 bits (FlowCam and cytometer TIFFs, float TIFFs) is scaled
+    by its own maximum to 0..1, then replicated to three channels; transparency is composited on white.
+
+    The size is checked from the header, before any pixel is decoded: over `max_pixels` pixels, a side
+    over `max_side` or an aspect ratio over `max_aspect` is an ImageError, as is anything undecodable."""
+    if not data:
+        raise ImageError("cannot decode image: the file is empty")
     try:
-        img = Image.open(io.BytesIO(data))
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ImageError(f"image is {width}x{height}, over the {max_pixels}-pixel limit (IMAGE_MAX_PIXELS)")
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot decode image: UnidentifiedImageError: not a {FORMATS_SHOWN} image "
+                         f"({_what_it_is(data)})") from None  # fmt: skip
+    except Exception as exc:
+        raise ImageError(f"cannot decode image: {type(exc).__name__}: {_short(exc)}") from None
+    width, height = img.size
+    what = f"{img.format} image is {width}x{height}"
+    if width < 1 or height < 1:
+        raise ImageError(f"{what}: no pixels")
+    if width * height > max_pixels:
+        raise ImageError(f"{what}, over the {max_pixels}-pixel limit (IMAGE_MAX_PIXELS)")
+    if max(width, height) > max_side:
+        raise ImageError(f"{what}, its longest side over the {max_side}-pixel limit (IMAGE_MAX_SIDE)")
+    if max(width, height) / min(width, height) > max_aspect:
+        raise ImageError(f"{what}, an aspect ratio over the {max_aspect:g}:1 limit (IMAGE_MAX_ASPECT)")
+    try:
         img.load()
+        img = ImageOps.exif_transpose(img) if _has_orientation(img) else img
+        return _to_rgb(img)
     except ImageError:
         raise
-    except Exception as exc:
-        raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    except Exception as exc:  # truncated, corrupt, a decoder's own limit, an unsupported mode
+        raise ImageError(f"cannot decode image ({what}): {type(exc).__name__}: {_short(exc)}") from None
+
+
+def _what_it_is(data: bytes) -> str:
+    head = data[:64].lstrip()
+    for start, what in ((b"<", "HTML or XML: an error or login page?"), (b"{", "JSON"), (b"[", "JSON"),
+                        (b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "gzip data"), (b"%PDF", "a PDF")):  # fmt: skip
+        if head.startswith(start):
+            return f"it is {what}"
+    return f"it starts with {data[:8]!r}"
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc)[:200] or type(exc).__name__
+
+
+def _has_orientation(img: Image.Image) -> bool:
+    """Whether the EXIF (or TIFF) orientation asks for a turn. Most images carry none, and asking first
+    spares `exif_transpose`'s copy; an unreadable orientation is no orientation."""
+    try:
+        if img.format == "TIFF":
+            return img.tag_v2.get(0x0112, 1) != 1  # type: ignore[attr-defined]
+        return "exif" in img.info and img.getexif().get(0x0112, 1) != 1
+    except Exception:
+        return False
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in DEEP_MODES:
         arr = np.asarray(img, dtype=np.float32)
+        arr = np.where(np.isfinite(arr), arr, 0.0)
         peak = float(arr.max()) if arr.size else 0.0
         scaled = arr / peak if peak > 0 else np.zeros_like(arr)
         grey = np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+# -- preprocess ------------------------------------------------------------------------------------
+
+
 def to_model_input(img: Image.Image, size: int) -> np.ndarray:
     """Pad to a square with the image's own border colour (aspect ratio kept), resize to `size`.
+
+    An image longer than `PAD_LIMIT` (or twice `size`) is first shrunk by a whole factor (box filter) to
+    within it, so that a 40000x1000 image is padded as 1000x25, never as a 40000x40000 array; smaller ones
+    (every particle) are padded as they are.
 
     Returns uint8 HxWx3; scaling to float and normalising happen on the model's device.
     """
     width, height = img.size
+    limit = max(PAD_LIMIT, 2 * size)
+    if max(width, height) > limit:
+        img = img.reduce(-(-max(width, height) // limit))
+        width, height = img.size
     side = max(width, height)
     if width != height:
-        border = np.concatenate(
-            [np.asarray(img)[[0, -1], :, :].reshape(-1, 3), np.asarray(img)[:, [0, -1], :].reshape(-1, 3)]
-        )
+        arr = np.asarray(img)
+        border = np.concatenate([arr[[0, -1], :, :].reshape(-1, 3), arr[:, [0, -1], :].reshape(-1, 3)])
         fill = tuple(int(v) for v in np.median(border, axis=0))
         img = ImageOps.pad(img, (side, side), color=fill, centering=(0.5, 0.5))
     if side != size:

@@ -44,6 +44,7 @@ class EmbedOutcome:
     features: dict[int, np.ndarray] = field(default_factory=dict)
     refs: dict[int, str] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
+    transient: set[int] = field(default_factory=set)  # of `errors`: those worth retrying later
     computed: int = 0
     cache_hits: int = 0
     # Tasks not embedded because the run was asked to stop (their downloads, if any, are dropped).
@@ -53,6 +54,7 @@ class EmbedOutcome:
         self.features.update(other.features)
         self.refs.update(other.refs)
         self.errors.update(other.errors)
+        self.transient |= other.transient
         self.computed += other.computed
         self.cache_hits += other.cache_hits
         self.unstarted.extend(other.unstarted)
@@ -89,7 +91,8 @@ class EmbeddingPipeline:
         ref = image_reference(task, image_key)
         data = self.fetcher.fetch(ref)
         digest = hashlib.sha256(data).hexdigest()
-        img = decode_image(data, self.max_pixels)
+        limits = self.fetcher.settings  # IMAGE_MAX_SIDE, IMAGE_MAX_ASPECT (IMAGE_MAX_PIXELS is max_pixels)
+        img = decode_image(data, self.max_pixels, max_side=limits.image_max_side, max_aspect=limits.image_max_aspect)
         return Prepared(task["id"], ref, digest, pixels=to_model_input(img, self.embedder.image_size))
 
     def run(self, tasks: Sequence[Mapping[str, Any]], image_key: str) -> EmbedOutcome:
@@ -180,6 +183,8 @@ class _Run:
             prepared = fut.result()
         except ImageError as exc:
             part.errors[tid] = str(exc)
+            if getattr(exc, "transient", False):
+                part.transient.add(tid)
             return
         except Exception as exc:  # a bug or an unexpected library error: still only this task
             log.exception("task %s: unexpected error preparing its image", tid)

@@ -1,0 +1,154 @@
+"""Label Studio files read where they lie: `/data/local-files/?d=...` under LOCAL_FILES_DOCUMENT_ROOT and
+`/data/upload/...` under LABEL_STUDIO_BASE_DATA_DIR/media, as Label Studio itself maps them; anything not
+there goes to Label Studio over HTTP (a stand-in server here that records every request); nothing outside
+the roots is ever read."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from common.settings import Settings
+from tests.servers import Server, respond, running, settings
+from worker.images import ImageError, ImageFetcher
+
+KEY = "secret-key-123"
+
+
+@dataclass
+class Layout:
+    root: Path  # LOCAL_FILES_DOCUMENT_ROOT
+    base: Path  # LABEL_STUDIO_BASE_DATA_DIR
+    ls: Server
+
+    def fetcher(self, **changes) -> ImageFetcher:
+        values = {"label_studio_url": self.ls.url, "label_studio_api_key": KEY,
+                  "local_files_document_root": str(self.root),
+                  "label_studio_base_data_dir": str(self.base)}  # fmt: skip
+        return ImageFetcher(settings(**{**values, **changes}))
+
+    def asked(self) -> list[str]:
+        return [path for _, path, _ in self.ls.requests]
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Iterator[Layout]:
+    root, base, outside = tmp_path / "files", tmp_path / "ls-data", tmp_path / "outside"
+    (root / "flowcam").mkdir(parents=True)
+    (root / "flowcam" / "a.png").write_bytes(b"local bytes")
+    (root / "flowcam" / "a b.png").write_bytes(b"local spaced")
+    (base / "media" / "upload" / "3").mkdir(parents=True)
+    (base / "media" / "upload" / "3" / "x.png").write_bytes(b"uploaded bytes")
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"SECRET")
+    (root / "link.png").symlink_to(outside / "secret.png")  # a symbolic link out of the root
+    (root / "dirlink").symlink_to(outside)
+    (root / "alias.png").symlink_to(root / "flowcam" / "a.png")  # a link that stays inside
+    (base / "media" / "upload" / "3" / "out.png").symlink_to(outside / "secret.png")
+    with running() as ls:
+        ls.routes["/data/local-files/"] = respond(b"from label studio")
+        ls.routes["/data/upload/3/missing.png"] = respond(b"uploaded over http")
+        yield Layout(root, base, ls)
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["/data/local-files/?d=flowcam/a.png", "data/local-files/?d=flowcam%2Fa.png", "/data/local-files/?d=/flowcam/a.png",
+     "{ls}/data/local-files/?d=flowcam/./a.png", "/data/local-files/?d=flowcam/x/../a.png",
+     "/data/local-files/?d=alias.png"],
+)  # fmt: skip
+def test_local_files_are_read_from_the_document_root(layout: Layout, ref: str):
+    assert layout.fetcher().fetch(ref.format(ls=layout.ls.url)) == b"local bytes"
+    assert layout.asked() == []
+
+
+def test_a_file_name_with_a_space(layout: Layout):
+    assert layout.fetcher().fetch("/data/local-files/?d=flowcam/a%20b.png") == b"local spaced"
+    assert layout.fetcher().fetch("/data/local-files/?d=flowcam/a+b.png") == b"local spaced"
+
+
+def test_uploads_are_read_from_label_studios_media_folder(layout: Layout):
+    assert layout.fetcher().fetch("/data/upload/3/x.png") == b"uploaded bytes"
+    assert layout.fetcher().fetch(f"{layout.ls.url}/data/upload/3/x.png") == b"uploaded bytes"
+    assert layout.asked() == []
+
+
+def test_direct_reads_need_no_label_studio_url(layout: Layout):
+    assert layout.fetcher(label_studio_url="").fetch("/data/local-files/?d=flowcam/a.png") == b"local bytes"
+
+
+def test_a_missing_file_falls_back_to_http_with_the_key(layout: Layout):
+    fetcher = layout.fetcher()
+    assert fetcher.fetch("/data/local-files/?d=flowcam/missing.png") == b"from label studio"
+    assert fetcher.fetch("/data/upload/3/missing.png") == b"uploaded over http"
+    assert layout.asked() == ["/data/local-files/?d=flowcam/missing.png", "/data/upload/3/missing.png"]
+    assert {h.get("Authorization") for _, _, h in layout.ls.requests} == {f"Token {KEY}"}
+
+
+def test_a_root_this_worker_cannot_see_falls_back_to_http(layout: Layout, tmp_path: Path):
+    fetcher = layout.fetcher(local_files_document_root=str(tmp_path / "not-mounted"), label_studio_base_data_dir="")
+    assert fetcher.fetch("/data/local-files/?d=flowcam/a.png") == b"from label studio"
+    assert fetcher.fetch("/data/upload/3/missing.png") == b"uploaded over http"
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["/data/local-files/?d=../outside/secret.png", "/data/local-files/?d=flowcam/../../outside/secret.png",
+     "/data/local-files/?d=..", "/data/upload/3/../../../../outside/secret.png", "/data/upload/%2e%2e/%2e%2e/x.png"],
+)  # fmt: skip
+def test_traversal_is_refused_before_any_read_or_request(layout: Layout, ref: str):
+    with pytest.raises(ImageError, match="escapes|not a Label Studio image path") as exc:
+        layout.fetcher().fetch(ref)
+    assert not exc.value.transient and layout.asked() == []
+
+
+@pytest.mark.parametrize("ref", ["/data/local-files/?d=link.png", "/data/local-files/?d=dirlink/secret.png",
+                                 "/data/upload/3/out.png"])  # fmt: skip
+def test_a_symlink_out_of_the_root_is_never_read_from_disk(layout: Layout, ref: str):
+    """Label Studio is asked instead (its own checks decide); without LABEL_STUDIO_URL the task fails."""
+    layout.ls.routes.clear()  # Label Studio answers 404 here
+    with pytest.raises(ImageError, match="answered HTTP 404"):
+        layout.fetcher().fetch(ref)
+    assert len(layout.asked()) == 1
+    with pytest.raises(ImageError, match="outside the folder it names: not read") as exc:
+        layout.fetcher(label_studio_url="").fetch(ref)
+    assert "SECRET" not in str(exc.value) and not exc.value.transient
+
+
+def test_a_fifo_a_folder_and_a_large_file_fail_without_blocking(layout: Layout):
+    os.mkfifo(layout.root / "fifo.png")
+    (layout.root / "big.png").write_bytes(b"x" * 2000)
+    fetcher = layout.fetcher(image_max_bytes=1000)
+    with pytest.raises(ImageError, match="fifo.png is not a regular file"):
+        fetcher.fetch("/data/local-files/?d=fifo.png")
+    with pytest.raises(ImageError, match="flowcam is not a regular file"):
+        fetcher.fetch("/data/local-files/?d=flowcam")
+    with pytest.raises(ImageError, match=r"big.png is 2000 bytes, over the 1000-byte limit \(IMAGE_MAX_BYTES\)"):
+        fetcher.fetch("/data/local-files/?d=big.png")
+    assert layout.asked() == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_a_file_this_worker_may_not_read_falls_back_to_http(layout: Layout):
+    private = layout.root / "private.png"
+    private.write_bytes(b"private")
+    private.chmod(0)
+    assert layout.fetcher().fetch("/data/local-files/?d=private.png") == b"from label studio"
+
+
+def test_settings_use_label_studios_own_variable_names(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", "/srv/files")
+    monkeypatch.setenv("LABEL_STUDIO_BASE_DATA_DIR", "/srv/label-studio")
+    monkeypatch.setenv("IMAGE_HOSTS", "images.lab:8080,minio")
+    monkeypatch.setenv("IMAGE_MAX_SIDE", "5000")
+    monkeypatch.setenv("IMAGE_MAX_ASPECT", "40")
+    s = Settings.from_env()
+    assert (s.local_files_document_root, s.label_studio_base_data_dir) == ("/srv/files", "/srv/label-studio")
+    assert (s.image_hosts, s.image_max_side, s.image_max_aspect) == ("images.lab:8080,minio", 5000, 40.0)
+    monkeypatch.delenv("LOCAL_FILES_DOCUMENT_ROOT")
+    monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "/srv/prefixed")
+    assert Settings.from_env().local_files_document_root == "/srv/prefixed"
