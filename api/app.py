@@ -7,9 +7,10 @@ import logging
 from celery import Celery
 from flask import Flask
 
-from api import ml, webhook
+from api import ml, projects, webhook
 from api.auth import register_auth
 from api.errors import register_error_handlers
+from common.celery_app import make_celery
 from common.dispatch import Dispatcher
 from common.models import embedding_space
 from common.settings import Settings, get_settings
@@ -19,8 +20,7 @@ from common.store import Store
 def create_app(settings: Settings | None = None, celery: Celery | None = None) -> Flask:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if celery is None:
-        from worker.celery_app import app as celery
+    celery = celery or make_celery(settings)
     app = Flask(__name__)
     app.config["SETTINGS"] = settings
     app.json.sort_keys = False
@@ -31,4 +31,5 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
     register_error_handlers(app)
     app.register_blueprint(ml.bp)
     app.register_blueprint(webhook.bp)
+    app.register_blueprint(projects.bp)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -11,9 +12,11 @@ from flask import Blueprint, current_app, jsonify, request
 from api.errors import BadPayload
 from api.payloads import json_object, require_project, task_list
 from common.collections import SCOPES
-from common.store import DELIVERED_BY_API, DELIVERED_BY_WORKER, Store
+from common.delivery import BY_API, WRITTEN
+from common.store import Store
 
 bp = Blueprint("ml", __name__)
+JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _store() -> Store:
@@ -23,7 +26,7 @@ def _store() -> Store:
 @bp.get("/")
 @bp.get("/health")
 def health():
-    return jsonify(status="UP", model_class="PlanktonEmbeddingClusters", backbone=_store().backbone)
+    return jsonify(status="UP", model_class="PlanktonEmbeddingClusters", embedding_space=_store().space)
 
 
 @bp.post("/setup")
@@ -56,14 +59,14 @@ def _project_of(body: dict[str, Any], tasks: list[dict[str, Any]]) -> int:
 
 
 def _deliverable(store: Store, pid: int, version: str, tid: int, prediction: dict | None) -> Any:
-    """Return a stored prediction unless a worker is writing it through the SDK right now (which
-    would make two). A task Label Studio asks for again after we delivered it lacks it: send again."""
+    """Hand over a stored prediction unless a worker is writing it through the SDK right now (which
+    would make two). A task Label Studio asks for again after we delivered it lacks it: send it again."""
     if not prediction or not prediction.get("result"):
         return []
-    if store.claim_delivery(pid, version, tid, DELIVERED_BY_API):
+    if store.delivery.claim(pid, version, tid, BY_API):
         return prediction
-    by, _ = store.delivery(pid, version, [tid]).get(tid, ("", 0.0))
-    return prediction if by in (DELIVERED_BY_API, DELIVERED_BY_WORKER) else []
+    state, _ = store.delivery.claims(pid, version, [tid]).get(tid, ("", 0.0))
+    return prediction if state in (BY_API, WRITTEN) else []
 
 
 @bp.post("/predict")
@@ -84,16 +87,13 @@ def predict():
     dispatcher = current_app.extensions["dispatcher"]
     if len(tasks) == 1 and missing:
         # The annotator has this task open: the interactive lane, even if a bulk job holds it too.
-        dispatcher.predict(pid, missing, interactive=True)
+        dispatcher.ingest(pid, missing, kind="predict", interactive=True)
         deadline = time.monotonic() + settings.predict_wait_seconds
         while not stored and (left := deadline - time.monotonic()) > 0:
             store.wait_for_prediction(pid, ids[0], left)
             stored = store.predictions(pid, version, ids)
     elif missing:
-        new = set(store.mark_queued(pid, version, [t["id"] for t in missing]))
-        to_send = [t for t in missing if t["id"] in new]
-        if to_send:
-            dispatcher.predict(pid, to_send)
+        dispatcher.ingest(pid, missing, kind="predict")
     results = [_deliverable(store, pid, version, tid, stored.get(tid)) for tid in ids]
     return jsonify(results=results, model_version=version)
 
@@ -103,8 +103,21 @@ def train():
     """Older Label Studio versions call /train; 1.23 sends START_TRAINING to /webhook instead."""
     body = json_object()
     pid = require_project(body.get("project"))
-    job = current_app.extensions["dispatcher"].refit(pid, force=True)
+    job = current_app.extensions["dispatcher"].sync(pid, retrain=True, reason="training")
     return jsonify(status="queued", job=job), 201
+
+
+@bp.post("/sync")
+def sync():
+    """Reconcile a project with Label Studio now (what the periodic sweep does): `{"project": id}`, and
+    `"retrain": true` to refit even if no annotation changed."""
+    body = json_object()
+    pid = require_project(body.get("project"))
+    retrain = body.get("retrain", False)
+    if not isinstance(retrain, bool):
+        raise BadPayload("'retrain' must be true or false")
+    job = current_app.extensions["dispatcher"].sync(pid, retrain=retrain, reason="requested")
+    return jsonify(status="queued", job=job), 202
 
 
 @bp.get("/versions")
@@ -119,7 +132,9 @@ def versions():
 
 @bp.get("/jobs/<job_id>")
 def job(job_id: str):
-    found = _store().job(job_id)
+    if not JOB_ID.fullmatch(job_id):
+        return jsonify(error="a job id is 32 hexadecimal digits"), 404
+    found = _store().jobs.get(job_id)
     if found is None:
         return jsonify(error=f"no job {job_id}"), 404
     return jsonify(found.as_dict())

@@ -40,18 +40,22 @@ def _dispatcher() -> Dispatcher:
 
 
 def _config(pid: int, body: dict[str, Any]) -> LabelConfig:
+    """The config the event carries (stored, once it parses), else the one stored before."""
     project = body.get("project")
     xml = project.get("label_config") if isinstance(project, dict) else None
-    if isinstance(xml, str) and xml.strip():
-        _store().set_label_config(pid, xml)
-    else:
-        xml = _store().label_config(pid)
+    if xml is not None and not isinstance(xml, str):
+        raise BadPayload("project.label_config must be a string")
+    sent = bool(xml and xml.strip())
+    xml = xml if sent else _store().label_config(pid)
     if not xml:
         raise BadPayload(f"no label config known for project {pid}; send PROJECT_UPDATED or /setup first")
     try:
-        return parse_label_config(xml)
+        config = parse_label_config(xml)
     except LabelConfigError as exc:
         raise BadPayload(str(exc)) from exc
+    if sent:
+        _store().set_label_config(pid, xml)
+    return config
 
 
 def _objects(body: dict[str, Any], key: str) -> list[dict[str, Any]]:
@@ -65,11 +69,16 @@ def _objects(body: dict[str, Any], key: str) -> list[dict[str, Any]]:
 @handles("TASKS_CREATED")
 def tasks_created(pid: int, body: dict[str, Any]) -> dict[str, Any]:
     tasks = task_list(body)
-    if isinstance(body.get("project"), dict) and body["project"].get("label_config"):
-        _store().set_label_config(pid, body["project"]["label_config"])
+    if isinstance(body.get("project"), dict) and isinstance(body["project"].get("label_config"), str):
+        _config(pid, body)
     if not tasks:
         return {"status": "ignored", "reason": "no tasks"}
-    return {"status": "queued", "job": _dispatcher().predict(pid, tasks), "tasks": len(tasks)}
+    job = _dispatcher().ingest(pid, tasks, kind="import")
+    # Tasks imported with their annotations come with a count but not the annotations, and no
+    # ANNOTATIONS_CREATED follows: a sync reads them from Label Studio.
+    counted = any(isinstance(t.get("total_annotations"), int) and t["total_annotations"] > 0 for t in tasks)
+    sync = _dispatcher().sync(pid, reason="imported annotations") if counted else None
+    return {"status": "queued" if job else "already queued", "job": job, "tasks": len(tasks), "sync_job": sync}
 
 
 @handles("TASKS_DELETED")
@@ -84,39 +93,47 @@ def annotations_saved(pid: int, body: dict[str, Any]) -> dict[str, Any]:
     config = _config(pid, body)
     store = _store()
     annotations = _objects(body, "annotation")
-    sent_tasks = _objects(body, "task") if body.get("task") else []
-    tasks = {t["id"]: t for t in sent_tasks if isinstance(t.get("id"), int)}
-    annotated = []
+    sent = {t["id"]: t for t in (_objects(body, "task") if body.get("task") else []) if _is_id(t.get("id"))}
+    changed = []
     for ann in annotations:
         task_id = ann.get("task")
         task_id = task_id.get("id") if isinstance(task_id, dict) else task_id
-        if not isinstance(ann.get("id"), int) or not isinstance(task_id, int):
+        if not _is_id(ann.get("id")) or not _is_id(task_id):
             raise BadPayload("each annotation needs an integer 'id' and 'task'")
-        store.set_labels(pid, ann["id"], task_id, annotation_labels(ann, config))
-        annotated.append(task_id)
-    sent = [t for t in dict.fromkeys(annotated) if t in tasks]
-    embedded = store.tasks_with_embeddings(pid, sent)
-    unembedded = [tasks[t] for t in sent if t not in embedded]
+        if store.save_annotation(pid, ann["id"], task_id, annotation_labels(ann, config)):
+            changed.append(task_id)
+    # Tasks annotated before their import was embedded (or whose import webhook was lost) are embedded
+    # now; a refit also embeds any it still finds without features.
+    tasks = [sent[t] for t in dict.fromkeys(changed) if t in sent]
+    embedded = store.tasks_with_embeddings(pid, [t["id"] for t in tasks])
+    unembedded = [t for t in tasks if t["id"] not in embedded]
+    store.remember_tasks(pid, tasks)
     if unembedded:
-        _dispatcher().predict(pid, unembedded, embed_only=True, kind="embed")
-    refit_job = _dispatcher().after_labels_changed(pid)
-    return {"status": "recorded", "annotations": len(annotations), "refit_job": refit_job}
+        _dispatcher().ingest(pid, unembedded, kind="embed")
+    refit_job = _dispatcher().after_labels_changed(pid) if changed else None
+    return {"status": "recorded", "annotations": len(annotations), "changed": len(changed), "refit_job": refit_job}
 
 
 @handles("ANNOTATIONS_DELETED")
 def annotations_deleted(pid: int, body: dict[str, Any]) -> dict[str, Any]:
     ids = [a.get("id") for a in _objects(body, "annotations")]
-    if not all(isinstance(i, int) for i in ids):
+    if not all(_is_id(i) for i in ids):
         raise BadPayload("'annotations' items need an integer 'id'")
     touched = _store().delete_annotations(pid, ids)
-    refit_job = _dispatcher().after_labels_changed(pid) if touched else None
+    refit_job = None
+    if touched:
+        # A task left without annotation needs a prediction of the current version at once; the refit that
+        # follows (debounced) makes a new version for every task.
+        _dispatcher().fill_gaps(pid)
+        refit_job = _dispatcher().after_labels_changed(pid)
     return {"status": "recorded", "tasks": touched, "refit_job": refit_job}
 
 
 @handles("START_TRAINING")
 def start_training(pid: int, body: dict[str, Any]) -> dict[str, Any]:
+    """Learn from everything Label Studio holds now, lost webhooks included: a sync, then a refit."""
     _config(pid, body)
-    return {"status": "queued", "job": _dispatcher().refit(pid, force=True)}
+    return {"status": "queued", "job": _dispatcher().sync(pid, retrain=True, reason="training")}
 
 
 @handles("PROJECT_UPDATED")
@@ -131,8 +148,12 @@ def project_updated(pid: int, body: dict[str, Any]) -> dict[str, Any]:
         raise BadPayload(str(exc)) from exc
     if not _store().set_label_config(pid, xml):
         return {"status": "unchanged"}
-    job = _dispatcher().refit(pid, force=True) if _store().labels(pid) else None
+    job = _dispatcher().refit(pid, force=False, reason="label config") if _store().annotated_tasks(pid) else None
     return {"status": "config updated", "refit_job": job}
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**12
 
 
 @bp.post("/webhook")

@@ -62,6 +62,7 @@ from flask import Flask, jsonify, request  # noqa: E402
 from PIL import Image  # noqa: E402
 from werkzeug.serving import WSGIRequestHandler, make_server  # noqa: E402
 
+from common import keys  # noqa: E402
 from common.models import embedding_space, image_size  # noqa: E402
 from common.settings import Settings, available_cores  # noqa: E402
 from common.store import Store  # noqa: E402
@@ -583,7 +584,7 @@ def measure_service(
 
     pipe = store.r.pipeline()
     for digest in particles.import_hashes:
-        pipe.exists(f"plk:emb:{store.backbone}:{digest}")
+        pipe.exists(keys.content_embedding(store.space, digest))
     cached_before = sum(pipe.execute())
     tasks = [{"id": i + 1, "data": {"image": server.particle(name)}} for i, name in enumerate(particles.names)]
     log_offset = len((tmp / "worker.log").read_bytes())
@@ -892,7 +893,6 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     env = {
         "REDIS_URL": args.redis_url,
-        "MODEL_DIR": str(tmp / "models"),
         "BACKBONE": args.backbone,
         "IMAGE_HOSTS": "127.0.0.1",  # the image server of this benchmark listens on loopback
         "IMAGE_SIZE": str(args.image_size or ""),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from common.label_config import LabelConfig
@@ -11,10 +11,14 @@ from common.label_config import LabelConfig
 log = logging.getLogger(__name__)
 
 
-def labels_from_result(result: Iterable[Mapping[str, Any]], config: LabelConfig) -> dict[str, list[str]]:
+def labels_from_result(result: Any, config: LabelConfig) -> dict[str, list[str]]:
     """Keep only `choices` items whose tag and labels exist in the config; log what is dropped."""
     labels: dict[str, list[str]] = {}
-    for item in result or ():
+    if not isinstance(result, list | tuple):
+        if result:
+            log.warning("annotation result is %s, not a list; ignored", type(result).__name__)
+        return labels
+    for item in result:
         if not isinstance(item, Mapping) or item.get("type") != "choices":
             continue
         tag = config.tag(str(item.get("from_name", "")))
@@ -37,8 +41,9 @@ def labels_from_result(result: Iterable[Mapping[str, Any]], config: LabelConfig)
     return labels
 
 
-def annotation_labels(annotation: Mapping[str, Any], config: LabelConfig) -> dict[str, list[str]]:
-    """Cancelled (skipped) annotations count for nothing."""
+def annotation_labels(annotation: Mapping[str, Any], config: LabelConfig) -> dict[str, list[str]] | None:
+    """None for a cancelled (skipped) annotation, which counts for nothing; {} for one without choices
+    (the task is annotated, but teaches no tag)."""
     if annotation.get("was_cancelled"):
-        return {}
-    return labels_from_result(annotation.get("result") or [], config)
+        return None
+    return labels_from_result(annotation.get("result"), config)

@@ -1,5 +1,5 @@
-"""Hands work to the Celery workers, from the API and from workers. Sends by task name, so nothing heavy
-is imported here."""
+"""The only sender of work, for the API and the workers alike. Sends by task name (common/queues.py), so
+nothing heavy is imported here."""
 
 from __future__ import annotations
 
@@ -27,66 +27,88 @@ class Dispatcher:
         self.store = store
         self.settings = settings
 
-    def predict(
+    # -- embedding and prediction --------------------------------------------------------------------
+
+    def ingest(
         self,
         pid: int,
         tasks: Sequence[Mapping[str, Any]],
         *,
-        interactive: bool = False,
-        embed_only: bool = False,
+        kind: str = "import",
         job_id: str | None = None,
-        kind: str = "predict",
-    ) -> str:
-        """Queue tasks in chunks of CHUNK_SIZE under one job; returns the job id.
-
-        More than one chunk is parked in Redis as one blob and split by a worker (`plankton.fan_out`): a
-        10,000-task import then costs the webhook one SET and one message, not 157 messages.
-        """
-        job_id = job_id or self.store.create_job(kind, pid, len(tasks))
-        if len(tasks) <= max(1, self.settings.chunk_size) or interactive:
-            self.store.mark_queued(pid, self.store.current_version(pid), [t["id"] for t in tasks])
-            self.send_chunk(pid, tasks, job_id, interactive=interactive, embed_only=embed_only)
+        interactive: bool = False,
+        requeue: bool = False,
+        countdown: float = 0,
+        attempt: int = 0,
+    ) -> str | None:
+        """Queue tasks to be embedded and predicted, in chunks of CHUNK_SIZE under one job; returns the job id,
+        or None when every task was already queued. A task already queued is not queued again unless its
+        message is older than BROKER_VISIBILITY_TIMEOUT (lost with a worker), or `requeue` says so (a chunk
+        sending back what it did not start, or retrying what failed for a while)."""
+        slim = [slim_task(t) for t in tasks]
+        self.store.remember_tasks(pid, slim)
+        if not (interactive or requeue):
+            fresh = set(self.store.mark_pending(pid, [t["id"] for t in slim], self.settings.visibility_timeout))
+            slim = [t for t in slim if t["id"] in fresh]
+        if not slim:
             return job_id
-        self.store.park_job_tasks(job_id, [slim_task(t) for t in tasks])
-        self.celery.send_task(
-            queues.FAN_OUT,
-            kwargs={"project": pid, "job_id": job_id, "embed_only": embed_only},
-            queue=queues.BULK,
-        )
+        job_id = job_id or self.store.jobs.create(kind, pid, len(slim))
+        if len(slim) <= max(1, self.settings.chunk_size) or interactive or countdown:
+            self._send_chunks(pid, slim, job_id, interactive=interactive, countdown=countdown, attempt=attempt)
+            return job_id
+        # Many chunks: park the tasks in Redis as one blob and let a worker split them (`fan_out`), so a
+        # 10,000-task import costs the webhook one SET and one message, not 20 messages of 500 tasks.
+        self.store.jobs.park_tasks(job_id, slim)
+        self.celery.send_task(queues.FAN_OUT, kwargs={"project": pid, "job_id": job_id}, queue=queues.BULK)
         return job_id
 
-    def send_chunk(
+    def fan_out(self, pid: int, job_id: str, tasks: Sequence[Mapping[str, Any]]) -> None:
+        with self.celery.producer_or_acquire() as producer:
+            self._send_chunks(pid, tasks, job_id, producer=producer)
+
+    def _send_chunks(
         self,
         pid: int,
         tasks: Sequence[Mapping[str, Any]],
         job_id: str,
         *,
         interactive: bool = False,
-        embed_only: bool = False,
+        countdown: float = 0,
+        attempt: int = 0,
         producer: Any = None,
     ) -> None:
-        self.celery.send_task(
-            queues.PREDICT_TASKS,
-            kwargs={
-                "project": pid,
-                "tasks": [slim_task(t) for t in tasks],
-                "job_id": job_id,
-                "deliver_via_api": interactive,
-                "embed_only": embed_only,
-            },
-            queue=queues.INTERACTIVE if interactive else queues.BULK,
-            producer=producer,
-            # What Flower shows. Celery would otherwise repr the whole payload of every message: 75% of
-            # a big webhook's time.
-            argsrepr="()",
-            kwargsrepr=f"{{'project': {pid}, 'tasks': {len(tasks)} [{tasks[0]['id']}..{tasks[-1]['id']}]}}",
-        )
+        size = max(1, self.settings.chunk_size)
+        for start in range(0, len(tasks), size):
+            chunk = list(tasks[start : start + size])
+            self.celery.send_task(
+                queues.INGEST,
+                kwargs={
+                    "project": pid,
+                    "tasks": chunk,
+                    "job_id": job_id,
+                    "interactive": interactive,
+                    "attempt": attempt,
+                },  # fmt: skip
+                queue=queues.INTERACTIVE if interactive else queues.BULK,
+                countdown=countdown or None,
+                producer=producer,
+                # What Flower shows. Celery would otherwise repr the whole payload of every message: 75% of
+                # a big webhook's time.
+                argsrepr="()",
+                kwargsrepr=f"{{'project': {pid}, 'tasks': {len(chunk)} [{chunk[0]['id']}..{chunk[-1]['id']}]}}",
+            )
 
-    def refit(self, pid: int, *, force: bool, countdown: float = 0) -> str:
-        job_id = self.store.create_job("refit", pid, 1)
+    def fill_gaps(self, pid: int, countdown: float = 0) -> None:
+        """Predict every unannotated task with features that lacks a prediction of the current version."""
+        self.celery.send_task(queues.FILL_GAPS, kwargs={"project": pid}, queue=queues.BULK, countdown=countdown or None)
+
+    # -- learning ------------------------------------------------------------------------------------
+
+    def refit(self, pid: int, *, force: bool, reason: str, countdown: float = 0) -> str:
+        job_id = self.store.jobs.create("refit", pid, 1)
         self.celery.send_task(
             queues.REFIT,
-            kwargs={"project": pid, "force": force, "job_id": job_id},
+            kwargs={"project": pid, "force": force, "reason": reason, "job_id": job_id},
             queue=queues.BULK,
             countdown=countdown or None,
         )
@@ -95,7 +117,24 @@ class Dispatcher:
     def after_labels_changed(self, pid: int) -> str | None:
         """Debounced refit: at once after REFIT_EVERY changes, else once REFIT_DELAY_SECONDS passed."""
         if self.store.changes_since_fit(pid) >= self.settings.refit_every:
-            return self.refit(pid, force=False)
-        if self.store.refit_scheduled(pid, self.settings.refit_delay_seconds):
-            return self.refit(pid, force=False, countdown=self.settings.refit_delay_seconds)
+            return self.refit(pid, force=False, reason="annotations")
+        if self.store.schedule_refit(pid, self.settings.refit_delay_seconds + 60):
+            return self.refit(pid, force=False, reason="annotations", countdown=self.settings.refit_delay_seconds)
         return None
+
+    # -- Label Studio --------------------------------------------------------------------------------
+
+    def deliver(self, pid: int, countdown: float = 0) -> None:
+        """Write the project's outbox to Label Studio (one deliverer per project runs at a time)."""
+        self.celery.send_task(queues.DELIVER, kwargs={"project": pid}, queue=queues.BULK, countdown=countdown or None)
+
+    def sync(self, pid: int, *, retrain: bool = False, reason: str = "requested") -> str:
+        """Reconcile the project with what Label Studio holds (tasks, annotations, predictions, config), then
+        refit (always with `retrain`) and fill every gap; returns the job id."""
+        job_id = self.store.jobs.create("sync", pid, 1)
+        self.celery.send_task(
+            queues.SYNC,
+            kwargs={"project": pid, "retrain": retrain, "reason": reason, "job_id": job_id},
+            queue=queues.BULK,
+        )
+        return job_id

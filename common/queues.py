@@ -3,8 +3,11 @@
 INTERACTIVE = "interactive"
 BULK = "bulk"
 
-PREDICT_TASKS = "plankton.predict_tasks"
-FAN_OUT = "plankton.fan_out"
-DELIVER = "plankton.deliver"
-REFIT = "plankton.refit"
-REPREDICT = "plankton.repredict"
+INGEST = "plankton.predict_tasks"  # embed a chunk of tasks and predict them
+FAN_OUT = "plankton.fan_out"  # split a parked import into chunks
+REFIT = "plankton.refit"  # fit and publish a new model version
+FILL_GAPS = "plankton.fill_gaps"  # predict every unannotated task lacking the current version
+DELIVER = "plankton.deliver"  # write the outbox to Label Studio
+SYNC = "plankton.sync"  # reconcile one project with Label Studio
+SYNC_ALL = "plankton.sync_all"  # periodic: every project (Celery beat)
+TICK = "plankton.tick"  # periodic: Redis-only checks that restart stalled work (Celery beat)

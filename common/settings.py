@@ -37,7 +37,6 @@ class Settings:
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
     webhook_secret: str = ""
-    model_dir: str = "./models"
     log_level: str = "INFO"
     backbone: str = "efficientnet-lite0"
     weights: str = ""
@@ -61,7 +60,9 @@ class Settings:
     refit_every: int = 5
     refit_delay_seconds: float = 10.0
     cefas_label_map: str = ""
-    visibility_timeout: int = 900
+    visibility_timeout: int = 120
+    sync_interval_seconds: float = 300.0
+    deliver_batch_size: int = 500
     model_scope: str = "project"
     worker_concurrency: int = 1
     torch_threads: int = 0
@@ -81,7 +82,6 @@ class Settings:
             basic_auth_user=_env("BASIC_AUTH_USER"),
             basic_auth_pass=_env("BASIC_AUTH_PASS"),
             webhook_secret=_env("WEBHOOK_SECRET"),
-            model_dir=_env("MODEL_DIR", cls.model_dir),
             log_level=_env("LOG_LEVEL", cls.log_level).upper(),
             backbone=_env("BACKBONE", cls.backbone),
             weights=_env("WEIGHTS"),
@@ -107,6 +107,8 @@ class Settings:
             refit_delay_seconds=_env_float("REFIT_DELAY_SECONDS", cls.refit_delay_seconds),
             cefas_label_map=_env("CEFAS_LABEL_MAP"),
             visibility_timeout=_env_int("BROKER_VISIBILITY_TIMEOUT", cls.visibility_timeout),
+            sync_interval_seconds=_env_float("SYNC_INTERVAL_SECONDS", cls.sync_interval_seconds),
+            deliver_batch_size=_env_int("DELIVER_BATCH_SIZE", cls.deliver_batch_size),
             model_scope=_env("MODEL_SCOPE", cls.model_scope),
             # One process per core up to 4, each with cores/processes torch threads (README "Throughput").
             worker_concurrency=_env_int("WORKER_CONCURRENCY", min(4, available_cores())),

@@ -1,35 +1,45 @@
-"""Project state kept in Redis, shared by the API and the workers.
+"""Project state kept in Redis, shared by the API and the workers (key layout: common/keys.py).
 
 Everything a request needs in milliseconds lives here: the current model version, the label config,
-predictions already computed, which predictions were handed to Label Studio, job progress, the
-annotators' labels and the embeddings (so a refit needs no new forward pass).
+predictions already computed, job progress, the annotators' labels and the embeddings (so a refit needs
+no new forward pass). Deliveries to Label Studio are `store.delivery` (common/delivery.py); jobs are
+`store.jobs` (common/jobs.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import string
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-PREFIX = "plk"
-JOB_TTL_SECONDS = 7 * 24 * 3600
-QUEUED_TTL_SECONDS = 3600
+from common import keys
+from common.delivery import Delivery
+from common.jobs import Jobs
+from common.locks import leased
 
-# Values of a task's delivery claim for one model version.
-DELIVERED_BY_API = "api"
-DELIVERED_BY_WORKER = "written"
-WRITING = "writing"
+CONTENT_CACHE_TTL = 30 * 24 * 3600
+KEEP_MODELS = 3  # model blobs kept per project: the current one, and two a chunk may still be using
+_BASE36 = string.digits + string.ascii_lowercase
+_VERSION = re.compile(r"-v(\d{4,})-[0-9a-z]+$")
+
+Annotations = dict[int, dict[str, list[str]]]  # annotation id -> {tag: labels}
 
 
-def version_string(backbone: str, number: int) -> str:
-    """Fixed-width numbers keep versions from being substrings of each other (Label Studio's
-    `predictions_model_versions` filter matches substrings)."""
-    return f"{backbone}-v{number:04d}"
+def version_string(space: str, number: int, epoch: str) -> str:
+    """`<space>-v<NNNN>-<epoch>`. Fixed-width numbers and the trailing epoch keep versions from being
+    substrings of each other (Label Studio's `predictions_model_versions` filter matches substrings)."""
+    return f"{space}-v{number:04d}-{epoch}"
+
+
+def version_number(version: str) -> int | None:
+    """The NNNN of `<space>-vNNNN-<epoch>`; None for a name this backend did not make."""
+    match = _VERSION.search(version)
+    return int(match.group(1)) if match else None
 
 
 def project_id(raw: Any) -> int:
@@ -42,186 +52,200 @@ def project_id(raw: Any) -> int:
         pid = raw
     else:
         head = str(raw).split(".", 1)[0]
-        if not head.isdigit():
-            raise ValueError(f"project id {raw!r} is not a number")
+        if not (head.isascii() and head.isdigit()) or len(head) > 12:
+            raise ValueError(f"project id {str(raw)[:40]!r} is not a number")
         pid = int(head)
-    if pid <= 0:
-        raise ValueError(f"project id {raw!r} is not positive")
+    if not 0 < pid < 10**12:
+        raise ValueError(f"project id {pid} is out of range")
     return pid
 
 
-@dataclass(frozen=True)
-class Job:
-    id: str
-    state: str
-    kind: str
-    project: int
-    total: int
-    done: int
-    failed: int
-    errors: list[dict[str, Any]]
+def truth(annotations: Mapping[int, Mapping[str, list[str]]]) -> dict[str, list[str]]:
+    """A task's labels: those of its newest annotation that has any (the others are history)."""
+    for aid in sorted(annotations, reverse=True):
+        if annotations[aid]:
+            return dict(annotations[aid])
+    return {}
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "state": self.state,
-            "kind": self.kind,
-            "project": self.project,
-            "total": self.total,
-            "done": self.done,
-            "failed": self.failed,
-            "errors": self.errors,
-        }
+
+def _decode_annotations(raw: bytes | str) -> Annotations:
+    return {int(aid): labels for aid, labels in json.loads(raw).items()}
+
+
+def _encode_annotations(annotations: Mapping[int, Mapping[str, list[str]]]) -> str:
+    return json.dumps({str(aid): dict(labels) for aid, labels in sorted(annotations.items())}, sort_keys=True)
 
 
 class Store:
-    def __init__(self, client: redis.Redis, backbone: str) -> None:
+    def __init__(self, client: redis.Redis, space: str) -> None:
         self.r = client
-        self.backbone = backbone
+        self.space = space
+        self.jobs = Jobs(client)
+        self.delivery = Delivery(client)
 
     @classmethod
-    def from_url(cls, url: str, backbone: str) -> Store:
-        return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2), backbone)
+    def from_url(cls, url: str, space: str) -> Store:
+        return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10),
+                   space)  # fmt: skip
 
-    def _k(self, pid: int, *parts: object) -> str:
-        return ":".join([PREFIX, "p", str(pid), *map(str, parts)])
+    def lock(self, pid: int, name: str, lease: float = 30.0, wait: float = 0.0):
+        return leased(self.r, keys.lock(pid, name), lease, wait)
 
-    # -- project, config, versions -------------------------------------------------------------
+    # -- project, config, versions -------------------------------------------------------------------
+
+    def add_project(self, pid: int) -> None:
+        self.r.sadd(keys.projects(), pid)
+
+    def projects(self) -> list[int]:
+        return sorted(int(p) for p in self.r.smembers(keys.projects()))
 
     def set_label_config(self, pid: int, xml: str) -> bool:
         """Store the config; True when it differs from the one stored before."""
-        old = self.r.getset(self._k(pid, "config"), xml)
-        self.r.sadd(f"{PREFIX}:projects", pid)
+        pipe = self.r.pipeline()
+        pipe.getset(keys.label_config(pid), xml)
+        pipe.sadd(keys.projects(), pid)
+        old = pipe.execute()[0]
         return old is None or old.decode() != xml
 
     def label_config(self, pid: int) -> str | None:
-        raw = self.r.get(self._k(pid, "config"))
+        raw = self.r.get(keys.label_config(pid))
         return raw.decode() if raw else None
 
     def set_model_scope(self, pid: int, scope: str) -> None:
-        self.r.set(self._k(pid, "scope"), scope)
+        self.r.set(keys.model_scope(pid), scope)
 
     def model_scope(self, pid: int) -> str | None:
-        raw = self.r.get(self._k(pid, "scope"))
+        raw = self.r.get(keys.model_scope(pid))
         return raw.decode() if raw else None
 
-    def projects(self) -> list[int]:
-        return sorted(int(p) for p in self.r.smembers(f"{PREFIX}:projects"))
-
-    def current_version(self, pid: int) -> str:
-        """The version every prediction of the project carries; created at version 0 on first use."""
-        key = self._k(pid, "version")
-        raw = self.r.get(key)
+    def epoch(self) -> str:
+        """Made once per Redis state from the clock (base 36 seconds): a Redis that lost its data names its
+        versions differently, so Label Studio never takes an old prediction for a new model's."""
+        raw = self.r.get(keys.epoch())
         if raw:
             return raw.decode()
-        first = version_string(self.backbone, 0)
-        if self.r.set(key, first, nx=True):
+        n, digits = int(time.time()), []
+        while n:
+            n, d = divmod(n, 36)
+            digits.append(_BASE36[d])
+        self.r.set(keys.epoch(), "".join(reversed(digits)), nx=True)
+        return self.r.get(keys.epoch()).decode()
+
+    def known_project(self, pid: int) -> bool:
+        return bool(self.r.sismember(keys.projects(), pid))
+
+    def current_version(self, pid: int) -> str:
+        """The version every prediction of the project carries; version 0 (nothing learned) on first use."""
+        raw = self.r.get(keys.version(pid))
+        if raw:
+            return raw.decode()
+        first = version_string(self.space, 0, self.epoch())
+        if self.r.set(keys.version(pid), first, nx=True):
             self._record_version(pid, first, {"reason": "initial"})
-            self.r.sadd(f"{PREFIX}:projects", pid)
+            self.add_project(pid)
             return first
-        return self.r.get(key).decode()
+        return self.r.get(keys.version(pid)).decode()
 
     def next_version(self, pid: int) -> str:
-        number = int(self.r.incr(self._k(pid, "version_counter")))
-        return version_string(self.backbone, number)
+        number = int(self.r.incr(keys.version_counter(pid)))
+        return version_string(self.space, number, self.epoch())
 
-    def publish_version(self, pid: int, version: str, meta: Mapping[str, Any]) -> None:
-        """Make `version` current. Call only once its model is completely written."""
-        self.r.set(self._k(pid, "version"), version)
-        self._record_version(pid, version, meta)
-
-    def _record_version(self, pid: int, version: str, meta: Mapping[str, Any]) -> None:
-        entry = {"version": version, "created": time.time(), **meta}
-        self.r.rpush(self._k(pid, "versions"), json.dumps(entry))
-
-    def versions(self, pid: int) -> list[dict[str, Any]]:
-        return [json.loads(v) for v in self.r.lrange(self._k(pid, "versions"), 0, -1)]
-
-    # -- predictions and their delivery -------------------------------------------------------------
-
-    def save_predictions(self, pid: int, version: str, predictions: Mapping[int, dict[str, Any]]) -> None:
-        """A prediction with an empty `result` records that the task was processed without evidence."""
-        if not predictions:
-            return
+    def publish_version(
+        self, pid: int, version: str, blob: bytes, meta: Mapping[str, Any], fitted: Mapping[int, Any]
+    ) -> None:
+        """Store the model, what it learned from, then make it current, in one transaction: no worker ever
+        reads a version whose model is missing. Those of versions older than the last KEEP_MODELS go."""
+        known = [v["version"] for v in self.versions(pid)]
+        cut = max(0, len(known) - (KEEP_MODELS - 1))
+        stale = known[max(0, cut - 2) : cut]  # the one or two that just fell out of the last KEEP_MODELS
+        entry = json.dumps({"version": version, "created": time.time(), **meta})
         pipe = self.r.pipeline()
-        pipe.hset(self._k(pid, "pred", version), mapping={str(t): json.dumps(p) for t, p in predictions.items()})
-        pipe.srem(self._k(pid, "queued", version), *predictions.keys())
-        for tid in predictions:
-            notify = self._k(pid, "notify", tid)
-            pipe.lpush(notify, version)
-            pipe.expire(notify, 30)
+        pipe.set(keys.model(pid, version), blob)
+        pipe.set(keys.fitted_labels(pid, version), json.dumps({str(t): v for t, v in fitted.items()}))
+        pipe.set(keys.version_meta(pid, version), entry)
+        pipe.set(keys.version(pid), version)
+        pipe.rpush(keys.versions(pid), entry)
+        for old in stale:  # their predictions are never served or written again
+            pipe.delete(keys.model(pid, old), keys.fitted_labels(pid, old), keys.predictions(pid, old),
+                        keys.delivery(pid, old))  # fmt: skip
         pipe.execute()
 
-    def predictions(self, pid: int, version: str, task_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
-        ids = list(task_ids)
-        if not ids:
-            return {}
-        raw = self.r.hmget(self._k(pid, "pred", version), [str(t) for t in ids])
-        return {t: json.loads(v) for t, v in zip(ids, raw, strict=True) if v is not None}
+    def version_meta(self, pid: int, version: str) -> dict[str, Any]:
+        raw = self.r.get(keys.version_meta(pid, version))
+        return json.loads(raw) if raw else {"version": version}
 
-    def wait_for_prediction(self, pid: int, task_id: int, timeout: float) -> None:
-        """Block until a worker stores a prediction for the task, or `timeout` passes."""
-        if timeout > 0:
-            self.r.blpop([self._k(pid, "notify", task_id)], timeout=timeout)
+    def fitted_labels(self, pid: int, version: str) -> dict[int, dict[str, list[str]]]:
+        raw = self.r.get(keys.fitted_labels(pid, version))
+        return {int(t): v for t, v in json.loads(raw).items()} if raw else {}
 
-    def mark_queued(self, pid: int, version: str, task_ids: Iterable[int]) -> list[int]:
-        """Remember tasks sent to a worker; returns those that were not already waiting."""
-        key = self._k(pid, "queued", version)
+    def _record_version(self, pid: int, version: str, meta: Mapping[str, Any]) -> None:
+        self.r.rpush(keys.versions(pid), json.dumps({"version": version, "created": time.time(), **meta}))
+
+    def model_blob(self, pid: int, version: str) -> bytes | None:
+        return self.r.get(keys.model(pid, version))
+
+    def versions(self, pid: int) -> list[dict[str, Any]]:
+        return [json.loads(v) for v in self.r.lrange(keys.versions(pid), 0, -1)]
+
+    # -- tasks and their features --------------------------------------------------------------------
+
+    def remember_tasks(self, pid: int, tasks: Iterable[Mapping[str, Any]]) -> None:
+        """The data of every task the backend hears of (imports, annotations, the sweep), so that any of
+        them can be embedded later without asking Label Studio."""
+        entries = {str(t["id"]): json.dumps(t.get("data") or {}) for t in tasks}
+        if entries:
+            pipe = self.r.pipeline()
+            pipe.hset(keys.task_data(pid), mapping=entries)
+            pipe.sadd(keys.projects(), pid)
+            pipe.execute()
+
+    def tasks(self, pid: int, task_ids: Iterable[int]) -> list[dict[str, Any]]:
+        """Slim tasks ({id, data}) of those the backend knows."""
         ids = list(task_ids)
         if not ids:
             return []
-        pipe = self.r.pipeline()
-        pipe.smismember(key, ids)
-        pipe.sadd(key, *ids)
-        pipe.expire(key, QUEUED_TTL_SECONDS)
-        already = pipe.execute()[0]
-        return [tid for tid, was in zip(ids, already, strict=True) if not was]
+        raw = self.r.hmget(keys.task_data(pid), [str(t) for t in ids])
+        return [{"id": t, "data": json.loads(d)} for t, d in zip(ids, raw, strict=True) if d is not None]
 
-    def unmark_queued(self, pid: int, version: str, task_ids: Iterable[int]) -> None:
-        ids = list(task_ids)
-        if ids:
-            self.r.srem(self._k(pid, "queued", version), *ids)
+    def known_tasks(self, pid: int) -> set[int]:
+        return {int(t) for t in self.r.hkeys(keys.task_data(pid))}
 
-    def claim_delivery(self, pid: int, version: str, task_id: int, by: str) -> bool:
-        """At most one party hands a task's prediction of one version to Label Studio."""
-        return bool(self.r.hsetnx(self._k(pid, "delivered", version), str(task_id), f"{by}:{time.time():.0f}"))
-
-    def delivery(self, pid: int, version: str, task_ids: Iterable[int]) -> dict[int, tuple[str, float]]:
+    def task_images(self, pid: int, task_ids: Iterable[int]) -> dict[int, str]:
         ids = list(task_ids)
         if not ids:
             return {}
-        raw = self.r.hmget(self._k(pid, "delivered", version), [str(t) for t in ids])
-        out = {}
-        for tid, value in zip(ids, raw, strict=True):
-            if value is not None:
-                by, _, ts = value.decode().partition(":")
-                out[tid] = (by, float(ts or 0))
-        return out
+        raw = self.r.hmget(keys.images(pid), [str(t) for t in ids])
+        return {t: u.decode() for t, u in zip(ids, raw, strict=True) if u is not None}
 
-    def set_delivery(self, pid: int, version: str, task_ids: Iterable[int], by: str) -> None:
-        ids = list(task_ids)
-        if ids:
-            stamp = f"{by}:{time.time():.0f}"
-            self.r.hset(self._k(pid, "delivered", version), mapping={str(t): stamp for t in ids})
+    def mark_pending(self, pid: int, task_ids: Sequence[int], stale_after: float) -> list[int]:
+        """Remember tasks queued for embedding; returns those not already queued (or queued so long ago that
+        their message must have been lost)."""
+        if not task_ids:
+            return []
+        now = time.time()
+        raw = self.r.hmget(keys.pending(pid), [str(t) for t in task_ids])
+        fresh = [t for t, v in zip(task_ids, raw, strict=True) if v is None or now - float(v) > stale_after]
+        if fresh:
+            self.r.hset(keys.pending(pid), mapping=dict.fromkeys(map(str, fresh), f"{now:.3f}"))
+        return fresh
 
-    def release_delivery(self, pid: int, version: str, task_ids: Iterable[int]) -> None:
-        ids = [str(t) for t in task_ids]
-        if ids:
-            self.r.hdel(self._k(pid, "delivered", version), *ids)
+    def pending(self, pid: int) -> dict[int, float]:
+        return {int(t): float(v) for t, v in self.r.hgetall(keys.pending(pid)).items()}
 
-    # -- embeddings --------------------------------------------------------------------------------
-
-    def save_embeddings(self, pid: int, embeddings: Mapping[int, bytes], images: Mapping[int, str]) -> None:
+    def save_embeddings(self, pid: int, embeddings: Mapping[int, bytes], refs: Mapping[int, str]) -> None:
         if not embeddings:
             return
+        ids = [str(t) for t in embeddings]
         pipe = self.r.pipeline()
-        pipe.hset(self._k(pid, "emb", self.backbone), mapping={str(t): e for t, e in embeddings.items()})
-        if images:
-            pipe.hset(self._k(pid, "image"), mapping={str(t): u for t, u in images.items()})
+        pipe.hset(keys.embeddings(pid, self.space), mapping={str(t): e for t, e in embeddings.items()})
+        if refs:
+            pipe.hset(keys.images(pid), mapping={str(t): u for t, u in refs.items()})
+        pipe.hdel(keys.pending(pid), *ids)
+        pipe.hdel(keys.failed(pid), *ids)
         pipe.execute()
 
     def embeddings(self, pid: int, task_ids: Iterable[int] | None = None) -> dict[int, bytes]:
-        key = self._k(pid, "emb", self.backbone)
+        key = keys.embeddings(pid, self.space)
         if task_ids is None:
             return {int(t): e for t, e in self.r.hgetall(key).items()}
         ids = list(task_ids)
@@ -230,148 +254,225 @@ class Store:
         raw = self.r.hmget(key, [str(t) for t in ids])
         return {t: e for t, e in zip(ids, raw, strict=True) if e is not None}
 
+    def featured_tasks(self, pid: int) -> set[int]:
+        return {int(t) for t in self.r.hkeys(keys.embeddings(pid, self.space))}
+
     def tasks_with_embeddings(self, pid: int, task_ids: Sequence[int]) -> set[int]:
         """Which of these tasks have features stored, in one round trip and without fetching them."""
         if not task_ids:
             return set()
         pipe = self.r.pipeline(transaction=False)
         for t in task_ids:
-            pipe.hexists(self._k(pid, "emb", self.backbone), str(t))
+            pipe.hexists(keys.embeddings(pid, self.space), str(t))
         return {t for t, present in zip(task_ids, pipe.execute(), strict=True) if present}
 
     def embedding_count(self, pid: int) -> int:
-        return int(self.r.hlen(self._k(pid, "emb", self.backbone)))
+        return int(self.r.hlen(keys.embeddings(pid, self.space)))
 
-    def task_images(self, pid: int, task_ids: Iterable[int]) -> dict[int, str]:
-        ids = list(task_ids)
-        if not ids:
-            return {}
-        raw = self.r.hmget(self._k(pid, "image"), [str(t) for t in ids])
-        return {t: u.decode() for t, u in zip(ids, raw, strict=True) if u is not None}
+    def record_failures(
+        self, pid: int, reasons: Mapping[int, str], transient: Iterable[int] = (), job_id: str | None = None
+    ) -> None:
+        """Tasks whose image could not be used: the reason, whether a retry may help, and the job that says so
+        (shown by /jobs/<id> and /projects/<id>)."""
+        if not reasons:
+            return
+        retry, now = set(transient), time.time()
+        entries = {
+            str(t): json.dumps({"reason": r, "transient": t in retry, "at": now, "job": job_id})
+            for t, r in reasons.items()
+        }
+        pipe = self.r.pipeline()
+        pipe.hset(keys.failed(pid), mapping=entries)
+        pipe.hdel(keys.pending(pid), *entries)
+        pipe.execute()
+
+    def failures(self, pid: int) -> dict[int, dict[str, Any]]:
+        return {int(t): json.loads(v) for t, v in self.r.hgetall(keys.failed(pid)).items()}
 
     def cached_embeddings(self, content_hashes: Sequence[str]) -> list[bytes | None]:
         if not content_hashes:
             return []
-        return self.r.mget([f"{PREFIX}:emb:{self.backbone}:{h}" for h in content_hashes])
+        return self.r.mget([keys.content_embedding(self.space, h) for h in content_hashes])
 
-    def cache_embeddings(self, by_hash: Mapping[str, bytes], ttl: int = 30 * 24 * 3600) -> None:
+    def cache_embeddings(self, by_hash: Mapping[str, bytes], ttl: int = CONTENT_CACHE_TTL) -> None:
         if by_hash:
             pipe = self.r.pipeline()
             for h, e in by_hash.items():
-                pipe.set(f"{PREFIX}:emb:{self.backbone}:{h}", e, ex=ttl)
+                pipe.set(keys.content_embedding(self.space, h), e, ex=ttl)
             pipe.execute()
 
     def forget_tasks(self, pid: int, task_ids: Iterable[int]) -> None:
+        """Tasks deleted in Label Studio: their features, labels, queued work and predictions go."""
         ids = [str(t) for t in task_ids]
-        if ids:
-            pipe = self.r.pipeline()
-            for key in (self._k(pid, "emb", self.backbone), self._k(pid, "image"), self._k(pid, "labels")):
-                pipe.hdel(key, *ids)
-            pipe.execute()
-
-    # -- annotators' labels ------------------------------------------------------------------------
-
-    def set_labels(self, pid: int, annotation_id: int, task_id: int, labels: Mapping[str, list[str]]) -> None:
-        """The latest annotation of a task is its truth; a cancelled one or an empty one is no evidence."""
+        if not ids:
+            return
+        annotated = self.annotations(pid, [int(t) for t in ids])
+        version = self.current_version(pid)
         pipe = self.r.pipeline()
-        pipe.hset(self._k(pid, "ann"), str(annotation_id), str(task_id))
-        if labels:
-            pipe.hset(self._k(pid, "labels"), str(task_id), json.dumps({"annotation": annotation_id, **labels}))
-        else:
-            pipe.hdel(self._k(pid, "labels"), str(task_id))
-        pipe.incr(self._k(pid, "changes_since_fit"))
+        for key in (keys.embeddings(pid, self.space), keys.task_data(pid), keys.images(pid), keys.annotations(pid),
+                    keys.pending(pid), keys.failed(pid), keys.predictions(pid, version)):  # fmt: skip
+            pipe.hdel(key, *ids)
+        aids = [str(a) for anns in annotated.values() for a in anns]
+        if aids:
+            pipe.hdel(keys.annotation_tasks(pid), *aids)
         pipe.execute()
+        self.delivery.forget_tasks(pid, version, [int(t) for t in ids])
+
+    # -- annotations ---------------------------------------------------------------------------------
+
+    def save_annotation(
+        self, pid: int, annotation_id: int, task_id: int, labels: Mapping[str, list[str]] | None
+    ) -> bool:
+        """Record one annotation (`None`: cancelled, which counts for nothing); True if anything changed."""
+        return self._update_task_annotations(pid, task_id, {annotation_id: labels})
 
     def delete_annotations(self, pid: int, annotation_ids: Iterable[int]) -> list[int]:
-        """Drop deleted annotations; returns the tasks whose labels they were."""
+        """Drop deleted annotations; returns the tasks whose annotations changed."""
+        ids = list(annotation_ids)
+        if not ids:
+            return []
+        tasks = self.r.hmget(keys.annotation_tasks(pid), [str(a) for a in ids])
         touched = []
-        for aid in annotation_ids:
-            raw = self.r.hget(self._k(pid, "ann"), str(aid))
-            if raw is None:
-                continue
-            tid = int(raw)
-            current = self.r.hget(self._k(pid, "labels"), str(tid))
-            if current is not None and json.loads(current).get("annotation") == aid:
-                self.r.hdel(self._k(pid, "labels"), str(tid))
-                touched.append(tid)
-            self.r.hdel(self._k(pid, "ann"), str(aid))
-        if touched:
-            self.r.incr(self._k(pid, "changes_since_fit"), len(touched))
+        for aid, tid in zip(ids, tasks, strict=True):
+            if tid is not None and self._update_task_annotations(pid, int(tid), {aid: None}):
+                touched.append(int(tid))
         return touched
 
+    def replace_annotations(self, pid: int, by_task: Mapping[int, Mapping[int, Mapping[str, list[str]]]]) -> list[int]:
+        """Make the stored annotations those Label Studio holds (the sweep); returns the tasks that changed."""
+        stored = self.annotations(pid)
+        changed = []
+        for tid in set(stored) | set(by_task):
+            want = {aid: dict(labels) for aid, labels in by_task.get(tid, {}).items()}
+            if stored.get(tid, {}) != want:
+                changed.append(tid)
+        if changed:
+            pipe = self.r.pipeline()
+            for tid in changed:
+                want = by_task.get(tid, {})
+                gone = [str(a) for a in stored.get(tid, {}) if a not in want]
+                if gone:
+                    pipe.hdel(keys.annotation_tasks(pid), *gone)
+                if want:
+                    pipe.hset(keys.annotations(pid), str(tid), _encode_annotations(want))
+                    pipe.hset(keys.annotation_tasks(pid), mapping={str(a): str(tid) for a in want})
+                else:
+                    pipe.hdel(keys.annotations(pid), str(tid))
+            pipe.incrby(keys.label_changes(pid), len(changed))
+            pipe.execute()
+        return changed
+
+    def _update_task_annotations(
+        self, pid: int, tid: int, updates: Mapping[int, Mapping[str, list[str]] | None]
+    ) -> bool:
+        key = keys.annotations(pid)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.hget(key, str(tid))
+                    current = _decode_annotations(raw) if raw else {}
+                    wanted = dict(current)
+                    for aid, labels in updates.items():
+                        if labels is None:
+                            wanted.pop(aid, None)
+                        else:
+                            wanted[aid] = {tag: sorted(chosen) for tag, chosen in labels.items()}
+                    if wanted == current:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    if wanted:
+                        pipe.hset(key, str(tid), _encode_annotations(wanted))
+                    else:
+                        pipe.hdel(key, str(tid))
+                    for aid, labels in updates.items():
+                        if labels is None:
+                            pipe.hdel(keys.annotation_tasks(pid), str(aid))
+                        else:
+                            pipe.hset(keys.annotation_tasks(pid), str(aid), str(tid))
+                    pipe.incr(keys.label_changes(pid))
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def annotations(self, pid: int, task_ids: Iterable[int] | None = None) -> dict[int, Annotations]:
+        """Annotated tasks: task -> {annotation id: labels}."""
+        if task_ids is None:
+            return {int(t): _decode_annotations(v) for t, v in self.r.hgetall(keys.annotations(pid)).items()}
+        ids = list(task_ids)
+        if not ids:
+            return {}
+        raw = self.r.hmget(keys.annotations(pid), [str(t) for t in ids])
+        return {t: _decode_annotations(v) for t, v in zip(ids, raw, strict=True) if v is not None}
+
+    def annotated_tasks(self, pid: int) -> set[int]:
+        return {int(t) for t in self.r.hkeys(keys.annotations(pid))}
+
     def labels(self, pid: int) -> dict[int, dict[str, list[str]]]:
+        """What the project learns from: each annotated task's truth, where it has labels."""
         out = {}
-        for tid, raw in self.r.hgetall(self._k(pid, "labels")).items():
-            entry = json.loads(raw)
-            entry.pop("annotation", None)
-            out[int(tid)] = entry
+        for tid, anns in self.annotations(pid).items():
+            labels = truth(anns)
+            if labels:
+                out[tid] = labels
         return out
 
     def changes_since_fit(self, pid: int) -> int:
-        return int(self.r.get(self._k(pid, "changes_since_fit")) or 0)
+        return int(self.r.get(keys.label_changes(pid)) or 0)
 
     def reset_changes(self, pid: int, seen: int) -> None:
-        self.r.decrby(self._k(pid, "changes_since_fit"), seen)
+        if seen:
+            self.r.decrby(keys.label_changes(pid), seen)
 
     def count_new_tasks(self, pid: int, n: int) -> int:
-        return int(self.r.incrby(self._k(pid, "new_tasks_since_fit"), n))
+        return int(self.r.incrby(keys.new_tasks(pid), n))
 
     def reset_new_tasks(self, pid: int) -> None:
-        self.r.delete(self._k(pid, "new_tasks_since_fit"))
+        self.r.delete(keys.new_tasks(pid))
 
-    def refit_scheduled(self, pid: int, ttl: float) -> bool:
+    def schedule_refit(self, pid: int, ttl: float) -> bool:
         """True when this caller is the one to schedule the next refit (debounce)."""
-        return bool(self.r.set(self._k(pid, "refit_scheduled"), "1", nx=True, px=max(1, int(ttl * 1000))))
+        return bool(self.r.set(keys.refit_scheduled(pid), "1", nx=True, px=max(1, int(ttl * 1000))))
 
     def clear_refit_schedule(self, pid: int) -> None:
-        self.r.delete(self._k(pid, "refit_scheduled"))
+        self.r.delete(keys.refit_scheduled(pid))
 
-    def lock(self, pid: int, name: str, timeout: float) -> redis.lock.Lock:
-        return self.r.lock(self._k(pid, "lock", name), timeout=timeout, blocking_timeout=timeout)
+    # -- predictions ---------------------------------------------------------------------------------
 
-    # -- jobs --------------------------------------------------------------------------------------
-
-    def create_job(self, kind: str, pid: int, total: int) -> str:
-        job_id = uuid.uuid4().hex
-        key = f"{PREFIX}:job:{job_id}"
+    def save_predictions(self, pid: int, version: str, predictions: Mapping[int, dict[str, Any]]) -> None:
+        if not predictions:
+            return
         pipe = self.r.pipeline()
-        pipe.hset(key, mapping={"kind": kind, "project": pid, "total": total, "created": time.time()})
-        pipe.expire(key, JOB_TTL_SECONDS)
-        pipe.execute()
-        return job_id
-
-    def job_progress(self, job_id: str, done: Iterable[int] = (), errors: Mapping[int, str] | None = None) -> None:
-        """Progress is kept per item (task id), so a job whose message runs twice counts each once."""
-        done = [str(d) for d in done]
-        key = f"{PREFIX}:job:{job_id}"
-        pipe = self.r.pipeline()
-        if done:
-            pipe.sadd(key + ":done", *done)
-            pipe.hdel(key + ":failed", *done)
-        if errors:
-            pipe.hset(key + ":failed", mapping={str(t): e for t, e in errors.items()})
-        for suffix in (":done", ":failed"):
-            pipe.expire(key + suffix, JOB_TTL_SECONDS)
+        pipe.hset(keys.predictions(pid, version), mapping={str(t): json.dumps(p) for t, p in predictions.items()})
+        for tid in predictions:
+            pipe.lpush(keys.notify(pid, tid), version)
+            pipe.expire(keys.notify(pid, tid), 30)
         pipe.execute()
 
-    def park_job_tasks(self, job_id: str, tasks: list[dict[str, Any]]) -> None:
-        """A big import waits here as one blob until a worker splits it into chunks."""
-        self.r.set(f"{PREFIX}:job:{job_id}:tasks", json.dumps(tasks), ex=JOB_TTL_SECONDS)
+    def predictions(self, pid: int, version: str, task_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        ids = list(task_ids)
+        if not ids:
+            return {}
+        raw = self.r.hmget(keys.predictions(pid, version), [str(t) for t in ids])
+        return {t: json.loads(v) for t, v in zip(ids, raw, strict=True) if v is not None}
 
-    def parked_job_tasks(self, job_id: str) -> list[dict[str, Any]] | None:
-        raw = self.r.get(f"{PREFIX}:job:{job_id}:tasks")
+    def predicted_tasks(self, pid: int, version: str) -> set[int]:
+        return {int(t) for t in self.r.hkeys(keys.predictions(pid, version))}
+
+    def drop_predictions(self, pid: int, version: str) -> None:
+        """A superseded version's predictions are no longer served."""
+        self.r.delete(keys.predictions(pid, version))
+
+    def wait_for_prediction(self, pid: int, task_id: int, timeout: float) -> None:
+        """Block until a worker stores a prediction for the task, or `timeout` passes."""
+        if timeout > 0:
+            self.r.blpop([keys.notify(pid, task_id)], timeout=timeout)
+
+    def set_last_sync(self, pid: int, report: Mapping[str, Any]) -> None:
+        self.r.set(keys.last_sync(pid), json.dumps(report))
+
+    def last_sync(self, pid: int) -> dict[str, Any] | None:
+        raw = self.r.get(keys.last_sync(pid))
         return json.loads(raw) if raw else None
-
-    def drop_parked_job_tasks(self, job_id: str) -> None:
-        self.r.delete(f"{PREFIX}:job:{job_id}:tasks")
-
-    def job(self, job_id: str) -> Job | None:
-        key = f"{PREFIX}:job:{job_id}"
-        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
-        if not raw:
-            return None
-        failed = {int(t): e.decode() for t, e in self.r.hgetall(key + ":failed").items()}
-        total, done = int(raw["total"]), int(self.r.scard(key + ":done"))
-        state = "done" if done + len(failed) >= total else ("running" if done or failed else "queued")
-        errors = [{"task": t, "error": e} for t, e in sorted(failed.items())]
-        return Job(job_id, state, raw["kind"], int(raw["project"]), total, done, len(failed), errors)

@@ -180,7 +180,10 @@ start api "$BIN/gunicorn" "api.app:create_app()" \
 
 start worker "$BIN/celery" -A worker.worker_app worker \
     -Q interactive,bulk -O fair --prefetch-multiplier 1 --loglevel "$LOG_LEVEL"
-# (processes: WORKER_CONCURRENCY, read by worker/celery_app.py; default one per core, at most 4)
+# (processes: WORKER_CONCURRENCY, read by common/celery_app.py; default one per core, at most 4)
+
+# The periodic reconciliation with Label Studio and the checks that restart stalled work.
+start beat "$BIN/celery" -A worker.celery_app beat --loglevel "$LOG_LEVEL"
 
 # Flower reads FLOWER_BASIC_AUTH (user:pass[,user2:pass2]) from the environment itself; set but empty it
 # would lock everybody out.

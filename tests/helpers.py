@@ -104,6 +104,23 @@ class WorkerProcess(ChildProcess):
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
+class BeatProcess(WorkerProcess):
+    """`celery beat`: the periodic reconciliation and checks (common/celery_app.py), as production runs it
+    (from the Celery app alone: beat sends tasks by name and needs no worker code)."""
+
+    def start(self, timeout: float = 60) -> BeatProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat", "-l", "INFO"],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        wait_until(lambda: b"beat: Starting" in self.log_path.read_bytes() or self.proc.poll() is not None, timeout,
+                   "celery beat to start")  # fmt: skip
+        if self.proc.poll() is not None:
+            raise AssertionError(f"beat exited:\n{self.log_tail()}")
+        return self
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     routes: dict[str, Callable[[_Handler], None]] = {}
 

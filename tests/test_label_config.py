@@ -128,7 +128,9 @@ def test_multiple_choice_keeps_all(config):
 
 def test_cancelled_annotation_counts_for_nothing(config):
     ann = {"was_cancelled": True, "result": [choice("organism_type", "Plankton")]}
-    assert annotation_labels(ann, config) == {}
+    assert annotation_labels(ann, config) is None  # skipped: not an annotation at all
     ann["was_cancelled"] = False
     assert annotation_labels(ann, config) == {"organism_type": ["Plankton"]}
-    assert annotation_labels({"result": None}, config) == {}
+    assert annotation_labels({"result": None}, config) == {}  # annotated, teaching no tag
+    for odd in (3, True, "x", {"a": 1}):
+        assert annotation_labels({"result": odd}, config) == {}

@@ -1,29 +1,28 @@
-"""Refits against the real Redis and a real MODEL_DIR: versions, interruption, persistence, config changes."""
+"""Refits against the real Redis: versions, what each learned, interruption, models shared by every worker
+host, config changes, and the ordering that leaves no task behind a new version."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from common.settings import Settings
 from tests.helpers import LABEL_CONFIG
-from worker import project_model
-from worker.learn_tasks import refit_project
+from worker import refitting
 from worker.pipeline import to_bytes
-from worker.predict_tasks import predict_from_features
-from worker.runtime import Runtime
+from worker.predicting import gaps, predict_from_features
+from worker.refitting import needs_refit, refit_project
+from worker.runtime import ModelMissing, Runtime
 
 PID = 8
 N_PER = 15
 
 
 @pytest.fixture
-def rt(clean_redis, tmp_path: Path) -> Runtime:
-    settings = dataclasses.replace(Settings.from_env(), model_dir=str(tmp_path / "models"), kmeans_clusters=3)
+def rt(clean_redis) -> Runtime:
+    settings = dataclasses.replace(Settings.from_env(), kmeans_clusters=3)
     runtime = Runtime(settings)
     runtime.store.set_label_config(PID, LABEL_CONFIG)
     rng = np.random.default_rng(0)
@@ -39,7 +38,7 @@ def blob_of(tid: int) -> int:
 
 def annotate(rt: Runtime, names: list[str], every: int = 4) -> None:
     for tid in range(1, 3 * N_PER + 1, every):
-        rt.store.set_labels(PID, 100 + tid, tid, {"organism_type": [names[blob_of(tid)]], "shape": ["Round"]})
+        rt.store.save_annotation(PID, 100 + tid, tid, {"organism_type": [names[blob_of(tid)]], "shape": ["Round"]})
 
 
 def current_predictions(rt: Runtime) -> dict[int, dict]:
@@ -51,54 +50,76 @@ def current_predictions(rt: Runtime) -> dict[int, dict]:
     return predict_from_features(rt, PID, version, feats)
 
 
-def test_a_refit_that_changes_predictions_gets_a_new_version_and_one_that_does_not_keeps_it(rt):
+def test_every_annotation_change_gets_a_new_version_and_a_retrain_without_one_keeps_it(rt):
     v0 = rt.store.current_version(PID)
+    assert not needs_refit(rt, PID)
     annotate(rt, ["Plankton", "Debris", "Not-plankton"])
-    first = refit_project(rt, PID, force=False)
+    assert needs_refit(rt, PID)
+    first = refit_project(rt, PID, force=False, reason="annotations")
     assert first["status"] == "fitted" and first["version"] != v0
-    assert rt.store.current_version(PID) == first["version"]
-    same = refit_project(rt, PID, force=True)
+    assert rt.store.current_version(PID) == first["version"] and not needs_refit(rt, PID)
+    same = refit_project(rt, PID, force=True, reason="training")
     assert same["status"] == "unchanged" and rt.store.current_version(PID) == first["version"]
     annotate(rt, ["Debris", "Plankton", "Not-plankton"])
-    flipped = refit_project(rt, PID, force=False)
+    flipped = refit_project(rt, PID, force=False, reason="annotations")
     assert flipped["status"] == "fitted" and flipped["version"] not in (v0, first["version"])
     preds = current_predictions(rt)
     assert all(p["model_version"] == flipped["version"] for p in preds.values())
     chosen = {tid: p["result"][0]["value"]["choices"] for tid, p in preds.items()}
     assert chosen[1] == ["Debris"] and chosen[N_PER + 1] == ["Plankton"]
     assert [v["version"] for v in rt.store.versions(PID)] == [v0, first["version"], flipped["version"]]
+    # One more annotation that changes no answer still makes a version: it must be fitted on every annotation.
+    rt.store.save_annotation(PID, 999, 2, {"organism_type": ["Debris"]})
+    assert needs_refit(rt, PID)
+    assert refit_project(rt, PID, force=False, reason="annotations")["status"] == "fitted"
+    # The fill after publishing predicted every unannotated task with the newest version.
+    assert not gaps(rt, PID, rt.store.current_version(PID))
 
 
 def test_nothing_to_do_without_changes_unless_forced(rt):
-    assert refit_project(rt, PID, force=False)["status"] == "nothing new"
-    assert refit_project(rt, PID, force=True)["status"] == "nothing to learn from"
+    assert refit_project(rt, PID, force=False, reason="annotations")["status"] == "nothing new"
+    assert refit_project(rt, PID, force=True, reason="training")["status"] == "nothing to learn from"
 
 
 def test_a_refit_interrupted_half_way_leaves_the_old_version_in_use(rt, monkeypatch):
     annotate(rt, ["Plankton", "Debris", "Not-plankton"])
-    good = refit_project(rt, PID, force=False)["version"]
+    good = refit_project(rt, PID, force=False, reason="annotations")["version"]
     before = current_predictions(rt)
     annotate(rt, ["Debris", "Plankton", "Not-plankton"])
-    real_dumps = json.dumps
 
-    def crash_while_writing(obj, *args, **kwargs):
-        if isinstance(obj, dict) and "cluster_choices" in obj:
-            raise OSError("disk full")
-        return real_dumps(obj, *args, **kwargs)
+    def crash_while_serialising(model):
+        raise OSError("out of memory")
 
-    monkeypatch.setattr(project_model.json, "dumps", crash_while_writing)
+    monkeypatch.setattr(refitting, "model_to_bytes", crash_while_serialising)
     with pytest.raises(OSError):
-        refit_project(rt, PID, force=False)
+        refit_project(rt, PID, force=False, reason="annotations")
     monkeypatch.undo()
     assert rt.store.current_version(PID) == good
-    folders = sorted(p.name for p in rt.project_dir(PID).iterdir())
-    assert folders == [good], folders
+    assert needs_refit(rt, PID)  # what the periodic check finds: the refit is not forgotten
     fresh = Runtime(rt.settings)
     after = {t: p["result"][0]["value"] for t, p in predict_from_features(
         fresh, PID, good, {t: v for t, v in zip(*_features(rt), strict=True)}).items()}  # fmt: skip
     assert after == {t: p["result"][0]["value"] for t, p in before.items()}
-    retry = refit_project(rt, PID, force=False)
+    retry = refit_project(rt, PID, force=False, reason="annotations")
     assert retry["status"] == "fitted" and rt.store.current_version(PID) == retry["version"]
+
+
+def test_features_stored_while_a_refit_runs_get_the_new_version(rt, monkeypatch):
+    """A chunk that stores its features after the refit read its snapshot, and reads the version before the
+    refit publishes, predicts with the old version: the refit's fill, made after publishing, covers it."""
+    annotate(rt, ["Plankton", "Debris", "Not-plankton"])
+    real_fit = refitting.fit_model
+    late = {1000 + i: np.ones(1280) * (i + 1) for i in range(5)}
+
+    def fit_while_a_chunk_commits(*args, **kwargs):
+        model = real_fit(*args, **kwargs)
+        rt.store.save_embeddings(PID, {t: to_bytes(v) for t, v in late.items()}, {})
+        return model
+
+    monkeypatch.setattr(refitting, "fit_model", fit_while_a_chunk_commits)
+    version = refit_project(rt, PID, force=False, reason="annotations")["version"]
+    assert set(late) <= set(rt.store.predictions(PID, version, late))
+    assert not gaps(rt, PID, version)
 
 
 def _features(rt: Runtime) -> tuple[list[int], np.ndarray]:
@@ -109,20 +130,24 @@ def _features(rt: Runtime) -> tuple[list[int], np.ndarray]:
     return ids, from_bytes([blobs[t] for t in ids])
 
 
-def test_models_persist_and_a_restarted_worker_predicts_the_same(rt):
+def test_every_worker_host_predicts_with_the_published_model_and_never_another(rt, clean_redis):
+    """Models live in Redis: a second worker (another host, nothing on its disk) predicts exactly what the
+    one that fitted does; a version whose model is gone fails loudly instead of predicting with nothing."""
     annotate(rt, ["Plankton", "Debris", "Not-plankton"])
-    version = refit_project(rt, PID, force=False)["version"]
+    version = refit_project(rt, PID, force=False, reason="annotations")["version"]
     before = current_predictions(rt)
-    restarted = Runtime(rt.settings)
-    assert (rt.project_dir(PID) / version / "model.json").is_file()
-    after = current_predictions(restarted)
+    other_host = Runtime(dataclasses.replace(rt.settings))
+    after = current_predictions(other_host)
     strip = lambda preds: {t: [(i["from_name"], i["value"], i["score"]) for i in p["result"]] for t, p in preds.items()}  # noqa: E731
     assert strip(after) == strip(before)
+    clean_redis.delete(f"plk:p:{PID}:model:{version}")
+    with pytest.raises(ModelMissing):
+        Runtime(rt.settings).project_model(PID, version)
 
 
 def test_a_changed_config_never_predicts_removed_tags_and_new_tags_start_learning(rt):
     annotate(rt, ["Plankton", "Debris", "Not-plankton"])
-    old_version = refit_project(rt, PID, force=False)["version"]
+    old_version = refit_project(rt, PID, force=False, reason="annotations")["version"]
     assert all(
         {"organism_type", "shape"} <= {i["from_name"] for i in p["result"]} for p in current_predictions(rt).values()
     )
@@ -135,8 +160,8 @@ def test_a_changed_config_never_predicts_removed_tags_and_new_tags_start_learnin
     old = predict_from_features(rt, PID, old_version, dict(zip(range(len(feats)), feats, strict=True)))
     assert all({i["from_name"] for i in p["result"]} == {"organism_type"} for p in old.values())
     for tid in range(1, 3 * N_PER + 1, 4):
-        rt.store.set_labels(PID, 300 + tid, tid, {"organism_type": ["Plankton"], "outline": ["Oval"]})
-    refit = refit_project(rt, PID, force=True)
+        rt.store.save_annotation(PID, 300 + tid, tid, {"organism_type": ["Plankton"], "outline": ["Oval"]})
+    refit = refit_project(rt, PID, force=False, reason="label config")
     assert refit["status"] == "fitted"
     for p in current_predictions(rt).values():
         tags = {i["from_name"] for i in p["result"]}
@@ -151,9 +176,9 @@ def test_per_bucket_scope_fits_one_model_per_image_collection(rt):
     rt.store.save_embeddings(PID, {t: to_bytes(f) for t, f in zip(ids, feats, strict=True)}, refs)
     for tid in ids[::3]:
         label = "Plankton" if tid % 2 else "Debris"
-        rt.store.set_labels(PID, 500 + tid, tid, {"organism_type": [label]})
+        rt.store.save_annotation(PID, 500 + tid, tid, {"organism_type": [label]})
     rt.store.set_model_scope(PID, "bucket")
-    fitted = refit_project(rt, PID, force=True)
+    fitted = refit_project(rt, PID, force=True, reason="annotations")
     assert set(fitted["collections"]) == {"s3://north", "s3://south"}
     restarted = Runtime(rt.settings)
     preds = predict_from_features(restarted, PID, fitted["version"], dict(zip(ids, feats, strict=True)))
@@ -161,5 +186,5 @@ def test_per_bucket_scope_fits_one_model_per_image_collection(rt):
         (item,) = [i for i in pred["result"] if i["from_name"] == "organism_type"]
         assert item["value"]["choices"] == ["Plankton" if tid % 2 else "Debris"], (tid, item)
     rt.store.set_model_scope(PID, "project")
-    shared = refit_project(rt, PID, force=True)
-    assert "collections" not in shared
+    shared = refit_project(rt, PID, force=True, reason="training")
+    assert shared["status"] == "fitted" and "collections" not in shared

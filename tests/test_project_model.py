@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +11,15 @@ from common.label_config import parse_label_config
 from tests.helpers import LABEL_CONFIG
 from worker.backbones import CEFAS_CLASSES
 from worker.project_model import (
+    CollectionModels,
     ProjectModel,
     auto_clusters,
     cluster_choices_for_tag,
+    fit_model,
     fit_project_model,
     head_choice,
+    model_from_bytes,
+    model_to_bytes,
     normalise,
 )
 from worker.results import build_prediction
@@ -197,13 +200,11 @@ def test_labels_no_longer_in_config_are_ignored():
 # -- persistence -----------------------------------------------------------------------------------
 
 
-def test_save_load_round_trip(fitted, tmp_path: Path):
+def test_bytes_round_trip(fitted):
     model, features, blob = fitted
-    folder = model.save(tmp_path / "project")
-    assert folder == tmp_path / "project" / model.version
-    assert sorted(p.name for p in folder.iterdir()) == ["centroids.npy", "model.json"]
-    assert [p.name for p in (tmp_path / "project").iterdir()] == [model.version]  # no temp folder left
-    loaded = ProjectModel.load(folder)
+    model.version = "test-v0001"
+    loaded = model_from_bytes(model_to_bytes(model))
+    assert isinstance(loaded, ProjectModel)
     assert loaded.version == model.version
     assert np.array_equal(loaded.centroids, model.centroids)
     assert loaded.cluster_choices == model.cluster_choices
@@ -214,35 +215,17 @@ def test_save_load_round_trip(fitted, tmp_path: Path):
     assert loaded.predict(features, probs, CEFAS_CLASSES) == model.predict(features, probs, CEFAS_CLASSES)
 
 
-def test_failed_save_leaves_nothing(fitted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    model, _, _ = fitted
-    project = tmp_path / "project"
-    older = ProjectModel("test-v0000", model.centroids, {}, "fp")
-    older.save(project)
-
-    def broken_save(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(np, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        model.save(project)
-    assert not (project / model.version).exists()
-    assert [p.name for p in project.iterdir()] == ["test-v0000"]  # no .tmp-* folder either
-    monkeypatch.undo()
-    assert ProjectModel.load(project / "test-v0000").config_fingerprint == "fp"
-
-
-def test_failed_json_write_leaves_nothing(fitted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    model, _, _ = fitted
-    project = tmp_path / "project"
-
-    def broken_write(self, *args, **kwargs):
-        raise OSError("no space left")
-
-    monkeypatch.setattr(Path, "write_text", broken_write)
-    with pytest.raises(OSError, match="no space left"):
-        model.save(project)
-    assert list(project.iterdir()) == []
+def test_per_collection_model_round_trip(fitted):
+    _, features, blob = fitted
+    ids = list(range(len(features)))
+    labels = {i: {"organism_type": ["Plankton" if blob[i] == 0 else "Debris"]} for i in ids[::3]}
+    collections = ["s3://a" if i % 2 else "s3://b" for i in ids]
+    model = fit_model(features, ids, labels, CONFIG, collections, per_collection=True, clusters=3)
+    assert isinstance(model, CollectionModels) and sorted(model.models) == ["s3://a", "s3://b"]
+    loaded = model_from_bytes(model_to_bytes(model))
+    assert isinstance(loaded, CollectionModels)
+    assert loaded.predict(features, None, (), collections) == model.predict(features, None, (), collections)
+    assert loaded.predict(features, None, (), ["elsewhere"] * len(ids)) == [{}] * len(ids)
 
 
 # -- prediction for Label Studio --------------------------------------------------------------------

@@ -8,15 +8,12 @@ A cluster with no annotated member for a tag predicts nothing for that tag: no e
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import shutil
-import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from sklearn.cluster import KMeans
@@ -25,6 +22,7 @@ from common.label_config import LabelConfig
 from worker.tag_models import LinearTagModel, agreement, fit_multiple, fit_single
 
 Choice = tuple[list[str], float]  # labels chosen for one tag, and their score
+META = "__meta__"
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
@@ -80,14 +78,12 @@ class ProjectModel:
             out.append(choices)
         return out
 
-    # -- persistence: one folder per version, written elsewhere and renamed into place -------------
+    # -- persistence: one blob per version, kept where every worker reads it (Redis) ------------------
 
-    def save(self, project_dir: Path) -> Path:
-        return save_atomically(project_dir, self.version, self.write)
-
-    def write(self, folder: Path) -> None:
-        np.save(folder / "centroids.npy", self.centroids)
-        meta = {
+    def to_meta(self, arrays: dict[str, np.ndarray], prefix: str = "") -> dict[str, object]:
+        arrays[prefix + "centroids"] = self.centroids
+        return {
+            "kind": "project",
             "version": self.version,
             "cluster_choices": self.cluster_choices,
             "config_fingerprint": self.config_fingerprint,
@@ -96,18 +92,16 @@ class ProjectModel:
             "primary": self.primary,
             "stats": self.stats,
         }
-        (folder / "model.json").write_text(json.dumps(meta))
 
     @classmethod
-    def load(cls, folder: Path) -> ProjectModel:
-        meta = json.loads((folder / "model.json").read_text())
+    def from_meta(cls, meta: Mapping[str, object], arrays: Mapping[str, np.ndarray], prefix: str = "") -> ProjectModel:
         choices = {
             tag: [None if c is None else (list(c[0]), float(c[1])) for c in per_cluster]
             for tag, per_cluster in meta["cluster_choices"].items()
         }
         return cls(
             version=meta["version"],
-            centroids=np.load(folder / "centroids.npy"),
+            centroids=arrays[prefix + "centroids"],
             cluster_choices=choices,
             config_fingerprint=meta["config_fingerprint"],
             head_map=meta.get("head_map", {}),
@@ -115,26 +109,6 @@ class ProjectModel:
             primary=meta.get("primary", {}),
             stats=meta.get("stats", {}),
         )
-
-
-def save_atomically(project_dir: Path, version: str, write: Callable[[Path], None]) -> Path:
-    """Write into a temporary folder, fsync, then rename to `<project_dir>/<version>`: a reader sees the
-    whole model or none of it."""
-    project_dir.mkdir(parents=True, exist_ok=True)
-    final = project_dir / version
-    tmp = project_dir / f".tmp-{version}-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def head_choice(probs: np.ndarray, class_names: tuple[str, ...], mapping: Mapping[str, str]) -> Choice:
@@ -287,26 +261,70 @@ class CollectionModels:
                     out[i] = choices
         return out
 
-    def save(self, project_dir: Path) -> Path:
-        def write(folder: Path) -> None:
-            names = sorted(self.models)
-            meta = {"version": self.version, "collections": names, "config_fingerprint": self.config_fingerprint,
-                    "stats": self.stats}  # fmt: skip
-            for i, name in enumerate(names):
-                (folder / str(i)).mkdir()
-                self.models[name].write(folder / str(i))
-            (folder / "collections.json").write_text(json.dumps(meta))
-
-        return save_atomically(project_dir, self.version, write)
+    def to_meta(self, arrays: dict[str, np.ndarray], prefix: str = "") -> dict[str, object]:
+        names = sorted(self.models)
+        return {
+            "kind": "collections",
+            "version": self.version,
+            "config_fingerprint": self.config_fingerprint,
+            "stats": self.stats,
+            "collections": {name: self.models[name].to_meta(arrays, f"{prefix}{i}/") for i, name in enumerate(names)},
+        }
 
     @classmethod
-    def load(cls, folder: Path) -> CollectionModels:
-        meta = json.loads((folder / "collections.json").read_text())
-        models = {name: ProjectModel.load(folder / str(i)) for i, name in enumerate(meta["collections"])}
+    def from_meta(
+        cls, meta: Mapping[str, object], arrays: Mapping[str, np.ndarray], prefix: str = ""
+    ) -> CollectionModels:
+        models = {
+            name: ProjectModel.from_meta(sub, arrays, f"{prefix}{i}/")
+            for i, (name, sub) in enumerate(sorted(meta["collections"].items()))
+        }
         return cls(meta["version"], models, meta["config_fingerprint"], meta.get("stats", {}))
 
 
-def load_model(folder: Path) -> ProjectModel | CollectionModels:
-    if (folder / "collections.json").is_file():
-        return CollectionModels.load(folder)
-    return ProjectModel.load(folder)
+Model = ProjectModel | CollectionModels
+
+
+def model_to_bytes(model: Model) -> bytes:
+    """One compressed blob (arrays, and the rest as JSON), small whatever the project's size."""
+    arrays: dict[str, np.ndarray] = {}
+    meta = model.to_meta(arrays)
+    arrays[META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def model_from_bytes(blob: bytes) -> Model:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    meta = json.loads(arrays.pop(META).tobytes())
+    return (CollectionModels if meta["kind"] == "collections" else ProjectModel).from_meta(meta, arrays)
+
+
+def fit_model(
+    features: np.ndarray,
+    task_ids: list[int],
+    labels: Mapping[int, Mapping[str, list[str]]],
+    config: LabelConfig,
+    collections: list[str],
+    per_collection: bool = False,
+    clusters: int = 0,
+    head_map: Mapping[str, Mapping[str, str]] | None = None,
+) -> Model:
+    """The project's model, or with `per_collection` one model per image collection (MODEL_SCOPE=bucket),
+    each fitted on that collection's tasks and annotations alone. The version is named at publication."""
+
+    def fit(rows: list[int]) -> ProjectModel:
+        ids = [task_ids[i] for i in rows]
+        return fit_project_model("", features[rows], ids, labels, config, clusters=clusters, head_map=head_map)
+
+    if not per_collection:
+        return fit(list(range(len(task_ids))))
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(collections):
+        groups.setdefault(name, []).append(i)
+    models = {name: fit(rows) for name, rows in groups.items()}
+    stats = {"tasks": len(task_ids), "annotated": sum(1 for t in task_ids if t in labels),
+             "collections": {n: m.stats for n, m in models.items()}}  # fmt: skip
+    return CollectionModels("", models, config.fingerprint, stats)

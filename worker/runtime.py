@@ -10,20 +10,22 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_process_init
 
 from common import queues
+from common.collections import PER_BUCKET
+from common.dispatch import Dispatcher
 from common.label_config import LabelConfig, parse_label_config
 from common.models import embedding_space
 from common.settings import Settings, get_settings
-from common.store import Store
+from common.store import Store, version_number
+from worker.celery_app import app
 from worker.images import ImageFetcher
+from worker.label_studio import LabelStudioApi
 from worker.pipeline import EmbeddingPipeline
-from worker.project_model import CollectionModels, ProjectModel, load_model
-from worker.writeback import WriteBack, make_client
+from worker.project_model import Model, ProjectModel, model_from_bytes
 
 if TYPE_CHECKING:  # imported where used: torch loads in pool processes only, never in the main one
     from worker.embedder import Embedder
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CEFAS_MAP = {"organism_type": {"copepod": "Plankton", "non-copepod": "Plankton", "detritus": "Debris"}}
 
 
+class ModelMissing(RuntimeError):
+    """A version's model is not in Redis: never predict with another one instead."""
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -40,6 +46,10 @@ class Runtime:
     @cached_property
     def store(self) -> Store:
         return Store.from_url(self.settings.redis_url, embedding_space(self.settings))
+
+    @cached_property
+    def dispatcher(self) -> Dispatcher:
+        return Dispatcher(app, self.store, self.settings)
 
     @cached_property
     def embedder(self) -> Embedder:
@@ -58,12 +68,12 @@ class Runtime:
         )
 
     @cached_property
-    def writeback(self) -> WriteBack | None:
+    def label_studio(self) -> LabelStudioApi | None:
+        """None without LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: predictions are then served by /predict only."""
         if not self.settings.label_studio_url or not self.settings.label_studio_api_key:
             log.warning("LABEL_STUDIO_URL or LABEL_STUDIO_API_KEY not set: predictions are served by /predict only")
             return None
-        client = make_client(self.settings.label_studio_url, self.settings.label_studio_api_key)
-        return WriteBack(client, self.store)
+        return LabelStudioApi(self.settings.label_studio_url, self.settings.label_studio_api_key)
 
     @cached_property
     def head_map(self) -> dict[str, dict[str, str]]:
@@ -73,33 +83,35 @@ class Runtime:
         return json.loads(self.settings.cefas_label_map) if self.settings.cefas_label_map else DEFAULT_CEFAS_MAP
 
     @cached_property
-    def _models(self) -> OrderedDict[tuple[int, str], ProjectModel | CollectionModels]:
+    def _models(self) -> OrderedDict[tuple[int, str], Model]:
         return OrderedDict()
 
-    def project_dir(self, pid: int) -> Path:
-        return Path(self.settings.model_dir) / embedding_space(self.settings) / str(pid)
-
-    def project_model(self, pid: int, version: str) -> ProjectModel | CollectionModels:
-        """The model of that version; before the first fit, one that knows only the backbone's head."""
+    def project_model(self, pid: int, version: str) -> Model:
+        """The model of that version, from Redis, where every worker host reads the same one. Version 0
+        (nothing learned yet) knows only the backbone's head, if any."""
         key = (pid, version)
         if key not in self._models:
-            folder = self.project_dir(pid) / version
-            if folder.is_dir():
-                model = load_model(folder)
-            else:
+            blob = self.store.model_blob(pid, version)
+            if blob is not None:
+                model = model_from_bytes(blob)
+            elif version_number(version) == 0:
                 import numpy as np
 
                 model = ProjectModel(version, np.zeros((0, 1), np.float32), {}, "", head_map=self.head_map)
+            else:
+                raise ModelMissing(f"project {pid}: the model of {version} is not in Redis")
             self._models[key] = model
             while len(self._models) > 16:
                 self._models.popitem(last=False)
         return self._models[key]
 
+    def model_answers(self, pid: int, version: str) -> bool:
+        """False for version 0 without a backbone head: nothing learned, nothing to write to Label Studio."""
+        return version_number(version) != 0 or bool(self.head_map)
+
     @cached_property
     def serves_interactive(self) -> bool:
         """Whether this worker consumes the interactive queue (`-Q`; all queues when not given)."""
-        from worker.celery_app import app
-
         selected = app.amqp.queues.consume_from
         return not selected or queues.INTERACTIVE in selected
 
@@ -109,8 +121,8 @@ class Runtime:
         under its name.)"""
         return self.serves_interactive and bool(self.store.r.llen(queues.INTERACTIVE))
 
-    def model_scope(self, pid: int) -> str:
-        return self.store.model_scope(pid) or self.settings.model_scope
+    def per_collection(self, pid: int) -> bool:
+        return (self.store.model_scope(pid) or self.settings.model_scope) == PER_BUCKET
 
     def label_config(self, pid: int) -> LabelConfig:
         xml = self.store.label_config(pid)

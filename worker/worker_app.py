@@ -1,4 +1,4 @@
-"""What `celery -A worker.worker_app worker` loads: the Celery app and its task modules."""
+"""What `celery -A worker.worker_app worker` (and `beat`) loads: the Celery app and its task modules."""
 
 import os
 
@@ -6,7 +6,7 @@ import os
 # threads, and spinning workers slowed both (bench/throughput.py). Set before any pool process loads torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from worker import learn_tasks, predict_tasks  # noqa: E402
 from worker.celery_app import app  # noqa: E402
+from worker.tasks import deliver, ingest, learn  # noqa: E402
 
-__all__ = ["app", "learn_tasks", "predict_tasks"]
+__all__ = ["app", "deliver", "ingest", "learn"]

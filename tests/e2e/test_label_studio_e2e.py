@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from common.models import embedding_space
 from common.settings import Settings
 from common.store import Store
 from tests.conftest import TEST_REDIS_URL, worker_env
-from tests.helpers import ApiProcess, WorkerProcess, wait_until
+from tests.helpers import ApiProcess, BeatProcess, WorkerProcess, wait_until
 from worker.celery_app import app as celery_app
 
 from .label_studio import LabelStudioServer
@@ -44,9 +45,11 @@ def backend(label_studio: LabelStudioServer, tmp_path: Path) -> Iterator[tuple[A
     )
     api = ApiProcess(env, tmp_path / "api.log").start()
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    beat = BeatProcess(env, tmp_path / "beat.log", "beat").start()
     try:
         yield api, worker
     finally:
+        beat.stop()
         api.stop()
         worker.stop()
 
@@ -117,13 +120,13 @@ def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
     again = requests.post(f"{api.url}/predict", json={"project": f"{project}.0", "tasks": [
         {"id": t, "data": {"image": "unused"}} for t in others]}, timeout=10).json()  # fmt: skip
     assert len(again["results"]) == len(others)
-    job = store.create_job("repredict", project, len(others))
-    celery_app.send_task(
-        "plankton.repredict",
-        kwargs={"project": project, "version": version, "task_ids": others, "job_id": job},
-        queue="bulk",
-    )
-    wait_until(lambda: store.job(job).state == "done", 60, "the repeated job")
+    job = store.jobs.create("import", project, len(others))
+    again_tasks = [{"id": t, "data": label_studio.get_task(t)["data"]} for t in others]
+    celery_app.send_task("plankton.predict_tasks", kwargs={"project": project, "tasks": again_tasks, "job_id": job},
+                         queue="bulk")  # fmt: skip
+    celery_app.send_task("plankton.fill_gaps", kwargs={"project": project}, queue="bulk")
+    wait_until(lambda: store.jobs.get(job).state == "done", 60, "the repeated job")
+    wait_until(lambda: store.delivery.size(project) == 0, 60, "the outbox to drain")
     for task in task_ids:
         counts = versions_per_task(label_studio.task_predictions(task))
         assert all(n == 1 for n in counts.values()), (task, counts)
@@ -147,3 +150,58 @@ def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
     log = (api.log_path.read_text() + worker.log_path.read_text()).lower()
     assert "traceback" not in log, log[-3000:]
     print(json.dumps({"version": version, "tasks": len(task_ids), "predicted": len(found)}))
+
+
+@pytest.fixture
+def backend_as_deployed(label_studio: LabelStudioServer, tmp_path: Path) -> Iterator[tuple[ApiProcess, WorkerProcess]]:
+    """The default refit policy (REFIT_EVERY 5, REFIT_DELAY_SECONDS 10), two worker processes, and beat."""
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    env = worker_env(tmp_path, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
+                     CHUNK_SIZE="512", WORKER_CONCURRENCY="2")  # fmt: skip
+    api = ApiProcess(env, tmp_path / "api.log").start()
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    beat = BeatProcess(env, tmp_path / "beat.log", "beat").start()
+    try:
+        yield api, worker
+    finally:
+        beat.stop()
+        api.stop()
+        worker.stop()
+
+
+def test_annotating_while_the_import_runs_leaves_no_task_behind(
+    label_studio: LabelStudioServer, backend_as_deployed, label_config: str, data_dir: Path
+):
+    """As people work: import 39 images and annotate 6 of them one second later, while the import is still
+    being embedded. Every other task ends with exactly one prediction of the version /setup returns, and
+    that version learned all 6 annotations."""
+    api, worker = backend_as_deployed
+    project = label_studio.create_project("annotate during import", label_config)
+    label_studio.connect_ml_backend(project, api.url)
+    crops = sorted((data_dir / "flowcam" / "crops").glob("*.tif"))[:39]
+    task_ids = label_studio.import_tasks(project, [{"image": f"/data/local-files/?d=flowcam/crops/{p.name}"}
+                                                   for p in crops])  # fmt: skip
+    time.sleep(1)
+    store = Store.from_url(TEST_REDIS_URL, embedding_space(Settings()))
+    embedded_when_annotating = store.embedding_count(project)
+    labels = {task_ids[i]: ("Plankton" if i % 2 else "Debris") for i in range(6)}
+    for task, label in labels.items():
+        label_studio.create_annotation(task, [choice("organism_type", label)])
+    others = [t for t in task_ids if t not in labels]
+
+    def settled() -> str | None:
+        version = model_version(api, project)
+        fitted = store.fitted_labels(project, version)
+        if {t: v["organism_type"] for t, v in fitted.items()} != {t: [label] for t, label in labels.items()}:
+            return None
+        tasks = {t["id"]: t for t in label_studio.list_tasks(project)}
+        ok = all(versions_per_task(tasks[t]["predictions"])[version] == 1 for t in others)
+        return version if ok else None
+
+    version = wait_until(settled, 180, f"every task predicted by a model of all 6 annotations ({worker.log_tail(30)})",
+                         interval=2)  # fmt: skip
+    for task in label_studio.list_tasks(project):
+        counts = versions_per_task(task["predictions"])
+        assert all(n == 1 for n in counts.values()), (task["id"], counts)
+        assert counts[version] == 1 or task["id"] not in others, (task["id"], counts)
+    print(json.dumps({"embedded when annotating": embedded_when_annotating, "version": version}))

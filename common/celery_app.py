@@ -1,0 +1,59 @@
+"""The Celery app, built from settings. Torch-free and without task modules, so the API and Flower can
+send and watch tasks; `celery -A worker.worker_app` adds the tasks."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from common import queues
+from common.settings import Settings
+
+TICK_SECONDS = 15.0
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("plankton", broker=settings.redis_url)
+    beat_schedule = {"tick": {"task": queues.TICK, "schedule": TICK_SECONDS, "options": {"queue": queues.BULK}}}
+    if settings.sync_interval_seconds > 0:
+        beat_schedule["sync-all"] = {
+            "task": queues.SYNC_ALL,
+            "schedule": settings.sync_interval_seconds,
+            "options": {"queue": queues.BULK},
+        }
+    app.conf.update(
+        task_queues=(Queue(queues.INTERACTIVE), Queue(queues.BULK)),
+        task_default_queue=queues.BULK,
+        # A task is acknowledged only once it finished: a worker killed mid-batch leaves it in Redis and
+        # another worker runs it again (every task is idempotent; see README "Every task, exactly once").
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message at a time per process: an interactive task waits for at most the batch in progress.
+        worker_prefetch_multiplier=1,
+        # WORKER_CONCURRENCY (default: one process per core, at most 4); each runs cores/processes torch threads.
+        worker_concurrency=settings.worker_concurrency,
+        broker_transport_options={
+            # Poll queues in the order the worker lists them (-Q interactive,bulk), not round robin.
+            "queue_order_strategy": "priority",
+            # An unacknowledged message (its worker died) is redelivered after this long; keep it above the
+            # longest task. Looked for every 10 s.
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+            # A Redis that went away without closing the connection must not hang a publish forever.
+            "socket_timeout": 30,
+            "socket_connect_timeout": 5,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        # The periodic work (README "Reconciliation"): beat keeps its schedule in memory, nothing on disk.
+        beat_schedule=beat_schedule,
+        beat_scheduler="celery.beat:Scheduler",
+    )
+    return app

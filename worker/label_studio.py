@@ -1,0 +1,122 @@
+"""What the workers ask of Label Studio, through label-studio-sdk 2.x: write predictions, read back what
+it holds, and list a project for reconciliation.
+
+Writing predictions is not idempotent (Label Studio never de-duplicates them), so that call runs with the
+SDK's own retries off: a retry after a dropped connection could store a second copy. Its outcome is checked
+instead (`created`, and on doubt, which tasks hold the version). Reads retry as the SDK does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import httpx
+import redis
+
+log = logging.getLogger(__name__)
+
+CLIENT_TIMEOUT_SECONDS = 60
+SYNC_PAGE_SIZE = 200
+NO_RETRIES = {"max_retries": 0}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth trying again later: the network, a timeout, Label Studio or Redis briefly away, a 5xx or 429.
+    Not: a refused request (4xx), which a retry would only repeat."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    if isinstance(exc, ApiError):
+        return exc.status_code is None or exc.status_code >= 500 or exc.status_code in (408, 409, 429)
+    return isinstance(
+        exc, httpx.TransportError | redis.ConnectionError | redis.TimeoutError | ConnectionError | TimeoutError
+    )
+
+
+def missing_task_error(exc: BaseException) -> bool:
+    """Label Studio refuses a whole prediction import when one of its tasks was deleted meanwhile."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    return isinstance(exc, ApiError) and exc.status_code == 400 and "couldn't be retrieved" in str(exc.body)
+
+
+@dataclass
+class LabelStudioTask:
+    """A task as the reconciliation sweep sees it."""
+
+    id: int
+    data: dict[str, Any]
+    annotations: list[dict[str, Any]] = field(default_factory=list)
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # {id, model_version}
+
+
+class LabelStudioApi:
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self.base_url = base_url
+        self.api_key = api_key
+
+    @cached_property
+    def client(self) -> Any:
+        """Made on first use, in the process that uses it (one per process, after fork)."""
+        from label_studio_sdk import LabelStudio
+
+        return LabelStudio(base_url=self.base_url, api_key=self.api_key, timeout=CLIENT_TIMEOUT_SECONDS)
+
+    def import_predictions(self, pid: int, version: str, predictions: Mapping[int, Mapping[str, Any]]) -> int:
+        """One request for all of them; returns how many Label Studio stored (it drops invalid ones)."""
+        from label_studio_sdk import PredictionRequest
+
+        request = [
+            PredictionRequest(task=tid, result=p["result"], score=p["score"], model_version=version)
+            for tid, p in predictions.items()
+        ]
+        reply = self.client.projects.import_predictions(id=pid, request=request, request_options=NO_RETRIES)
+        return int(reply.created or 0)
+
+    def _selected(self, pid: int, task_ids: Iterable[int], include: str) -> Iterator[Any]:
+        ids = list(task_ids)
+        for start in range(0, len(ids), SYNC_PAGE_SIZE):
+            query = json.dumps({"selectedItems": {"all": False, "included": ids[start : start + SYNC_PAGE_SIZE]}})
+            yield from self.client.tasks.list(
+                project=pid, query=query, fields="all", include=include, page_size=SYNC_PAGE_SIZE
+            )
+
+    def tasks_holding(self, pid: int, version: str, task_ids: Iterable[int]) -> set[int]:
+        """Which of these tasks hold a prediction of `version` (to settle a write whose outcome is unknown)."""
+        held = set()
+        for task in self._selected(pid, task_ids, "id,predictions_model_versions"):
+            if version in (getattr(task, "predictions_model_versions", "") or "").split(","):
+                held.add(int(task.id))
+        return held
+
+    def existing_tasks(self, pid: int, task_ids: Iterable[int]) -> set[int]:
+        return {int(task.id) for task in self._selected(pid, task_ids, "id")}
+
+    def label_config(self, pid: int) -> str:
+        return str(self.client.projects.get(id=pid).label_config or "")
+
+    def project_tasks(self, pid: int) -> Iterator[LabelStudioTask]:
+        """Every task of the project with its annotations and predictions, page by page."""
+        for task in self.client.tasks.list(project=pid, fields="all", page_size=SYNC_PAGE_SIZE):
+            yield LabelStudioTask(
+                id=int(task.id),
+                data=dict(task.data or {}),
+                annotations=[_as_dict(a) for a in task.annotations or []],
+                predictions=[
+                    {"id": int(p["id"]), "model_version": p.get("model_version") or ""}
+                    for p in map(_as_dict, task.predictions or [])
+                ],
+            )
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        self.client.predictions.delete(id=prediction_id)
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    if isinstance(item, dict):
+        return item
+    return item.dict() if hasattr(item, "dict") else dict(item)

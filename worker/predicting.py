@@ -1,0 +1,101 @@
+"""From stored features to staged predictions: the step every path to a prediction shares (an import's
+chunk, the annotator's open task, a new version's re-prediction, a gap the sweep found).
+
+The ordering that keeps every task current: whoever stores features reads the current version AFTER
+storing them, and whoever publishes a version lists the stored features AFTER publishing. Either the
+chunk sees the new version, or the publisher sees the chunk's features; both may predict a task, and the
+delivery claims keep Label Studio from receiving it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from common.collections import collection_of
+from worker.pipeline import from_bytes
+from worker.results import build_prediction
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+GAP_BATCH = 2048
+
+
+def predict_from_features(
+    rt: Runtime, pid: int, version: str, features: Mapping[int, np.ndarray]
+) -> dict[int, dict[str, Any]]:
+    """Postprocess: the model of `version` (and no other) turns features into Label Studio predictions."""
+    if not features:
+        return {}
+    config = rt.label_config(pid)
+    ids = list(features)
+    matrix = np.stack([features[t] for t in ids])
+    model = rt.project_model(pid, version)
+    probs = rt.embedder.head_probabilities(matrix) if model.head_map else None
+    refs = rt.store.task_images(pid, ids)
+    collections = [collection_of(refs.get(t, "")) for t in ids]
+    per_task = model.predict(matrix, probs, rt.embedder.backbone.class_names, collections)
+    return {tid: build_prediction(choices, config, version) for tid, choices in zip(ids, per_task, strict=True)}
+
+
+def stage(
+    rt: Runtime,
+    pid: int,
+    version: str,
+    predictions: Mapping[int, dict[str, Any]],
+    *,
+    job_id: str | None = None,
+    hold: float = 0.0,
+) -> None:
+    """Keep the predictions for /predict and put them in the outbox for Label Studio. `hold`: how long the
+    API may hand them over itself first (the annotator's open task), before a worker writes them."""
+    if not predictions:
+        return
+    rt.store.save_predictions(pid, version, predictions)
+    if rt.label_studio is None or not rt.model_answers(pid, version):
+        return
+    rt.store.delivery.stage(pid, version, predictions, time.time() + hold, job_id)
+    rt.dispatcher.deliver(pid, countdown=hold)
+
+
+def predict_current(
+    rt: Runtime, pid: int, features: Mapping[int, np.ndarray], *, job_id: str | None = None, hold: float = 0.0
+) -> str:
+    """Predict the unannotated ones of these tasks with the version current NOW (call it after their
+    features are stored) and stage the predictions; returns that version."""
+    version = rt.store.current_version(pid)
+    annotated = rt.store.annotated_tasks(pid)
+    todo = {t: v for t, v in features.items() if t not in annotated}
+    stage(rt, pid, version, predict_from_features(rt, pid, version, todo), job_id=job_id, hold=hold)
+    return version
+
+
+def gaps(rt: Runtime, pid: int, version: str) -> list[int]:
+    """Unannotated tasks with features but without a stored prediction of `version`."""
+    featured = rt.store.featured_tasks(pid)
+    return sorted(featured - rt.store.annotated_tasks(pid) - rt.store.predicted_tasks(pid, version))
+
+
+def fill_gaps(rt: Runtime, pid: int) -> int:
+    """Predict every gap of the current version from stored features (no download, no forward pass).
+    Called after a version is published, after annotations are deleted, and by the periodic checks."""
+    version = rt.store.current_version(pid)
+    missing = gaps(rt, pid, version)
+    for start in range(0, len(missing), GAP_BATCH):
+        if rt.store.current_version(pid) != version:
+            break  # a newer version was published: its publisher fills its gaps
+        features = stored_features(rt, pid, missing[start : start + GAP_BATCH])
+        stage(rt, pid, version, predict_from_features(rt, pid, version, features))
+    if missing:
+        log.info("project %s: %d tasks predicted with %s", pid, len(missing), version)
+    return len(missing)
+
+
+def stored_features(rt: Runtime, pid: int, task_ids: Iterable[int]) -> dict[int, np.ndarray]:
+    blobs = rt.store.embeddings(pid, task_ids)
+    return dict(zip(blobs, from_bytes(list(blobs.values())), strict=True)) if blobs else {}

@@ -1,0 +1,153 @@
+"""Reconciliation with Label Studio, and the periodic checks that restart stalled work.
+
+Label Studio sends each webhook once and never again: a backend that was down during an import, or while
+people annotated, would never hear of those events. The sweep compares what Label Studio holds (tasks,
+annotations, predictions, the label config; SDK, paginated) with what the backend knows, and fixes every
+gap: new tasks are embedded, deleted ones forgotten, annotations learned, predictions Label Studio lacks
+written again, duplicate predictions of one of our versions deleted. It runs periodically (Celery beat,
+SYNC_INTERVAL_SECONDS), on Start training, and on `POST /sync`.
+
+The tick (every few seconds, Redis only) restarts what a lost message or a killed worker left: an outbox
+with due entries, a refit the annotations call for, gaps of the current version, and chunks whose message
+was lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from common import keys
+from common.annotations import annotation_labels
+from common.celery_app import TICK_SECONDS
+from common.delivery import WRITING, WRITTEN
+from common.store import version_number
+from worker.label_studio import LabelStudioApi
+from worker.predicting import fill_gaps, gaps
+from worker.refitting import needs_refit, refit_project
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+LOCK_LEASE = 60.0
+# A delivery Label Studio lacks is written again only if it was made this long before the listing began
+# (Label Studio stores a /predict reply a moment after we answer).
+DELIVERY_GRACE = 60.0
+
+
+def sync_project(rt: Runtime, pid: int, retrain: bool, reason: str) -> dict[str, Any]:
+    report: dict[str, Any] = {"project": pid, "reason": reason, "started": time.time()}
+    api = rt.label_studio
+    if api is not None:
+        with rt.store.lock(pid, "sync", lease=LOCK_LEASE) as held:
+            if not held:
+                return {"status": "another sync of this project is running"}
+            report.update(_reconcile(rt, api, pid))
+    if retrain or needs_refit(rt, pid):
+        report["refit"] = refit_project(rt, pid, force=retrain, reason="training" if retrain else "annotations")
+    report["predicted"] = fill_gaps(rt, pid)
+    if rt.store.delivery.size(pid):
+        rt.dispatcher.deliver(pid)
+    report["seconds"] = round(time.time() - report["started"], 3)
+    rt.store.set_last_sync(pid, report)
+    log.info("project %s: sync (%s): %s", pid, reason, {k: v for k, v in report.items() if k != "started"})
+    return report
+
+
+def _ours(rt: Runtime, version: str) -> bool:
+    return version.startswith(f"{rt.store.space}-v") and version_number(version) is not None
+
+
+def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
+    store, outbox = rt.store, rt.store.delivery
+    started = time.time()
+    xml = api.label_config(pid)
+    config_changed = bool(xml) and store.set_label_config(pid, xml)
+    config = rt.label_config(pid)
+    version = store.current_version(pid)
+    tasks: dict[int, dict[str, Any]] = {}
+    annotations: dict[int, dict[int, dict[str, list[str]]]] = {}
+    holding, lacking, duplicates = [], [], []
+    for task in api.project_tasks(pid):
+        tasks[task.id] = {"id": task.id, "data": task.data}
+        anns = {int(a["id"]): annotation_labels(a, config) for a in task.annotations}
+        live = {aid: labels for aid, labels in anns.items() if labels is not None}
+        if live:
+            annotations[task.id] = live
+        by_version: dict[str, list[int]] = defaultdict(list)
+        for p in task.predictions:
+            by_version[p["model_version"]].append(p["id"])
+        duplicates += [pid_ for v, ids in by_version.items() if _ours(rt, v) for pid_ in sorted(ids)[1:]]
+        if version in by_version:
+            holding.append(task.id)
+        elif not live:
+            lacking.append(task.id)
+    gone = (store.known_tasks(pid) | store.featured_tasks(pid)) - set(tasks)
+    store.forget_tasks(pid, gone)
+    changed = store.replace_annotations(pid, annotations)
+    store.remember_tasks(pid, tasks.values())
+    featured, failures = store.featured_tasks(pid), store.failures(pid)
+    unfeatured = [t for t in tasks if t not in featured and failures.get(t, {}).get("transient", True)]
+    job = rt.dispatcher.ingest(pid, [tasks[t] for t in unfeatured], kind="sync") if unfeatured else None
+    # What Label Studio holds is written, whatever Redis remembers (it may have lost a claim).
+    claims = outbox.claims(pid, version, holding)
+    outbox.set(pid, version, [t for t in holding if claims.get(t, (WRITING,))[0] == WRITING], WRITTEN)
+    restage = [t for t in lacking if outbox.forget_if_older(pid, version, t, started - DELIVERY_GRACE)]
+    claims = outbox.claims(pid, version, lacking)
+    restage += [t for t in lacking if t not in claims]
+    stored = set(store.predictions(pid, version, restage)) if rt.model_answers(pid, version) else set()
+    outbox.stage(pid, version, stored, time.time())
+    for prediction_id in duplicates:
+        api.delete_prediction(prediction_id)
+    if duplicates:
+        log.warning("project %s: deleted %d duplicate predictions", pid, len(duplicates))
+    return {
+        "tasks": len(tasks),
+        "new": len(unfeatured),
+        "ingest_job": job,
+        "deleted_tasks": len(gone),
+        "annotations_changed": len(changed),
+        "config_changed": config_changed,
+        "rewritten": len(stored),
+        "duplicates_deleted": len(duplicates),
+    }
+
+
+def sync_all(rt: Runtime) -> list[int]:
+    """Queue a sync of every project the backend knows; one run per interval however many beats run."""
+    interval = max(1.0, rt.settings.sync_interval_seconds * 0.9)
+    if not rt.store.r.set(keys.beat_lock("sync_all"), "1", nx=True, px=int(interval * 1000)):
+        return []
+    projects = rt.store.projects()
+    for pid in projects:
+        rt.dispatcher.sync(pid, reason="periodic")
+    return projects
+
+
+def tick(rt: Runtime) -> dict[int, list[str]]:
+    """Redis-only checks, per project, that restart work a lost message or a killed worker left behind."""
+    if not rt.store.r.set(keys.beat_lock("tick"), "1", nx=True, px=int(TICK_SECONDS * 900)):
+        return {}
+    store, now, started = rt.store, time.time(), {}
+    for pid in store.projects():
+        actions = []
+        if store.delivery.due(pid, now, 1):
+            rt.dispatcher.deliver(pid)
+            actions.append("deliver")
+        if store.label_config(pid) and needs_refit(rt, pid):
+            if rt.dispatcher.after_labels_changed(pid):
+                actions.append("refit")
+        elif store.label_config(pid) and gaps(rt, pid, store.current_version(pid)):
+            rt.dispatcher.fill_gaps(pid)
+            actions.append("fill gaps")
+        stale = [t for t, since in store.pending(pid).items() if now - since > rt.settings.visibility_timeout]
+        retry = [t for t, f in store.failures(pid).items()
+                 if f.get("transient") and now - f.get("at", 0) > rt.settings.sync_interval_seconds]  # fmt: skip
+        if stale or retry:
+            rt.dispatcher.ingest(pid, store.tasks(pid, stale + retry), kind="retry")
+            actions.append(f"ingest {len(stale) + len(retry)}")
+        if actions:
+            started[pid] = actions
+    return started

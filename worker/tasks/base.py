@@ -1,0 +1,88 @@
+"""What every task shares: retries on what actually fails, job reporting, and a limit on how often a
+message may be started (one that keeps killing its worker must not be redelivered forever)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import redis
+from celery import Task
+
+from common import keys
+from worker.runtime import ModelMissing, runtime
+
+log = logging.getLogger(__name__)
+
+# Redis away, Label Studio away or timing out, a model not yet readable: worth another try. The SDK's
+# ApiError is retried too (a 5xx, or a 4xx that a configuration fix will cure); it is imported lazily by
+# the SDK, so it is matched by name in `retry_worthy`.
+RETRYABLE: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    httpx.TransportError,
+    ConnectionError,
+    TimeoutError,
+    ModelMissing,
+)
+MAX_STARTS = 3
+
+
+def _api_error() -> type[BaseException]:
+    from label_studio_sdk.core.api_error import ApiError
+
+    return ApiError
+
+
+class JobTask(Task):
+    """Retries with backoff on RETRYABLE; when a task gives up, its job says so for each of its items."""
+
+    autoretry_for = RETRYABLE
+    retry_backoff = 2
+    retry_backoff_max = 60
+    retry_jitter = True
+    max_retries = 8
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        job_id = kwargs.get("job_id")
+        if job_id:
+            items = [t["id"] for t in kwargs.get("tasks", [])] or [kwargs.get("project")]
+            try:
+                runtime().store.jobs.progress(job_id, errors={t: f"{type(exc).__name__}: {exc}" for t in items})
+            except redis.RedisError:
+                log.error("job %s: cannot record the failure (%s): Redis is away", job_id, exc)
+
+
+def limited_starts(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Count the starts of each message (a redelivery after the worker died counts again); past MAX_STARTS
+    the message fails with a reason instead of killing another worker."""
+
+    @functools.wraps(fn)
+    def run(self: Task, *args: Any, **kwargs: Any) -> Any:
+        key = keys.deliveries(f"{self.request.id}:{self.request.retries}")
+        r = runtime().store.r
+        starts = int(r.incr(key))
+        r.expire(key, 24 * 3600)
+        if starts > MAX_STARTS:
+            reason = f"{self.name} was started {starts - 1} times without finishing (its worker died each time)"
+            log.error("message %s: %s; given up", self.request.id, reason)
+            raise RuntimeError(reason)
+        return fn(self, *args, **kwargs)
+
+    return run
+
+
+def retry_api_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Label Studio answering with an error status (ApiError) is retried like the network failing."""
+
+    @functools.wraps(fn)
+    def run(self: Task, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except _api_error() as exc:
+            raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from exc
+
+    return run
