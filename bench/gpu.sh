@@ -12,6 +12,8 @@ export PLANKTON_DATA_DIR=$PWD/.gpu/data BENCH_REDIS_URL=redis://127.0.0.1:6379/1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
 [ -n "${SKIP_GPU_CHECK:-}" ] || python3 bench/gpu_check.py --count 1024 2>&1 | tee "$OUT/gpu_check.txt"
+# Model-only images/s per input size (the GPU column of RESULTS.md "Input size"; quality is measured on CPU).
+python3 bench/input_size.py --device cuda --speed-only --json "$OUT/input-size.json" 2>&1 | tee "$OUT/input-size.txt"
 python3 -c "import torch, torchvision; torch.save(torchvision.models.resnet50(weights=None).state_dict(), '/tmp/r50.pth')"
 # One worker process per 2 cores: downloads and decoding are Python (one core per process), the GPU is shared.
 export WORKER_CONCURRENCY=$(( $(nproc) / 2 )) CHUNK_SIZE=256 BATCH_SIZE=256

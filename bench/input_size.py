@@ -1,91 +1,174 @@
-"""Which input size to feed the backbone: quality and speed, measured in one run on real particles.
+"""Which input size to feed the backbone: speed and the quality of the backend's suggestions, per size, on
+more than one kind of data.
 
-For each size: model-only images/s (the worker's Embedder, batch as configured, images already decoded)
-and how well the embeddings separate the proxy `shape` classes of bench/proxy_labels.py (5-fold logistic
-regression accuracy and macro-F1, and k-means cluster purity), on the same balanced sample.
+- **Speed**: model-only images/s (the worker's Embedder: TorchScript-frozen on CPU, bf16 on CUDA; images
+  already decoded and resized; one process with every core as torch threads; the best of `--passes` over
+  `--speed-images` real images of both kinds), and the CPU time per image, which other work on a shared
+  machine disturbs far less than the wall clock.
+- **Quality**: the backend's accuracy and macro-F1 (`fit_project_model` on every task, answers for the tasks
+  not annotated, as bench/quality.py measures them) at 5%, 10% and 20% annotated, mean over `--seeds`
+  random annotated subsets, on each data set: `zoolake` (35 lake plankton classes, photographs of 24 to
+  2,200 px), `zoolake-taxa` (its 27 taxa), `flowcam-shape` (2,100 small FlowCam particles, median 28 px,
+  with a proxy shape label from their outline). Features are cached under `.bench-data/features/`.
 
-    python bench/input_size.py [--sizes 32,64,96,128,224] [--per-class 300] [--backbone efficientnet-lite0]
+The summary line ranks sizes by the mean accuracy over data sets and fractions, and names the fastest size
+within 0.01 of the best.
+
+    python bench/input_size.py [--sizes 32,48,64,96,128,160,224] [--seeds 10] [--device cpu]
+                               [--speed-only] [--datasets zoolake,zoolake-taxa,flowcam-shape] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
+import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
-from sklearn.model_selection import cross_val_predict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxy_labels import labelled_particles  # noqa: E402
-
 from common.settings import Settings  # noqa: E402
-from worker.backbones import create_backbone  # noqa: E402
-from worker.embedder import Embedder, pick_device  # noqa: E402
-from worker.images import decode_image, to_model_input  # noqa: E402
-from worker.project_model import normalise  # noqa: E402
+from tests.helpers import DATA  # noqa: E402
+
+FRACTIONS = (0.05, 0.1, 0.2)
 
 
-def balanced_sample(per_class: int, seed: int = 0) -> tuple[list[Path], np.ndarray]:
-    rng = np.random.default_rng(seed)
-    by_label: dict[str, list[Path]] = {}
-    for path, label in labelled_particles():
-        by_label.setdefault(label, []).append(path)
-    paths, labels = [], []
-    for label, items in sorted(by_label.items()):
-        for i in rng.permutation(len(items))[:per_class]:
-            paths.append(items[i])
-            labels.append(label)
-    return paths, np.array(labels)
+def speed(paths: list[Path], backbone_name: str, size: int, device: str, passes: int, batch: int) -> dict[str, float]:
+    """Best wall-clock images/s over the passes, and CPU milliseconds per image (this process, all its
+    threads): on a shared machine the second moves far less when other work takes the cores."""
+    import torch
+
+    from worker.backbones import create_backbone
+    from worker.embedder import Embedder, pick_device
+    from worker.images import decode_image, to_model_input
+
+    settings = Settings.from_env()
+    dev = pick_device(device)
+    embedder = Embedder(create_backbone(backbone_name, settings.weights or None), dev, size, batch)
+    pixels = [to_model_input(decode_image(p.read_bytes(), settings.image_max_pixels), size) for p in paths]
+    embedder.embed(pixels[: embedder.batch_size])  # warm-up
+    rates, cpu = [], []
+    for _ in range(passes):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        embedder.embed(pixels)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        rates.append(len(pixels) / (time.perf_counter() - start))
+        cpu.append(1000 * (time.process_time() - start_cpu) / len(pixels))
+    return {"images_per_s": max(rates), "cpu_ms_per_image": min(cpu)}
 
 
-def purity(x: np.ndarray, y: np.ndarray, k: int) -> float:
-    assign = KMeans(k, n_init=3, random_state=0).fit_predict(x)
-    return float(sum(np.unique(y[assign == c], return_counts=True)[1].max() for c in np.unique(assign)) / len(y))
+def speed_sample(count: int) -> list[Path]:
+    """Real images of both kinds (FlowCam particles, ZooLake photographs where present), without labels:
+    all a GPU machine needs."""
+    suffixes = {".png", ".jpg", ".jpeg"}
+    pool = sorted(p for p in (DATA / "flowcam" / "particles").glob("*.png"))
+    zoolake = DATA / "labelled" / "zoolake"
+    if zoolake.is_dir():
+        pool += sorted(p for p in zoolake.rglob("*") if p.suffix.lower() in suffixes)
+    rng = np.random.default_rng(0)
+    return [pool[i] for i in sorted(rng.choice(len(pool), min(count, len(pool)), replace=False))]
+
+
+def quality(features: np.ndarray, truth: list[str], seeds: int) -> dict[str, dict[str, float]]:
+    from quality import backend_answers, label_config, score
+
+    classes = sorted(set(truth))
+    config = label_config(classes)
+    n = len(truth)
+    out = {}
+    for fraction in FRACTIONS:
+        acc, f1 = [], []
+        for seed in range(seeds):
+            rng = np.random.default_rng([seed, round(fraction * 1_000_000)])  # the splits of bench/quality.py
+            order = rng.permutation(n)
+            k = int(min(n - 1, max(1, round(fraction * n))))
+            annotated, rest = np.sort(order[:k]), np.sort(order[k:])
+            predicted, scores, _, _ = backend_answers(features, truth, config, annotated, rest)
+            s = score([truth[i] for i in rest], predicted, scores, classes)
+            acc.append(s["accuracy"])
+            f1.append(s["macro_f1"])
+        out[str(fraction)] = {"accuracy": statistics.fmean(acc), "macro_f1": statistics.fmean(f1)}
+    return out
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore", module="sklearn")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="32,48,64,96,128,224")
-    parser.add_argument("--per-class", type=int, default=300)
+    parser.add_argument("--sizes", default="32,48,64,96,128,160,224")
+    parser.add_argument("--datasets", default="zoolake,zoolake-taxa,flowcam-shape")
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--backbone", default=Settings.from_env().backbone)
-    parser.add_argument("--batch-size", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=0, help="0: the worker's default for the device")
+    parser.add_argument("--speed-images", type=int, default=512)
+    parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--quality-from", type=Path, help="reuse the quality of an earlier --json run")
+    parser.add_argument("--speed-only", action="store_true", help="no quality (a GPU machine without the cache)")
+    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    settings = dataclasses.replace(Settings.from_env(), backbone=args.backbone)
-    paths, y = balanced_sample(args.per_class)
-    images = [decode_image(p.read_bytes(), settings.image_max_pixels) for p in paths]
-    backbone = create_backbone(args.backbone, settings.weights or None)
-    device = pick_device(args.device)
-    native = np.median([max(im.size) for im in images])
-    print(f"{len(paths)} real particles ({dict(zip(*np.unique(y, return_counts=True), strict=True))}), "
-          f"median longest side {native:.0f} px; backbone {args.backbone} on {device}")  # fmt: skip
-    print(f"{'size':>5} {'img/s':>8} {'LR acc':>7} {'macro-F1':>8} {'k-means purity':>15}")
-    rows = []
-    for size in [int(s) for s in args.sizes.split(",")]:
-        embedder = Embedder(backbone, device, size, args.batch_size)
-        pixels = [to_model_input(im, size) for im in images]
-        embedder.embed(pixels[: embedder.batch_size])
-        start = time.perf_counter()
-        features = embedder.embed(pixels)
-        rate = len(pixels) / (time.perf_counter() - start)
-        x = normalise(features)
-        pred = cross_val_predict(LogisticRegression(max_iter=2000, class_weight="balanced"), x, y, cv=5)
-        acc, f1 = float(np.mean(pred == y)), float(f1_score(y, pred, average="macro"))
-        rows.append((size, rate, acc, f1, purity(x, y, 8)))
-        print(f"{size:>5} {rate:>8.1f} {acc:>7.3f} {f1:>8.3f} {rows[-1][4]:>15.3f}", flush=True)
-    best = max(r[3] for r in rows)
-    good = [r for r in rows if r[3] >= best - 0.01]
-    pick = max(good, key=lambda r: r[1])
-    print(f"fastest size within 0.01 macro-F1 of the best ({best:.3f}): {pick[0]} px at {pick[1]:.1f} img/s "
-          f"({pick[1] / rows[-1][1]:.1f}x the {rows[-1][0]} px rate)")  # fmt: skip
+    sizes = [int(s) for s in args.sizes.split(",")]
+    datasets = []
+    if not args.speed_only:
+        from quality import load_dataset
+
+        datasets = [load_dataset(name) for name in args.datasets.split(",")]
+    sample = speed_sample(args.speed_images)
+    import torch
+
+    print(f"backbone {args.backbone}, device {args.device}, torch threads {torch.get_num_threads()}; speed on "
+          f"{len(sample)} real images (FlowCam particles and ZooLake photographs)")  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for size in sizes:  # every speed first, while nothing else of this script runs
+        measured = speed(sample, args.backbone, size, args.device, args.passes, args.batch_size)
+        rows.append({"size": size, **measured})
+        print(f"{size} px: {measured['images_per_s']:.0f} images/s, {measured['cpu_ms_per_image']:.2f} ms CPU "
+              "per image", flush=True)  # fmt: skip
+    earlier = {}
+    if args.quality_from:
+        earlier = {r["size"]: r for r in json.loads(args.quality_from.read_text())["rows"]}
+    if not args.speed_only:
+        from quality import embed
+
+        for row in rows:
+            if row["size"] in earlier and all(d.name in earlier[row["size"]] for d in datasets):
+                row.update({d.name: earlier[row["size"]][d.name] for d in datasets})
+                continue
+            for d in datasets:
+                features, _ = embed(d, args.backbone, row["size"], args.device)
+                row[d.name] = quality(features, d.labels, args.seeds)
+            print(json.dumps(row), flush=True)
+    print()
+    names = [d.name for d in datasets]
+    if args.speed_only:
+        print("| size | images/s | CPU ms per image |\n| ---: | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['size']} | {r['images_per_s']:.0f} | {r['cpu_ms_per_image']:.2f} |")
+        return
+    head = " | ".join(f"{n} 5% / 10% / 20%" for n in names)
+    print(f"| size | images/s ({args.device}) | CPU ms per image | {head} | mean accuracy |")
+    print("| ---: | ---: | ---: | " + " | ".join("---:" for _ in names) + " | ---: |")
+    for r in rows:
+        r["mean_accuracy"] = statistics.fmean(r[n][str(f)]["accuracy"] for n in names for f in FRACTIONS)
+        cells = " | ".join(" / ".join(f"{r[n][str(f)]['accuracy']:.3f}" for f in FRACTIONS) for n in names)
+        print(f"| {r['size']} | {r['images_per_s']:.0f} | {r['cpu_ms_per_image']:.2f} | {cells} | "
+              f"{r['mean_accuracy']:.3f} |")  # fmt: skip
+    best = max(r["mean_accuracy"] for r in rows)
+    fastest = max((r for r in rows if r["mean_accuracy"] >= best - 0.01), key=lambda r: r["images_per_s"])
+    print(f"\nbackend accuracy, mean over {args.seeds} seeds per fraction; best mean accuracy {best:.3f}; fastest size "
+          f"within 0.01 of it: {fastest['size']} px at {fastest['images_per_s']:.0f} images/s")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"backbone": args.backbone, "device": args.device, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 The shared particles carry no labels. Their outline does: a particle's elongation (ratio of the principal
 axes of its dark mask) separates fibres and filaments from round clumps, which is what the `shape` tag
-of the real project asks (Rod-like / Round). Benchmarks use these as a stand-in for annotations on real
-images; synthetic classes would be too easy.
+of the real project asks (Rod-like / Round). `bench/quality.py flowcam-shape` and `bench/input_size.py`
+use these 2,100 particles as one labelled data set among several (beside the hand-labelled ZooLake
+classes), not as the judge: a label computed from the outline is easier than a taxon.
 
     python bench/proxy_labels.py OUT_DIR [--limit N]    # OUT_DIR/<class>/<file> symlinks
 """

@@ -1,8 +1,9 @@
-"""The project model: k-means clusters labelled by annotations, its persistence, and predictions from it."""
+"""The project model: a learner per tag, the clusters that answer for tags without one, the backbone's
+head, persistence, and predictions from it."""
 
 from __future__ import annotations
 
-import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -20,7 +21,6 @@ from worker.project_model import (
     head_choice,
     model_from_bytes,
     model_to_bytes,
-    normalise,
 )
 from worker.results import build_prediction
 
@@ -30,7 +30,7 @@ HEAD_MAP = {"organism_type": {"copepod": "Plankton", "non-copepod": "Plankton", 
 
 
 def blobs(seed: int = 0) -> tuple[np.ndarray, list[int], np.ndarray]:
-    """Three well-separated Gaussian blobs (different directions, since features are normalised)."""
+    """Three well-separated Gaussian blobs (different directions)."""
     rng = np.random.default_rng(seed)
     centres = np.zeros((3, DIM))
     centres[0, 0] = centres[1, 5] = centres[2, 10] = 10.0
@@ -45,98 +45,78 @@ def members(blob_index: int) -> list[int]:
 
 
 def annotations() -> dict[int, dict[str, list[str]]]:
+    """organism_type and shape have labels to tell apart (learners); life_form one label (clusters)."""
     b0, b1, b2 = members(0), members(1), members(2)
     return {
-        # blob 0: organism_type 3 x Plankton, 1 x Debris; shape Round on 3 of 4, Spiky on exactly half
-        b0[0]: {"organism_type": ["Plankton"], "shape": ["Round", "Spiky"]},
+        b0[0]: {"organism_type": ["Plankton"], "shape": ["Round"], "life_form": ["Colony"]},
         b0[1]: {"organism_type": ["Plankton"], "shape": ["Round"]},
-        b0[2]: {"organism_type": ["Plankton"], "shape": ["Round", "Spiky"]},
-        b0[3]: {"organism_type": ["Debris"], "shape": ["Rod-like"]},
-        # blob 1: unanimous
-        b1[0]: {"organism_type": ["Debris"], "shape": ["Rod-like", "Spiky"]},
+        b0[2]: {"organism_type": ["Plankton"], "shape": ["Round"], "life_form": ["Colony"]},
+        b1[0]: {"organism_type": ["Debris"], "shape": ["Rod-like", "Spiky"], "life_form": ["Colony"]},
         b1[1]: {"organism_type": ["Debris"], "shape": ["Spiky", "Rod-like"]},
-        # blob 2: no organism_type at all; life_form only here
-        b2[0]: {"life_form": ["Colony"], "shape": ["Spiky"]},
-        b2[1]: {"life_form": ["Colony"], "shape": ["Spiky"]},
-        b2[2]: {"life_form": ["Filament"], "shape": ["Spiky"]},
-        b2[3]: {"shape": ["Round"]},
+        b1[2]: {"organism_type": ["Debris"], "shape": ["Rod-like", "Spiky"]},
+        b2[0]: {"organism_type": ["Not-plankton"], "shape": ["Spiky"]},
+        b2[1]: {"organism_type": ["Not-plankton"], "shape": ["Spiky"]},
+        b2[2]: {"shape": ["Spiky"]},
     }
 
 
 @pytest.fixture(scope="module")
-def fitted_with_classifiers() -> tuple[ProjectModel, np.ndarray, np.ndarray]:
+def fitted() -> tuple[ProjectModel, np.ndarray, np.ndarray]:
     features, task_ids, blob = blobs()
     model = fit_project_model("test-v0001", features, task_ids, annotations(), CONFIG, clusters=3, head_map=HEAD_MAP)
     return model, features, blob
 
 
-@pytest.fixture(scope="module")
-def fitted(fitted_with_classifiers) -> tuple[ProjectModel, np.ndarray, np.ndarray]:
-    """The cluster evidence alone (the classifiers are tested in tests/test_tag_models.py)."""
-    model, features, blob = fitted_with_classifiers
-    return dataclasses.replace(model, classifiers={}, primary={}), features, blob
-
-
-def per_blob_prediction(model: ProjectModel, features: np.ndarray, blob: np.ndarray, probs=None) -> list[dict]:
-    predictions = model.predict(features, probs, CEFAS_CLASSES)
-    out = []
-    for b in range(3):
-        mine = [predictions[i] for i in np.flatnonzero(blob == b)]
-        assert all(p == mine[0] for p in mine), f"blob {b} is split over clusters"
-        out.append(mine[0])
-    return out
-
-
-def test_one_cluster_per_blob(fitted):
+def test_each_tag_takes_the_evidence_it_has(fitted):
     model, features, blob = fitted
-    assert model.centroids.shape == (3, DIM) and model.centroids.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(model.centroids, axis=1), 1.0, atol=1e-5)
-    assigned = model.assign(normalise(features))
-    assert len({tuple(sorted(set(assigned[blob == b]))) for b in range(3)}) == 3
-    assert all(len(set(assigned[blob == b])) == 1 for b in range(3))
+    assert model.primary == {"organism_type": "learner", "shape": "learner", "life_form": "clusters"}
+    assert set(model.learners) == {"organism_type", "shape"} and set(model.cluster_choices) == {"life_form"}
+    assert "morphology" not in model.primary  # nobody annotated it
+    evidence = model.stats["evidence"]
     assert {k: model.stats[k] for k in ("tasks", "annotated", "clusters")} == {
         "tasks": 60,
-        "annotated": 10,
+        "annotated": 9,
         "clusters": 3,
     }
-    assert model.config_fingerprint == CONFIG.fingerprint
-    assert model.version == "test-v0001"
+    assert evidence["organism_type"]["annotated"] == 8 and evidence["shape"]["annotated"] == 9
+    assert evidence["life_form"]["annotated"] == 3
+    for tag in ("organism_type", "shape", "life_form"):
+        assert 0.0 <= evidence[tag]["cv_accuracy"] <= 1.0
+        assert 0.0 < evidence[tag]["coverage"] <= 1.0
+    assert model.config_fingerprint == CONFIG.fingerprint and model.version == "test-v0001"
 
 
-def test_single_choice_majority_scored_by_purity(fitted):
+def test_learners_answer_every_task_with_what_its_blob_was_annotated(fitted):
     model, features, blob = fitted
-    p0, p1, p2 = per_blob_prediction(model, features, blob)
-    assert p0["organism_type"] == (["Plankton"], 0.75)
-    assert p1["organism_type"] == (["Debris"], 1.0)
-    assert p2["life_form"] == (["Colony"], round(2 / 3, 4))
+    predictions = model.predict(features, None, ())
+    expected_type = ["Plankton", "Debris", "Not-plankton"]
+    expected_shape = [{"Round"}, {"Rod-like", "Spiky"}, {"Spiky"}]
+    for p, b in zip(predictions, blob, strict=True):
+        assert p["organism_type"][0] == [expected_type[b]]
+        assert set(p["shape"][0]) == expected_shape[b]
+        assert 0.0 < p["organism_type"][1] <= 1.0 and 0.0 < p["shape"][1] <= 1.0
 
 
-def test_multiple_choice_takes_labels_of_most_members(fitted):
+def test_clusters_answer_a_tag_with_one_label_only_where_it_was_annotated(fitted):
     model, features, blob = fitted
-    p0, p1, p2 = per_blob_prediction(model, features, blob)
-    assert p0["shape"] == (["Round"], 0.75)  # Spiky on exactly half is not more than half
-    assert p1["shape"] == (["Rod-like", "Spiky"], 1.0)
-    assert p2["shape"] == (["Spiky"], 0.75)
+    predictions = model.predict(features, None, ())
+    for p, b in zip(predictions, blob, strict=True):
+        if b == 2:
+            assert "life_form" not in p, "no annotated member in this cluster: no evidence, no choice"
+        else:  # 2 of 2 annotated members in blob 0, 1 of 1 in blob 1: Laplace-smoothed purity
+            assert p["life_form"] == (["Colony"], 0.75 if b == 0 else round(2 / 3, 4))
 
 
-def test_no_annotated_member_no_prediction(fitted):
-    model, features, blob = fitted
-    p0, p1, p2 = per_blob_prediction(model, features, blob)
-    assert "organism_type" not in p2
-    assert "life_form" not in p0 and "life_form" not in p1
-    assert "morphology" not in model.cluster_choices  # nobody annotated it
-    assert all("morphology" not in p for p in (p0, p1, p2))
-    per_cluster = model.cluster_choices["organism_type"]
-    assert sum(c is None for c in per_cluster) == 1
-
-
-def test_head_answers_only_where_clusters_have_no_evidence(fitted):
+def test_head_answers_only_where_nothing_else_does(fitted):
     model, features, blob = fitted
     probs = np.tile([0.1, 0.7, 0.2], (len(features), 1))  # mostly detritus
-    p0, p1, p2 = per_blob_prediction(model, features, blob, probs)
-    assert p0["organism_type"] == (["Plankton"], 0.75)  # the cluster's annotations win
-    assert p2["organism_type"] == (["Debris"], 0.7)  # no annotations: the backbone's head answers
-    assert "life_form" not in p0  # no head mapping for it
+    predictions = model.predict(features, probs, CEFAS_CLASSES)
+    assert all(p["organism_type"][0] != ["Debris"] for p, b in zip(predictions, blob, strict=True) if b == 0)
+    assert all("life_form" not in p for p, b in zip(predictions, blob, strict=True) if b == 2)  # no mapping
+    nothing_learned = fit_project_model("v", features, list(range(len(features))), {}, CONFIG, head_map=HEAD_MAP)
+    assert all(
+        p == {"organism_type": (["Debris"], 0.7)} for p in nothing_learned.predict(features, probs, CEFAS_CLASSES)
+    )
 
 
 def test_head_map_validated_against_config():
@@ -148,10 +128,11 @@ def test_head_map_validated_against_config():
     }
     model = fit_project_model("v", features, task_ids, {}, CONFIG, clusters=3, head_map=bad)
     assert model.head_map == {"organism_type": {"copepod": "Plankton"}}
-    assert model.cluster_choices == {}
+    assert model.cluster_choices == {} and model.learners == {}
 
 
-def test_model_without_centroids_uses_the_head():
+def test_model_without_anything_learned_uses_the_head():
+    """What the runtime builds for version 0: no space, no centroids, the head's mapping only."""
     model = ProjectModel("v0", np.zeros((0, 1), np.float32), {}, "", head_map=HEAD_MAP)
     out = model.predict(np.ones((2, 8), np.float32), np.array([[0.1, 0.6, 0.3], [0.6, 0.1, 0.3]]), CEFAS_CLASSES)
     assert out == [{"organism_type": (["Debris"], 0.6)}, {"organism_type": (["Plankton"], 0.9)}]
@@ -166,10 +147,11 @@ def test_head_choice_sums_mapped_probabilities():
     assert head_choice(probs, CEFAS_CLASSES, {"copepod": "A", "non-copepod": "B"}) == (["A"], 0.3)
 
 
-def test_cluster_choices_for_tag():
+def test_cluster_choices_for_tag_score_with_one_success_and_one_failure_added():
     assert cluster_choices_for_tag([], multiple=False) is None
-    assert cluster_choices_for_tag([["A"], ["B"], ["B"]], multiple=False) == (["B"], round(2 / 3, 4))
-    assert cluster_choices_for_tag([["A", "B"], ["A"], ["A", "A"]], multiple=True) == (["A"], 1.0)
+    assert cluster_choices_for_tag([["A"]], multiple=False) == (["A"], round(2 / 3, 4))
+    assert cluster_choices_for_tag([["A"], ["B"], ["B"]], multiple=False) == (["B"], 0.6)
+    assert cluster_choices_for_tag([["A", "B"], ["A"], ["A", "A"]], multiple=True) == (["A"], 0.8)
     assert cluster_choices_for_tag([["A"], ["B"]], multiple=True) is None  # nothing over half
 
 
@@ -180,8 +162,16 @@ def test_auto_clusters(n: int, k: int):
 
 def test_fewer_tasks_than_clusters():
     features, task_ids, _ = blobs(2)
-    model = fit_project_model("v", features[:2], task_ids[:2], {}, CONFIG, clusters=10)
-    assert model.centroids.shape == (2, DIM)
+    model = fit_project_model(
+        "v", features[:2], task_ids[:2], {task_ids[0]: {"life_form": ["Colony"]}}, CONFIG, clusters=10
+    )
+    assert len(model.centroids) == 2
+
+
+def test_a_project_without_tasks():
+    model = fit_project_model("v", np.zeros((0, 8), np.float32), [], {}, CONFIG, head_map=HEAD_MAP)
+    assert model.predict(np.zeros((0, 8), np.float32), None, ()) == []
+    assert model.stats["tasks"] == 0
 
 
 def test_labels_no_longer_in_config_are_ignored():
@@ -193,8 +183,10 @@ def test_labels_no_longer_in_config_are_ignored():
         b1[1]: {"organism_type": ["Plankton"]},
     }
     model = fit_project_model("v", features, task_ids, labels, CONFIG, clusters=3)
-    # No evidence under the current config for blob 0; blob 1's removed label does not dilute the score.
-    assert sorted(model.cluster_choices["organism_type"], key=str) == [(["Plankton"], 1.0), None, None]
+    # One label left under the current config: the clusters answer, and only blob 1's has evidence.
+    assert model.primary == {"organism_type": "clusters"}
+    assert sorted(model.cluster_choices["organism_type"], key=str) == [(["Plankton"], round(2 / 3, 4)), None, None]
+    assert model.stats["evidence"]["organism_type"]["annotated"] == 1
 
 
 # -- persistence -----------------------------------------------------------------------------------
@@ -209,16 +201,18 @@ def test_bytes_round_trip(fitted):
     assert np.array_equal(loaded.centroids, model.centroids)
     assert loaded.cluster_choices == model.cluster_choices
     assert loaded.config_fingerprint == model.config_fingerprint
-    assert loaded.head_map == model.head_map
-    assert loaded.stats == model.stats
+    assert loaded.head_map == model.head_map and loaded.primary == model.primary
+    assert loaded.stats == json.loads(json.dumps(model.stats))
     probs = np.tile([0.1, 0.7, 0.2], (len(features), 1))
     assert loaded.predict(features, probs, CEFAS_CLASSES) == model.predict(features, probs, CEFAS_CLASSES)
+    new_tasks = features[:7] + np.random.default_rng(5).normal(0, 0.3, (7, DIM)).astype(np.float32)
+    assert loaded.predict(new_tasks, None, ()) == model.predict(new_tasks, None, ())
 
 
 def test_per_collection_model_round_trip(fitted):
     _, features, blob = fitted
     ids = list(range(len(features)))
-    labels = {i: {"organism_type": ["Plankton" if blob[i] == 0 else "Debris"]} for i in ids[::3]}
+    labels = {i: {"organism_type": ["Plankton" if blob[i] == 0 else "Debris"]} for i in ids[::2] + ids[1::6]}
     collections = ["s3://a" if i % 2 else "s3://b" for i in ids]
     model = fit_model(features, ids, labels, CONFIG, collections, per_collection=True, clusters=3)
     assert isinstance(model, CollectionModels) and sorted(model.models) == ["s3://a", "s3://b"]

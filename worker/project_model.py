@@ -1,9 +1,13 @@
-"""What a project has learned: k-means clusters of its embeddings, labelled by its annotations, and
-a light classifier per tag (worker/tag_models.py).
+"""What a project has learned, and how it answers: one learner per `Choices` tag (worker/tag_models.py),
+fitted on the annotated tasks and on the embeddings of all the others, in an embedding space of the
+project's own (worker/learning.py).
 
-Each cluster takes, for every `Choices` tag, the majority choice of its annotated members (for a
-multiple-choice tag: every label more than half of them carry), scored by how pure the cluster is.
-A cluster with no annotated member for a tag predicts nothing for that tag: no evidence, no choice.
+A tag whose annotations hold no two labels to tell apart has no learner yet: k-means clusters of the
+project's tasks answer for it instead, each cluster with the majority choice of its annotated members
+(for a multiple-choice tag: every label more than half of them carry), scored by the cluster's purity
+with one success and one failure added (so one annotated member claims 2/3, not certainty). A cluster
+with no annotated member answers nothing for that tag: no evidence, no choice. The backbone's own head
+(`head_map`) answers a tag only where nothing else does.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.cluster import KMeans
 
 from common.label_config import LabelConfig
-from worker.tag_models import LinearTagModel, agreement, fit_multiple, fit_single
+from worker.learning import CHUNK, GRAPH_KS, FeatureSpace, fit_space, graphs, l2, neighbours
+from worker.tag_models import Neighbours, TagLearner, agreement, fit_tag
 
 Choice = tuple[list[str], float]  # labels chosen for one tag, and their score
 META = "__meta__"
@@ -36,16 +42,20 @@ def auto_clusters(n_tasks: int) -> int:
 @dataclass
 class ProjectModel:
     version: str
-    centroids: np.ndarray  # (k, dim), unit length
-    cluster_choices: dict[str, list[Choice | None]]  # tag -> per cluster
+    centroids: np.ndarray  # (k, r) unit length, in the space's PCA coordinates
+    cluster_choices: dict[str, list[Choice | None]]  # tag -> per cluster (tags without a learner)
     config_fingerprint: str
     head_map: dict[str, dict[str, str]] = field(default_factory=dict)  # tag -> backbone class -> label
-    classifiers: dict[str, LinearTagModel] = field(default_factory=dict)
-    primary: dict[str, str] = field(default_factory=dict)  # tag -> "classifier" | "clusters"
+    learners: dict[str, TagLearner] = field(default_factory=dict)
+    primary: dict[str, str] = field(default_factory=dict)  # tag -> "learner" | "clusters"
     stats: dict[str, object] = field(default_factory=dict)
+    space: FeatureSpace | None = None
 
-    def assign(self, embeddings: np.ndarray) -> np.ndarray:
-        return np.argmax(embeddings @ self.centroids.T, axis=1)
+    def assign(self, features: np.ndarray) -> np.ndarray:
+        """The cluster of each task (raw backbone features)."""
+        if self.space is None or not len(self.centroids):
+            return np.full(len(features), -1)
+        return np.argmax(self.space.low(self.space.full(features)) @ self.centroids.T, axis=1)
 
     def predict(
         self,
@@ -54,41 +64,57 @@ class ProjectModel:
         class_names: tuple[str, ...],
         collections: list[str] | None = None,
     ) -> list[dict[str, Choice]]:
-        """`collections` is unused here: one model serves the whole project (see CollectionModels)."""
-        x = normalise(features)
-        clusters = self.assign(x) if len(self.centroids) else np.full(len(features), -1)
-        by_classifier = {tag: clf.predict(x) for tag, clf in self.classifiers.items()}
-        out = []
-        for i, cluster in enumerate(clusters):
-            choices: dict[str, Choice] = {}
-            for tag in set(self.cluster_choices) | set(by_classifier):
-                per_cluster = self.cluster_choices.get(tag)
-                from_clusters = per_cluster[cluster] if per_cluster is not None and cluster >= 0 else None
-                from_classifier = by_classifier[tag][i] if tag in by_classifier else None
-                if self.primary.get(tag) == "classifier":
-                    answer = from_classifier or from_clusters
-                else:
-                    answer = from_clusters or from_classifier
-                if answer is not None:
-                    choices[tag] = answer
-            if probabilities is not None:
+        """`collections` is unused here: one model serves the whole project (see CollectionModels).
+        Inductive: only the stored parameters are used, so tasks the fit never saw are answered alike."""
+        out: list[dict[str, Choice]] = []
+        for start in range(0, len(features), CHUNK):
+            out += self._predict_block(np.asarray(features[start : start + CHUNK], np.float32))
+        if probabilities is not None:
+            for i, choices in enumerate(out):
                 for tag, mapping in self.head_map.items():
                     if tag not in choices:
                         choices[tag] = head_choice(probabilities[i], class_names, mapping)
-            out.append(choices)
+        return out
+
+    def _predict_block(self, features: np.ndarray) -> list[dict[str, Choice]]:
+        out: list[dict[str, Choice]] = [{} for _ in range(len(features))]
+        if self.space is None or not len(features):
+            return out
+        full = self.space.full(features)
+        low = self.space.low(full)
+        if self.learners:
+            idx, sim = neighbours(low, self.space.anchors, max(GRAPH_KS))
+            x = Neighbours(full, idx, sim)
+            for tag, learner in self.learners.items():
+                for i, answer in enumerate(learner.predict(x)):
+                    if answer is not None:
+                        out[i][tag] = answer
+        if self.cluster_choices and len(self.centroids):
+            clusters = np.argmax(low @ self.centroids.T, axis=1)
+            for tag, per_cluster in self.cluster_choices.items():
+                for i, c in enumerate(clusters):
+                    if tag not in out[i] and per_cluster[c] is not None:
+                        out[i][tag] = per_cluster[c]
         return out
 
     # -- persistence: one blob per version, kept where every worker reads it (Redis) ------------------
 
     def to_meta(self, arrays: dict[str, np.ndarray], prefix: str = "") -> dict[str, object]:
-        arrays[prefix + "centroids"] = self.centroids
+        arrays[prefix + "centroids"] = self.centroids.astype(np.float32)
+        if self.space is not None:
+            arrays[prefix + "space/mean"] = self.space.mean.astype(np.float32)
+            arrays[prefix + "space/basis"] = self.space.basis.astype(np.float16)
+            arrays[prefix + "space/anchors"] = self.space.anchors.astype(np.float16)
+        tags = sorted(self.learners)
         return {
             "kind": "project",
             "version": self.version,
             "cluster_choices": self.cluster_choices,
             "config_fingerprint": self.config_fingerprint,
             "head_map": self.head_map,
-            "classifiers": {tag: clf.to_json() for tag, clf in self.classifiers.items()},
+            "space": self.space is not None,
+            "learners": {tag: self.learners[tag].to_meta(arrays, f"{prefix}tag{i}/") for i, tag in enumerate(tags)},
+            "learner_order": tags,
             "primary": self.primary,
             "stats": self.stats,
         }
@@ -99,15 +125,25 @@ class ProjectModel:
             tag: [None if c is None else (list(c[0]), float(c[1])) for c in per_cluster]
             for tag, per_cluster in meta["cluster_choices"].items()
         }
+        space = None
+        if meta.get("space"):
+            space = FeatureSpace(
+                arrays[prefix + "space/mean"], arrays[prefix + "space/basis"], arrays[prefix + "space/anchors"]
+            )
+        order = meta.get("learner_order", [])
+        learners = {
+            tag: TagLearner.from_meta(meta["learners"][tag], arrays, f"{prefix}tag{i}/") for i, tag in enumerate(order)
+        }
         return cls(
             version=meta["version"],
             centroids=arrays[prefix + "centroids"],
             cluster_choices=choices,
             config_fingerprint=meta["config_fingerprint"],
             head_map=meta.get("head_map", {}),
-            classifiers={tag: LinearTagModel.from_json(d) for tag, d in meta.get("classifiers", {}).items()},
+            learners=learners,
             primary=meta.get("primary", {}),
             stats=meta.get("stats", {}),
+            space=space,
         )
 
 
@@ -124,7 +160,8 @@ def head_choice(probs: np.ndarray, class_names: tuple[str, ...], mapping: Mappin
 
 
 def cluster_choices_for_tag(members: list[list[str]], multiple: bool) -> Choice | None:
-    """`members`: the labels each annotated member of one cluster has for the tag."""
+    """`members`: the labels each annotated member of one cluster has for the tag. The score is the share
+    of members agreeing with one success and one failure added (Laplace): a lone member claims 2/3."""
     if not members:
         return None
     n = len(members)
@@ -133,9 +170,9 @@ def cluster_choices_for_tag(members: list[list[str]], multiple: bool) -> Choice 
         chosen = sorted(label for label, c in counts.items() if c / n > 0.5)
         if not chosen:
             return None
-        return chosen, round(float(np.mean([counts[c] / n for c in chosen])), 4)
+        return chosen, round(float(np.mean([(counts[c] + 1) / (n + 2) for c in chosen])), 4)
     label, count = counts.most_common(1)[0]
-    return [label], round(count / n, 4)
+    return [label], round((count + 1) / (n + 2), 4)
 
 
 def fit_project_model(
@@ -148,85 +185,121 @@ def fit_project_model(
     head_map: Mapping[str, Mapping[str, str]] | None = None,
     seed: int = 0,
 ) -> ProjectModel:
-    k = clusters or auto_clusters(len(task_ids))
-    k = max(1, min(k, len(task_ids)))
-    x = normalise(features)
-    kmeans = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x)
-    centroids = normalise(kmeans.cluster_centers_)
-    assignment = kmeans.labels_
+    """`features`: the raw backbone features of every task of the project (annotated or not), in the order
+    of `task_ids`; `labels`: task id -> tag -> labels, for the annotated tasks."""
+    n = len(task_ids)
     position = {tid: i for i, tid in enumerate(task_ids)}
-    cluster_choices: dict[str, list[Choice | None]] = {}
-    classifiers: dict[str, LinearTagModel] = {}
-    primary: dict[str, str] = {}
-    evidence: dict[str, dict[str, float]] = {}
+    per_tag: dict[str, list[tuple[int, list[str]]]] = {}
     for tag in config.choices:
-        annotated = [
-            (tid, [c for c in labels[tid][tag.name] if c in tag.labels])
-            for tid in task_ids
-            if tid in labels and labels[tid].get(tag.name)
-        ]
-        annotated = [(tid, chosen) for tid, chosen in annotated if chosen]
-        if not annotated:
-            continue
-        members: list[list[list[str]]] = [[] for _ in range(k)]
-        for tid, chosen in annotated:
-            members[assignment[position[tid]]].append(chosen)
-        cluster_choices[tag.name] = [cluster_choices_for_tag(m, tag.multiple) for m in members]
-        xs = x[[position[tid] for tid, _ in annotated]]
-        truth = [chosen if tag.multiple else chosen[0] for _, chosen in annotated]
-        clusters_cv = agreement(
-            _cluster_oof(assignment[[position[tid] for tid, _ in annotated]], [c for _, c in annotated], tag.multiple,
-                         seed),
-            truth,
-            tag.multiple,
-        )  # fmt: skip
-        fitted = (
-            fit_multiple(tag.name, xs, truth, tag.labels, seed)
-            if tag.multiple
-            else fit_single(tag.name, xs, truth, seed)
-        )
-        scores = {"clusters": round(clusters_cv, 4), "annotated": len(annotated)}
-        primary[tag.name] = "clusters"
-        if fitted is not None:
-            classifiers[tag.name], oof = fitted
-            scores["classifier"] = round(agreement(list(oof), truth, tag.multiple), 4)
-            if clusters_cv - scores["classifier"] < max(0.03, 2 / len(annotated)):
-                primary[tag.name] = "classifier"
-        evidence[tag.name] = scores
+        annotated = []
+        for tid in task_ids:
+            chosen = [c for c in (labels.get(tid, {}).get(tag.name) or []) if c in tag.labels]
+            if chosen:
+                annotated.append((position[tid], chosen))
+        if annotated:
+            per_tag[tag.name] = annotated
     valid_head = {
         tag: dict(mapping)
         for tag, mapping in (head_map or {}).items()
         if config.tag(tag) is not None and all(v in config.tag(tag).labels for v in mapping.values())
     }
-    return ProjectModel(
+    stats: dict[str, object] = {"tasks": n, "annotated": sum(1 for t in task_ids if t in labels)}
+    if n == 0:
+        return ProjectModel(version, np.zeros((0, 1), np.float32), {}, config.fingerprint, valid_head, stats=stats)
+
+    priority = np.zeros(n, bool)
+    for annotated in per_tag.values():
+        priority[[r for r, _ in annotated]] = True
+    space, full, anchor_rows = fit_space(features, priority, seed)
+    anchors = np.asarray(space.anchors, np.float32)
+    anchor_of = np.full(n, -1)
+    anchor_of[anchor_rows] = np.arange(len(anchor_rows))
+
+    found: dict[int, sp.csr_matrix] = {}
+    anchor_neighbours = None
+    if any(len(a) >= 2 for a in per_tag.values()):
+        found, idx, sim = graphs(anchors, GRAPH_KS)
+        if found:  # each anchor as a task to predict: itself first, then its nearest other anchors
+            m, kmax = len(anchors), max(GRAPH_KS)
+            idx = np.hstack([np.arange(m)[:, None], idx[:, : kmax - 1]])
+            sim = np.hstack([np.ones((m, 1), np.float32), sim[:, : kmax - 1]])
+            anchor_neighbours = Neighbours(full[anchor_rows], idx, sim)
+    k, centroids, assignment = 0, np.zeros((0, anchors.shape[1]), np.float32), np.zeros(n, int)
+    learners: dict[str, TagLearner] = {}
+    cluster_choices: dict[str, list[Choice | None]] = {}
+    primary: dict[str, str] = {}
+    evidence: dict[str, dict[str, object]] = {}
+    coverage: dict[str, float] = {}
+    for tag in config.choices:
+        annotated = per_tag.get(tag.name)
+        if not annotated:
+            continue
+        learner = fit_tag(
+            tag.name, tag.multiple, tag.labels, annotated, full, anchor_of, found, seed, anchor_neighbours
+        )
+        if learner is not None:
+            learners[tag.name] = learner
+            primary[tag.name] = "learner"
+            evidence[tag.name] = {**learner.stats, "evidence": "learner"}
+            continue
+        if not k:  # the clusters, made the first time a tag needs them
+            k = max(1, min(clusters or auto_clusters(n), len(anchors)))
+            kmeans = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(anchors)
+            centroids = l2(kmeans.cluster_centers_).astype(np.float32)
+            assignment = np.argmax(space.low(full) @ centroids.T, axis=1)
+        members: list[list[list[str]]] = [[] for _ in range(k)]
+        for row, chosen in annotated:
+            members[assignment[row]].append(chosen)
+        per_cluster = [cluster_choices_for_tag(m, tag.multiple) for m in members]
+        cluster_choices[tag.name] = per_cluster
+        primary[tag.name] = "clusters"
+        answered = np.array([per_cluster[c] is not None for c in assignment])
+        coverage[tag.name] = round(float(answered.mean()), 4)
+        evidence[tag.name] = {
+            "annotated": len(annotated),
+            "labels": dict(Counter(label for _, chosen in annotated for label in chosen)),
+            "cv_accuracy": round(_cluster_loo(assignment, annotated, tag.multiple), 4),
+            "cv_tasks": len(annotated),
+            "evidence": "clusters",
+        }
+    model = ProjectModel(
         version=version,
-        centroids=centroids.astype(np.float32),
+        centroids=centroids,
         cluster_choices=cluster_choices,
         config_fingerprint=config.fingerprint,
         head_map=valid_head,
-        classifiers=classifiers,
+        learners=learners,
         primary=primary,
-        stats={
-            "tasks": len(task_ids),
-            "annotated": sum(1 for t in task_ids if t in labels),
-            "clusters": k,
-            "evidence": evidence,
-        },
+        space=space,
     )
+    if learners:  # coverage of each learner's tag, measured on the anchors (a random sample of the tasks)
+        answers = model._predict_block(features[anchor_rows])
+        for tag in learners:
+            coverage[tag] = round(float(np.mean([tag in a for a in answers])), 4)
+    for tag, value in coverage.items():
+        evidence[tag]["coverage"] = value
+    model.stats = {**stats, "clusters": k, "anchors": len(anchor_rows), "evidence": evidence}
+    return model
 
 
-def _cluster_oof(clusters: np.ndarray, chosen: list[list[str]], multiple: bool, seed: int) -> list:
-    """Cross-validated cluster-majority answers for the annotated tasks (None: cluster had no evidence)."""
-    n = len(chosen)
-    out: list = [None] * n
-    order = np.random.default_rng(seed).permutation(n)
-    for fold in np.array_split(order, min(5, n)):
-        held = set(fold.tolist())
-        for i in fold:
-            members = [chosen[j] for j in range(n) if j not in held and clusters[j] == clusters[i]]
-            answer = cluster_choices_for_tag(members, multiple)
-            out[i] = None if answer is None else (answer[0] if multiple else answer[0][0])
-    return out
+def _cluster_loo(assignment: np.ndarray, annotated: list[tuple[int, list[str]]], multiple: bool) -> float:
+    """Leave-one-out agreement of the cluster majorities on the annotated tasks (no answer: wrong). In a
+    cluster with more than 200 annotated members one member's vote changes nothing: the whole cluster's
+    answer stands in for its leave-one-out answers."""
+    groups: dict[int, list[int]] = {}
+    for i, (row, _) in enumerate(annotated):
+        groups.setdefault(int(assignment[row]), []).append(i)
+    predicted: list[object] = [None] * len(annotated)
+    for members in groups.values():
+        whole = cluster_choices_for_tag([annotated[j][1] for j in members], multiple)
+        for i in members:
+            if len(members) > 200:
+                answer = whole
+            else:
+                answer = cluster_choices_for_tag([annotated[j][1] for j in members if j != i], multiple)
+            predicted[i] = None if answer is None else (answer[0] if multiple else answer[0][0])
+    truth = [chosen if multiple else chosen[0] for _, chosen in annotated]
+    return agreement(predicted, truth, multiple)
 
 
 @dataclass

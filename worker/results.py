@@ -13,7 +13,10 @@ from worker.project_model import Choice
 def build_prediction(choices: Mapping[str, Choice], config: LabelConfig, version: str) -> dict[str, Any]:
     """Valid for the *current* config: tags or labels it no longer has are dropped, never predicted.
 
-    An empty `result` means "processed, no evidence yet"; it is kept in Redis but never sent.
+    Each item's score is the probability that its choice is right (worker/tag_models.py); the prediction's
+    score is its least certain item's, so the Data Manager sorted by prediction score, ascending, shows
+    first the tasks whose suggestion is least likely to be right. An empty `result` means
+    "processed, no evidence yet"; it is kept in Redis but never sent.
     """
     result = []
     for tag in config.choices:
