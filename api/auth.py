@@ -1,15 +1,31 @@
-"""Basic auth on every route but `/webhook`, which Label Studio calls without it (it can send a
-configured header instead: `X-Webhook-Secret`)."""
+"""Who may call what (README "Security").
+
+- `/health` and `/` are open: compose's healthchecks and Label Studio's health call (which comes before its
+  credentials are even entered) must reach them, and they tell nothing but "UP" and the deployment's names.
+- Every other route needs the basic auth when `BASIC_AUTH_USER`/`BASIC_AUTH_PASS` are set.
+- `/webhook`: Label Studio's webhooks carry only the headers configured on the webhook, never basic auth,
+  while *Start training* comes from the ML connector with the basic auth and without those headers. So, with
+  `WEBHOOK_SECRET` set, either the header `X-Webhook-Secret` or the basic auth will do; with only the basic
+  auth set, the basic auth only (Label Studio's own webhooks are then refused, and logged with what to do:
+  the periodic sync still learns what they carried); with neither, it is open, which the start-up rule
+  allows only on loopback or with `ALLOW_UNAUTHENTICATED=1`.
+"""
 
 from __future__ import annotations
 
 import hmac
+import logging
 
 from flask import Flask, current_app, jsonify, request
 
 from common.settings import Settings
+from common.webhook_secret import HEADER as WEBHOOK_SECRET_HEADER
 
-WEBHOOK_SECRET_HEADER = "X-Webhook-Secret"
+log = logging.getLogger(__name__)
+
+# Endpoints anyone may call.
+OPEN_ENDPOINTS = frozenset({"ml.health"})
+REALM = 'Basic realm="plankton-ml-backend"'
 
 
 def _same(a: str, b: str) -> bool:
@@ -17,31 +33,70 @@ def _same(a: str, b: str) -> bool:
 
 
 def _basic_auth_ok(settings: Settings) -> bool:
-    auth = request.authorization
+    try:
+        auth = request.authorization
+    except Exception:  # a malformed header is no credential
+        return False
     return (
         auth is not None
+        and auth.type == "basic"
         and _same(auth.username or "", settings.basic_auth_user)
         and _same(auth.password or "", settings.basic_auth_pass)
     )
+
+
+def _refused(message: str, basic: bool):
+    response = jsonify(error=message)
+    response.status_code = 401
+    if basic:
+        response.headers["WWW-Authenticate"] = REALM
+    return response
+
+
+def _webhook_event() -> tuple[str, str]:
+    """The refused webhook's action and project, for the log line (from a body that may be anything)."""
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        body = None
+    if not isinstance(body, dict):
+        return "?", "?"
+    project = body.get("project")
+    project = project.get("id") if isinstance(project, dict) else project
+    return str(body.get("action"))[:40], str(project)[:40]
 
 
 def register_auth(app: Flask) -> None:
     @app.before_request
     def check_credentials():
         settings = current_app.config["SETTINGS"]
-        if request.endpoint == "webhook.webhook":
-            # Webhooks carry the configured header; "Start training" comes from the ML connector instead,
-            # which sends the backend's basic auth but not the webhook's headers: either one will do.
-            if (
-                settings.webhook_secret
-                and not _same(request.headers.get(WEBHOOK_SECRET_HEADER, ""), settings.webhook_secret)
-                and not (settings.basic_auth_user and _basic_auth_ok(settings))
-            ):
-                return jsonify(error=f"missing or wrong {WEBHOOK_SECRET_HEADER} header"), 401
+        if request.endpoint in OPEN_ENDPOINTS:
             return None
-        if settings.basic_auth_user and not _basic_auth_ok(settings):
-            response = jsonify(error="authentication required")
-            response.status_code = 401
-            response.headers["WWW-Authenticate"] = 'Basic realm="plankton-ml-backend"'
-            return response
+        basic = bool(settings.basic_auth_user)
+        if request.endpoint == "webhook.webhook":
+            secret = settings.webhook_secret
+            if not secret and not basic:
+                return None
+            if secret and _same(request.headers.get(WEBHOOK_SECRET_HEADER, ""), secret):
+                return None
+            if basic and _basic_auth_ok(settings):
+                return None
+            action, project = _webhook_event()
+            if secret:
+                log.warning(
+                    "refused a webhook (%s, project %s) without the right %s header: the workers add it to the "
+                    "webhook Label Studio created once they reach Label Studio (LABEL_STUDIO_URL and "
+                    "LABEL_STUDIO_API_KEY); or add it in the project's Settings > Webhooks",
+                    action, project, WEBHOOK_SECRET_HEADER,
+                )  # fmt: skip
+                return _refused(f"missing or wrong {WEBHOOK_SECRET_HEADER} header", basic=False)
+            log.warning(
+                "refused a webhook (%s, project %s) without basic auth: Label Studio's webhooks carry none. Set "
+                "WEBHOOK_SECRET (the workers add its header to the project's webhook); until then the periodic "
+                "sync (SYNC_INTERVAL_SECONDS) learns what the webhooks would have said",
+                action, project,
+            )  # fmt: skip
+            return _refused("authentication required (basic auth, or set WEBHOOK_SECRET for webhooks)", basic=True)
+        if basic and not _basic_auth_ok(settings):
+            return _refused("authentication required", basic=True)
         return None

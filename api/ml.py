@@ -10,10 +10,13 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 
 from api.errors import BadPayload
-from api.payloads import json_object, require_project, task_list
+from api.payloads import json_object, known_project, require_project, task_list
 from common.collections import SCOPES
 from common.delivery import BY_API, WRITTEN
+from common.label_config import LabelConfigError, parse_label_config
+from common.redact import deployment_secrets, redact
 from common.store import Store
+from common.webhook_secret import MODEL_CLASS, instance_id
 
 bp = Blueprint("ml", __name__)
 JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -26,16 +29,33 @@ def _store() -> Store:
 @bp.get("/")
 @bp.get("/health")
 def health():
-    return jsonify(status="UP", model_class="PlanktonEmbeddingClusters", embedding_space=_store().space)
+    settings = current_app.config["SETTINGS"]
+    return jsonify(status="UP", model_class=MODEL_CLASS, embedding_space=_store().space,
+                   instance=instance_id(settings.webhook_secret))  # fmt: skip
 
 
 @bp.post("/setup")
 def setup():
+    """Label Studio connecting the backend to a project (and checking it, before every predict): the only
+    call that makes a project known, so it must carry the project's label config the first time."""
     body = json_object()
     pid = require_project(body.get("project"))
+    store = _store()
+    new = not store.known_project(pid)
     schema = body.get("schema")
-    if isinstance(schema, str) and schema.strip():
-        _store().set_label_config(pid, schema)
+    if schema is not None and not isinstance(schema, str):
+        raise BadPayload("schema must be the project's label config (XML text)")
+    has_schema = isinstance(schema, str) and bool(schema.strip())
+    if has_schema:
+        try:
+            parse_label_config(schema)
+        except LabelConfigError as exc:
+            raise BadPayload(f"schema: {exc}") from exc
+    elif new:
+        raise BadPayload(
+            f"schema: required for project {pid}, which this backend has not seen yet (Label Studio sends the "
+            "project's label config when it connects a backend)"
+        )
     extra = body.get("extra_params")
     if isinstance(extra, str) and extra.strip():
         try:
@@ -43,11 +63,17 @@ def setup():
         except ValueError as exc:
             raise BadPayload(f"extra_params is not JSON: {exc}") from exc
     scope = extra.get("model_scope") if isinstance(extra, dict) else None
+    if scope is not None and scope not in SCOPES:
+        raise BadPayload(f"extra_params.model_scope must be one of {', '.join(SCOPES)}, not {str(scope)[:40]!r}")
+    if has_schema:
+        store.set_label_config(pid, schema)
     if scope is not None:
-        if scope not in SCOPES:
-            raise BadPayload(f"extra_params.model_scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-        _store().set_model_scope(pid, scope)
-    return jsonify(model_version=_store().current_version(pid))
+        store.set_model_scope(pid, scope)
+    version = store.current_version(pid)
+    if new:
+        # A project just connected: secure its webhook, and learn what it already holds.
+        current_app.extensions["dispatcher"].sync(pid, reason="new project")
+    return jsonify(model_version=version)
 
 
 def _project_of(body: dict[str, Any], tasks: list[dict[str, Any]]) -> int:
@@ -72,14 +98,23 @@ def _deliverable(store: Store, pid: int, version: str, tid: int, prediction: dic
 @bp.post("/predict")
 def predict():
     body = json_object()
-    tasks = task_list(body)
+    tasks = task_list(body, limited=True)
+    config = body.get("label_config")
+    if config is not None and not isinstance(config, str):
+        raise BadPayload("label_config must be the project's label config (XML text)")
     if not tasks:
+        if body.get("project") is not None:
+            require_project(body["project"])
         return jsonify(results=[])
-    pid = _project_of(body, tasks)
+    pid = known_project(_project_of(body, tasks))
     store: Store = _store()
     settings = current_app.config["SETTINGS"]
-    if isinstance(body.get("label_config"), str) and body["label_config"].strip():
-        store.set_label_config(pid, body["label_config"])
+    if isinstance(config, str) and config.strip():
+        try:
+            parse_label_config(config)
+        except LabelConfigError as exc:
+            raise BadPayload(f"label_config: {exc}") from exc
+        store.set_label_config(pid, config)
     version = store.current_version(pid)
     ids = [t["id"] for t in tasks]
     stored = store.predictions(pid, version, ids)
@@ -102,7 +137,7 @@ def predict():
 def train():
     """Older Label Studio versions call /train; 1.23 sends START_TRAINING to /webhook instead."""
     body = json_object()
-    pid = require_project(body.get("project"))
+    pid = known_project(require_project(body.get("project")))
     job = current_app.extensions["dispatcher"].sync(pid, retrain=True, reason="training")
     return jsonify(status="queued", job=job), 201
 
@@ -116,6 +151,7 @@ def sync():
     retrain = body.get("retrain", False)
     if not isinstance(retrain, bool):
         raise BadPayload("'retrain' must be true or false")
+    known_project(pid)
     job = current_app.extensions["dispatcher"].sync(pid, retrain=retrain, reason="requested")
     return jsonify(status="queued", job=job), 202
 
@@ -137,4 +173,8 @@ def job(job_id: str):
     found = _store().jobs.get(job_id)
     if found is None:
         return jsonify(error=f"no job {job_id}"), 404
-    return jsonify(found.as_dict())
+    job = found.as_dict()
+    # The workers' failure reasons may quote an exception (the Label Studio SDK's shows its response headers).
+    secrets = deployment_secrets(current_app.config["SETTINGS"])
+    job["errors"] = [{**e, "error": redact(str(e.get("error", "")), secrets)} for e in job["errors"]]
+    return jsonify(job)

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify
 
 from api.errors import BadPayload
-from api.payloads import json_object, require_project, task_list
+from api.payloads import MAX_DATA_DEPTH, json_object, known_project, nested_deeper_than, require_project, task_list
 from common.annotations import annotation_labels
 from common.dispatch import Dispatcher
 from common.label_config import LabelConfig, LabelConfigError, parse_label_config
@@ -68,9 +68,9 @@ def _objects(body: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 @handles("TASKS_CREATED")
 def tasks_created(pid: int, body: dict[str, Any]) -> dict[str, Any]:
-    tasks = task_list(body)
-    if isinstance(body.get("project"), dict) and isinstance(body["project"].get("label_config"), str):
-        _config(pid, body)
+    tasks = task_list(body, limited=True)
+    if isinstance(body.get("project"), dict) and body["project"].get("label_config") is not None:
+        _config(pid, body)  # stored once it parses; a 400 if it does not
     if not tasks:
         return {"status": "ignored", "reason": "no tasks"}
     job = _dispatcher().ingest(pid, tasks, kind="import")
@@ -94,6 +94,10 @@ def annotations_saved(pid: int, body: dict[str, Any]) -> dict[str, Any]:
     store = _store()
     annotations = _objects(body, "annotation")
     sent = {t["id"]: t for t in (_objects(body, "task") if body.get("task") else []) if _is_id(t.get("id"))}
+    for task in sent.values():
+        data = task.get("data") or {}
+        if not isinstance(data, dict) or nested_deeper_than(data, MAX_DATA_DEPTH):
+            raise BadPayload(f"task {task['id']}: data must be an object nesting at most {MAX_DATA_DEPTH} levels")
     changed = []
     for ann in annotations:
         task_id = ann.get("task")
@@ -165,7 +169,7 @@ def webhook():
     handler = HANDLERS.get(action)
     if handler is None:
         return jsonify(status="ignored", action=action)
-    pid = require_project(body.get("project"))
+    pid = known_project(require_project(body.get("project")))
     reply = handler(pid, body)
     log.info("webhook %s project %s: %s", action, pid, reply.get("status"))
     return jsonify(action=action, **reply)

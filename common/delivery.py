@@ -55,6 +55,17 @@ class Delivery:
     def claim(self, pid: int, version: str, task: int, state: str) -> bool:
         return bool(self.r.hsetnx(keys.delivery(pid, version), str(task), f"{state}:{time.time():.3f}"))
 
+    def claim_many(self, pid: int, version: str, tasks: Iterable[int], state: str) -> list[int]:
+        """Claim each of these tasks (HSETNX, in one round trip); returns those this caller got."""
+        ids = list(tasks)
+        if not ids:
+            return []
+        stamp, key = f"{state}:{time.time():.3f}", keys.delivery(pid, version)
+        pipe = self.r.pipeline(transaction=False)
+        for tid in ids:
+            pipe.hsetnx(key, str(tid), stamp)
+        return [tid for tid, got in zip(ids, pipe.execute(), strict=True) if got]
+
     def claims(self, pid: int, version: str, tasks: Iterable[int]) -> dict[int, tuple[str, float]]:
         ids = list(tasks)
         if not ids:

@@ -114,6 +114,11 @@ class Dispatcher:
         )
         return job_id
 
+    def refresh_map(self, pid: int, countdown: float = 0) -> None:
+        """Recompute the project's embedding map for the status page (after a refit, or on request)."""
+        self.celery.send_task(queues.REFRESH_MAP, kwargs={"project": pid}, queue=queues.BULK,
+                              countdown=countdown or None)  # fmt: skip
+
     def after_labels_changed(self, pid: int) -> str | None:
         """Debounced refit: at once after REFIT_EVERY changes, else once REFIT_DELAY_SECONDS passed."""
         if self.store.changes_since_fit(pid) >= self.settings.refit_every:

@@ -136,11 +136,6 @@ def refit_scheduled(pid: int) -> str:
     return _p(pid, "refit_scheduled")
 
 
-def new_tasks(pid: int) -> str:
-    """STRING int: tasks embedded since the last fit (a refit once the project grew enough)."""
-    return _p(pid, "new_tasks_since_fit")
-
-
 # -- one project: predictions and their delivery to Label Studio -----------------------------------------
 
 
@@ -186,6 +181,15 @@ def lock(pid: int, name: str) -> str:
 def last_sync(pid: int) -> str:
     """STRING JSON: the last reconciliation with Label Studio (when, and what it fixed)."""
     return _p(pid, "last_sync")
+
+
+def projection(pid: int) -> str:
+    """STRING, gzip-compressed JSON: the embedding map of the status page (worker/projection.py), rewritten
+    by the worker after each refit, never computed in a request. {format: 1, version, computed, method,
+    explained, total, tasks: [task], x: [0..4095], y: [0..4095], annotated: [0|1], tags: [{name, labels,
+    codes: [label index | -1]}], thumbs: {task: "data:image/webp;base64,..."}}, one entry per point in each
+    array; at most 50,000 points and 2,000 thumbnails of 1.5 MB in all (2 MB at most)."""
+    return _p(pid, "projection")
 
 
 # -- jobs ----------------------------------------------------------------------------------------------

@@ -11,3 +11,4 @@ DELIVER = "plankton.deliver"  # write the outbox to Label Studio
 SYNC = "plankton.sync"  # reconcile one project with Label Studio
 SYNC_ALL = "plankton.sync_all"  # periodic: every project (Celery beat)
 TICK = "plankton.tick"  # periodic: Redis-only checks that restart stalled work (Celery beat)
+REFRESH_MAP = "plankton.refresh_map"  # recompute the status page's embedding map (worker/projection.py)

@@ -1,24 +1,32 @@
-"""Configuration from environment variables, read once per process."""
+"""Configuration from environment variables, read once per process.
+
+Every setting is declared once, as a field of `Settings` below, in the style of Flower's
+``define(name, default, type, help)``: ``define(variable, default, kind, help)`` names its environment
+variable (with the name Label Studio's own ML backends use, where one exists), its default, how its text is
+read and what is allowed (the `Kind`), and what it does. From that one declaration come `Settings.from_env()`,
+the validation (a value that is not allowed stops start-up with the variable's name and what is allowed) and
+the README's configuration table:
+
+    python -m common.settings                     # read and check this environment's settings, print them
+    python -m common.settings --markdown          # print the README's table
+    python -m common.settings --readme README.md  # write it into README's "## Configuration"
+"""
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
+import json
+import math
 import os
-from dataclasses import dataclass
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import lru_cache
-
-
-def _env(name: str, default: str = "") -> str:
-    return os.environ.get(name, default).strip()
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = _env(name)
-    return int(raw) if raw else default
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = _env(name)
-    return float(raw) if raw else default
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 
 def available_cores() -> int:
@@ -29,95 +37,607 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class SettingsError(ValueError):
+    """Settings the backend cannot start with: one problem a line, each naming its variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings (README, Configuration):\n  " + "\n  ".join(problems))
+
+
+# -- kinds: how a variable's text becomes a value, and which values are allowed ------------------------------
+
+
+def _any(_: Any) -> bool:
+    return True
+
+
+def _code(value: Any) -> str:
+    return f"`{value}`" if value != "" else "—"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """`parse` turns the variable's text into a value (ValueError if it cannot); `accepts` says whether a
+    value is allowed; `allowed` says the same in words, for the error messages and the README; `show` is how
+    the README shows a default."""
+
+    allowed: str
+    parse: Callable[[str], Any]
+    accepts: Callable[[Any], bool] = _any
+    show: Callable[[Any], str] = _code
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(low: int = 0, high: int | None = None, *, zero: str = "", unit: int = 0, unit_name: str = "") -> Kind:
+    """Whole numbers from `low` (to `high`); `zero`: 0 is allowed too and means that. `unit`: the README shows
+    a default as a multiple of it (bytes in MiB)."""
+    span = f"an integer ≥ {low}" if high is None else f"an integer from {low} to {high}"
+
+    def accepts(v: Any) -> bool:
+        return _is_int(v) and (bool(zero and v == 0) or (v >= low and (high is None or v <= high)))
+
+    def show(v: int) -> str:
+        return f"`{v}` ({v // unit} {unit_name})" if unit and v and v % unit == 0 else f"`{v}`"
+
+    return Kind(f"`0` ({zero}) or {span}" if zero else span, lambda s: int(s), accepts, show)
+
+
+def number(low: float = 0.0, *, above: bool = False) -> Kind:
+    """Finite decimal numbers ≥ `low` (> `low` when `above`)."""
+
+    def accepts(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and (
+            v > low if above else v >= low
+        )  # fmt: skip
+
+    return Kind(f"a number {'>' if above else '≥'} {low:g}", float, accepts, lambda v: f"`{v:g}`")
+
+
+def choice(*values: str, normalise: Callable[[str], str] = str.lower) -> Kind:
+    names = [f"`{v}`" for v in values]
+    words = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+    return Kind(words, normalise, lambda v: v in values)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise ValueError(text)
+
+
+BOOLEAN = Kind(
+    "`1` or `0` (`true`/`false`, `yes`/`no`, `on`/`off`)",
+    _parse_bool,
+    lambda v: isinstance(v, bool),
+    lambda v: "`1`" if v else "`0`",
+)
+
+
+def text(allowed: str = "any text") -> Kind:
+    return Kind(allowed, str, lambda v: isinstance(v, str))
+
+
+def url(*schemes: str, optional: bool = True) -> Kind:
+    """A URL with one of these schemes and a host (unix:// a path); a trailing / is dropped from http(s)."""
+
+    def parse(s: str) -> str:
+        return s.rstrip("/") if s.startswith(("http://", "https://")) else s
+
+    def accepts(v: Any) -> bool:
+        if not isinstance(v, str):
+            return False
+        if v == "":
+            return optional
+        try:
+            parts = urlsplit(v)
+            _ = parts.port  # raises ValueError on a port that is not a number
+        except ValueError:
+            return False
+        return parts.scheme in schemes and bool(parts.netloc or (parts.scheme == "unix" and parts.path))
+
+    starts = [f"`{s}://`" for s in schemes]
+    words = f"{', '.join(starts[:-1])} or {starts[-1]}" if len(starts) > 1 else starts[0]
+    return Kind(f"{'empty or ' if optional else ''}a URL starting with {words}", parse, accepts)
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+def _is_address(v: Any) -> bool:
+    if not isinstance(v, str):
+        return False
+    try:
+        ipaddress.ip_address(v)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(v))
+
+
+ADDRESS = Kind("an IP address or host name", str, _is_address)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listening address is this machine only: 127.0.0.0/8, ::1 (also as ::ffff:127.x), `localhost`.
+    Any other name counts as beyond loopback (it may resolve to anything)."""
+    if address.lower() == "localhost" or address.lower().endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+PORT = integer(1, 65535)
+DEVICE = Kind(
+    "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:<n>`",
+    str.lower,
+    lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+)
+
+
+def _is_label_map(v: Any) -> bool:
+    """{tag: {class: label}}, as JSON text."""
+    if not isinstance(v, str):
+        return False
+    if v == "":
+        return True
+    try:
+        tags = json.loads(v)
+    except ValueError:
+        return False
+    return isinstance(tags, dict) and all(
+        isinstance(m, dict) and all(isinstance(c, str) and isinstance(label, str) for c, label in m.items())
+        for m in tags.values()
+    )
+
+
+LABEL_MAP = Kind('empty or JSON `{"tag": {"class": "label", ...}, ...}`', str, _is_label_map)
+
+
+def _is_credentials(v: Any) -> bool:
+    return isinstance(v, str) and all(
+        user and password for user, _, password in (pair.partition(":") for pair in v.split(",") if v)
+    )
+
+
+CREDENTIALS = Kind("empty or `user:password`, comma-separated", str, _is_credentials)
+
+
+# -- declaring a setting --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A default computed when settings are made (from this machine), and how the README says it."""
+
+    compute: Callable[[], Any]
+    doc: str
+
+
+@dataclass(frozen=True)
+class Var:
+    """What `define` records about a field: its variables, kind, help; what the default means; secrecy."""
+
+    names: tuple[str, ...]
+    kind: Kind
+    help: str
+    default_doc: str | Callable[[], str] = ""  # a function: what it says is read elsewhere (README only)
+    secret: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def read(self, environ: Mapping[str, str]) -> tuple[str, str] | None:
+        """(variable, text) of the first of its variables set and not empty; None: the default applies."""
+        for name in self.names:
+            value = environ.get(name, "").strip()
+            if value:
+                return name, value
+        return None
+
+    def problem(self, name: str, value: Any) -> str:
+        shown = "(hidden)" if self.secret else repr(value)
+        return f"{name}={shown}: allowed: {self.kind.allowed.replace('`', '')}"
+
+
+def define(
+    variables: str | tuple[str, ...],
+    default: Any,
+    kind: Kind,
+    help: str,
+    *,
+    default_doc: str | Callable[[], str] = "",
+    secret: bool = False,
+) -> Any:
+    """A field of `Settings`: its environment variable(s) (the first one set wins), default (a value or a
+    `Computed`), kind and help. Secrets are left out of repr() and of error messages."""
+    names = (variables,) if isinstance(variables, str) else variables
+    if isinstance(default, Computed):
+        var = Var(names, kind, help, default.doc, secret)
+        return field(default_factory=default.compute, repr=not secret, metadata={"var": var})
+    if not kind.accepts(default):
+        raise AssertionError(f"{names[0]}: the default {default!r} is not allowed by its own kind")
+    return field(default=default, repr=not secret, metadata={"var": Var(names, kind, help, default_doc, secret)})
+
+
+# Kept in step with worker/backbones.py's registry by tests/test_settings.py (this module imports no torch).
+BACKBONES = ("efficientnet-lite0", "resnet18", "resnet50", "resnet50-cefas")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MIB = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    label_studio_url: str = ""
-    label_studio_api_key: str = ""
-    basic_auth_user: str = ""
-    basic_auth_pass: str = ""
-    webhook_secret: str = ""
-    log_level: str = "INFO"
-    backbone: str = "efficientnet-lite0"
-    weights: str = ""
-    image_size: int = 0
-    batch_size: int = 0
-    device: str = "auto"
-    predict_wait_seconds: float = 2.0
-    chunk_size: int = 512
-    download_timeout: float = 10.0
-    download_workers: int = 8
-    image_max_bytes: int = 20 * 1024 * 1024
-    image_max_pixels: int = 40_000_000
-    s3_endpoint_url: str = ""
-    # Outbound guard and image limits (README "Fetching images safely").
-    image_hosts: str = ""
-    local_files_document_root: str = ""
-    label_studio_base_data_dir: str = ""
-    image_max_side: int = 10_000
-    image_max_aspect: float = 100.0
-    kmeans_clusters: int = 0
-    refit_every: int = 5
-    refit_delay_seconds: float = 10.0
-    cefas_label_map: str = ""
-    visibility_timeout: int = 120
-    sync_interval_seconds: float = 300.0
-    deliver_batch_size: int = 500
-    model_scope: str = "project"
-    worker_concurrency: int = 1
-    torch_threads: int = 0
-    torchscript: bool = True
-    worker_nice: int = 10
+    # -- Label Studio and the API's doors --
+    label_studio_url: str = define(
+        ("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"), "", url("http", "https"),
+        "Label Studio's base URL, as the workers reach it (write-back, `/data/...` images)",
+    )  # fmt: skip
+    label_studio_api_key: str = define(
+        ("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"), "", text(),
+        "personal access token or legacy token; a PAT is exchanged for access tokens", secret=True,
+    )  # fmt: skip
+    basic_auth_user: str = define(
+        "BASIC_AUTH_USER", "", text(),
+        "with `BASIC_AUTH_PASS`, protects every route but `/health` and `/` (and `/webhook`, see `WEBHOOK_SECRET`); "
+        "set both or neither",
+    )  # fmt: skip
+    basic_auth_pass: str = define("BASIC_AUTH_PASS", "", text(), "see `BASIC_AUTH_USER`", secret=True)
+    webhook_secret: str = define(
+        "WEBHOOK_SECRET", "", text(),
+        "`/webhook` requires the header `X-Webhook-Secret` with this value, or the basic auth above; unset, with "
+        "basic auth set: the basic auth only (see *Security*)", secret=True,
+    )  # fmt: skip
+    allow_unauthenticated: bool = define(
+        "ALLOW_UNAUTHENTICATED", False, BOOLEAN,
+        "`1`: let the API (`API_ADDRESS`) and Flower (`FLOWER_ADDRESS`) listen beyond loopback without their "
+        "credentials (see *Security*)",
+    )  # fmt: skip
+    log_level: str = define(
+        "LOG_LEVEL", "INFO", choice(*LOG_LEVELS, normalise=str.upper), "API, worker, beat and Flower logging"
+    )
+    redis_url: str = define(
+        "REDIS_URL", "redis://127.0.0.1:6379/0", url("redis", "rediss", "unix", optional=False),
+        "broker and shared state (versions, predictions, embeddings, jobs)",
+    )  # fmt: skip
+    # -- the model --
+    backbone: str = define("BACKBONE", "efficientnet-lite0", choice(*BACKBONES), "the image model")
+    weights: str = define(
+        "WEIGHTS", "", text("empty or a file path"),
+        "weights file: required for `resnet50-cefas` (`cop-non-detritus-20211215.pth`), optional override for "
+        "others",
+    )  # fmt: skip
+    image_size: int = define(
+        "IMAGE_SIZE", 0, integer(16, zero="the backbone's default"),
+        "side of the square the particle is padded and resized to (see *Input size*)",
+        default_doc=lambda: _image_size_defaults(),
+    )  # fmt: skip
+    device: str = define("DEVICE", "auto", DEVICE, "where the model runs")
+    batch_size: int = define(
+        "BATCH_SIZE", 0, integer(1, zero="automatic"), "images per forward pass",
+        default_doc="32 on CPU; on CUDA, a quarter of the card's memory shared among the worker processes",
+    )  # fmt: skip
+    torchscript: bool = define(
+        "TORCHSCRIPT", True, BOOLEAN, "on CPU, run the model traced and frozen with TorchScript (`0`: eager PyTorch)"
+    )
+    # -- the worker --
+    worker_concurrency: int = define(
+        "WORKER_CONCURRENCY", Computed(lambda: min(4, available_cores()), "one per core, at most 4"), integer(1),
+        "worker processes (Celery's `worker_concurrency`; each loads the model once)",
+    )  # fmt: skip
+    torch_threads: int = define(
+        "TORCH_THREADS", 0, integer(1, zero="cores / worker processes"), "torch threads per worker process on CPU",
+        default_doc="the cores / `WORKER_CONCURRENCY`",
+    )  # fmt: skip
+    worker_nice: int = define(
+        "WORKER_NICE", 10, integer(0, 19),
+        "CPU priority niceness of the worker processes: the API, on the same host, is served first (0: off)",
+    )  # fmt: skip
+    chunk_size: int = define(
+        "CHUNK_SIZE", 512, integer(1),
+        "tasks per bulk Celery message; a chunk gives way to interactive work after its batch in progress (see "
+        "*Queues*)",
+    )  # fmt: skip
+    download_workers: int = define(
+        "DOWNLOAD_WORKERS", Computed(lambda: max(4, 2 * available_cores()), "2 per core, at least 4"), integer(1),
+        "concurrent image downloads per worker process: enough to hide latency, few enough not to starve the model",
+    )  # fmt: skip
+    download_timeout: float = define(
+        "DOWNLOAD_TIMEOUT", 10.0, number(0, above=True),
+        "seconds for a whole image fetch (connection, redirects, body)",
+    )  # fmt: skip
+    # -- images: limits and where they are read (README "Fetching images safely") --
+    image_max_bytes: int = define(
+        "IMAGE_MAX_BYTES", 20 * MIB, integer(1, unit=MIB, unit_name="MiB"), "larger downloads fail that task"
+    )
+    image_max_pixels: int = define("IMAGE_MAX_PIXELS", 40_000_000, integer(1), "larger images fail that task")
+    image_max_side: int = define(
+        "IMAGE_MAX_SIDE", 10_000, integer(1), "an image with a longer side fails that task (checked from its header)"
+    )
+    image_max_aspect: float = define(
+        "IMAGE_MAX_ASPECT", 100.0, number(1), "an image longer than wide by more than this ratio fails that task"
+    )
+    image_hosts: str = define(
+        "IMAGE_HOSTS", "", text("empty or comma-separated `host` or `host:port` (checked by the worker at start)"),
+        "private image servers the workers may fetch from: `host` (any port) or `host:port` (that port only); see "
+        "*Fetching images safely*",
+    )  # fmt: skip
+    local_files_document_root: str = define(
+        ("LOCAL_FILES_DOCUMENT_ROOT", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"), "", text("empty or a folder"),
+        "Label Studio's variable, same meaning: where the worker sees the files of `/data/local-files/?d=<path>` "
+        "(read from disk, else over HTTP)",
+    )  # fmt: skip
+    label_studio_base_data_dir: str = define(
+        "LABEL_STUDIO_BASE_DATA_DIR", "", text("empty or a folder"),
+        "Label Studio's data folder as the worker sees it: uploads (`/data/upload/...`) are read from its "
+        "`media/upload/`",
+    )  # fmt: skip
+    s3_endpoint_url: str = define(
+        "S3_ENDPOINT_URL", "", url("http", "https"),
+        "S3-compatible endpoint for `s3://bucket/key` images (empty: AWS); credentials as boto3 reads them "
+        "(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...)",
+    )  # fmt: skip
+    # -- learning --
+    predict_wait_seconds: float = define(
+        "PREDICT_WAIT_SECONDS", 2.0, number(0),
+        "how long `/predict` for one task waits for the worker before answering `[]`",
+    )  # fmt: skip
+    refit_every: int = define("REFIT_EVERY", 5, integer(1), "refit after this many annotation changes...")
+    refit_delay_seconds: float = define(
+        "REFIT_DELAY_SECONDS", 10.0, number(0), "...or this long after the first change since the last fit"
+    )
+    kmeans_clusters: int = define(
+        "KMEANS_CLUSTERS", 0, integer(2, zero="automatic"), "clusters per project",
+        default_doc="automatic: √(n/2), 2..64",
+    )  # fmt: skip
+    cefas_label_map: str = define(
+        "CEFAS_LABEL_MAP", "", LABEL_MAP, "how `resnet50-cefas` classes answer a tag before any annotation",
+        default_doc='empty: `{"organism_type": {"copepod": "Plankton", "non-copepod": "Plankton", '
+        '"detritus": "Debris"}}`',
+    )  # fmt: skip
+    model_scope: str = define(
+        "MODEL_SCOPE", "project", choice("project", "bucket"),
+        "one model per project, or per image collection (`bucket`); a project's *Extra params* `model_scope` wins",
+    )  # fmt: skip
+    # -- the queues and delivery --
+    visibility_timeout: int = define(
+        "BROKER_VISIBILITY_TIMEOUT", 120, integer(1),
+        "seconds after which a message a dead worker held is redelivered (and a queued task whose message was "
+        "lost is queued again)",
+    )  # fmt: skip
+    sync_interval_seconds: float = define(
+        "SYNC_INTERVAL_SECONDS", 300.0, number(0),
+        "how often beat reconciles every project with Label Studio (0: only on *Start training* and `POST /sync`)",
+    )  # fmt: skip
+    deliver_batch_size: int = define("DELIVER_BATCH_SIZE", 500, integer(1), "predictions per write to Label Studio")
+    # -- what one request may ask of the API (README "Security") --
+    max_request_bytes: int = define(
+        "MAX_REQUEST_BYTES", 100 * MIB, integer(1, unit=MIB, unit_name="MiB"),
+        "a larger request body is refused (JSON 413)",
+    )  # fmt: skip
+    max_tasks_per_request: int = define(
+        "MAX_TASKS_PER_REQUEST", 20_000, integer(1),
+        "more tasks in one `/predict` or `TASKS_CREATED` are refused (JSON 413); the backend predicts every task "
+        "itself, so *Retrieve predictions* is never needed on more",
+    )  # fmt: skip
+    # -- launch (gunicorn.conf.py, scripts/flowerconfig.py, the Procfile) --
+    api_address: str = define(
+        "API_ADDRESS", "127.0.0.1", ADDRESS,
+        "where the API listens (`gunicorn.conf.py`); beyond loopback (`0.0.0.0`: every interface) it needs "
+        "`BASIC_AUTH_*` and `WEBHOOK_SECRET`, or `ALLOW_UNAUTHENTICATED=1`",
+    )  # fmt: skip
+    port: int = define("PORT", 9090, PORT, "the API's port")
+    api_workers: int = define(("API_WORKERS", "WORKERS"), 2, integer(1), "API (gunicorn) processes")
+    api_threads: int = define(
+        ("API_THREADS", "THREADS"), 8, integer(1),
+        "threads per API process: `/predict` may wait `PREDICT_WAIT_SECONDS` while `/health` answers at once",
+    )  # fmt: skip
+    worker_metrics_port: int = define(
+        "WORKER_METRICS_PORT", 9808, integer(1, 65535, zero="off"),
+        "where a worker serves its Prometheus metrics (`/metrics`; every pool process's counts); the API serves "
+        "its own on its port",
+    )  # fmt: skip
+    flower_address: str = define(
+        "FLOWER_ADDRESS", "127.0.0.1", ADDRESS,
+        "where Flower listens (compose: `0.0.0.0`); beyond loopback it needs `FLOWER_BASIC_AUTH`, or "
+        "`ALLOW_UNAUTHENTICATED=1`",
+    )  # fmt: skip
+    flower_port: int = define("FLOWER_PORT", 5555, PORT, "Flower's port")
+    flower_basic_auth: str = define(
+        "FLOWER_BASIC_AUTH", "", CREDENTIALS, "Flower's basic auth (empty: none, on loopback only)", secret=True
+    )
+
+    def __post_init__(self) -> None:
+        problems = [
+            var.problem(f"{var.name} ({f.name})", getattr(self, f.name))
+            for f, var in settings_table()
+            if not var.kind.accepts(getattr(self, f.name))
+        ]
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            given = "BASIC_AUTH_USER" if self.basic_auth_user else "BASIC_AUTH_PASS"
+            problems.append(f"BASIC_AUTH_USER and BASIC_AUTH_PASS: set both or neither (only {given} is set)")
+        if problems:
+            raise SettingsError(problems)
+
+    # -- the start-up rule: nothing listens beyond loopback without its credentials (README "Security") ------
+
+    def api_exposure_problems(self) -> list[str]:
+        """Why the API may not listen on API_ADDRESS with these settings (empty: it may). Beyond loopback it
+        needs basic auth and a webhook secret, unless ALLOW_UNAUTHENTICATED says so."""
+        if is_loopback(self.api_address) or self.allow_unauthenticated:
+            return []
+        needed = (("basic auth (BASIC_AUTH_USER, BASIC_AUTH_PASS)", self.basic_auth_user),
+                  ("webhook secret (WEBHOOK_SECRET)", self.webhook_secret))  # fmt: skip
+        missing = [what for what, value in needed if not value]
+        if not missing:
+            return []
+        return [
+            f"API_ADDRESS={self.api_address} listens beyond loopback without a {' or a '.join(missing)}: anyone who "
+            "reaches this port could read the projects and send webhooks. Set BASIC_AUTH_USER, BASIC_AUTH_PASS and "
+            "WEBHOOK_SECRET (and enter the basic auth in Label Studio's Connect model form), or listen on "
+            'API_ADDRESS=127.0.0.1, or set ALLOW_UNAUTHENTICATED=1 on a network you trust (README "Security")'
+        ]
+
+    def flower_exposure_problems(self) -> list[str]:
+        """Why Flower may not listen on FLOWER_ADDRESS with these settings (empty: it may)."""
+        if is_loopback(self.flower_address) or self.allow_unauthenticated or self.flower_basic_auth:
+            return []
+        return [
+            f"FLOWER_ADDRESS={self.flower_address} listens beyond loopback, but FLOWER_BASIC_AUTH is not set: "
+            "Flower shows every task's arguments and errors and can stop workers. Set FLOWER_BASIC_AUTH=user:password, "
+            "or listen on FLOWER_ADDRESS=127.0.0.1, or set ALLOW_UNAUTHENTICATED=1 on a network you trust "
+            '(README "Security")'
+        ]
 
     def threads_per_process(self) -> int:
         """TORCH_THREADS, else the worker's cores shared among its WORKER_CONCURRENCY processes."""
         return self.torch_threads or max(1, available_cores() // max(1, self.worker_concurrency))
 
+    def flower_credentials(self) -> list[str]:
+        """FLOWER_BASIC_AUTH as Flower's `basic_auth` option takes it: one `user:password` an item."""
+        return [pair for pair in self.flower_basic_auth.split(",") if pair]
+
     @classmethod
-    def from_env(cls) -> Settings:
-        return cls(
-            redis_url=_env("REDIS_URL", cls.redis_url),
-            label_studio_url=_env("LABEL_STUDIO_URL").rstrip("/"),
-            label_studio_api_key=_env("LABEL_STUDIO_API_KEY"),
-            basic_auth_user=_env("BASIC_AUTH_USER"),
-            basic_auth_pass=_env("BASIC_AUTH_PASS"),
-            webhook_secret=_env("WEBHOOK_SECRET"),
-            log_level=_env("LOG_LEVEL", cls.log_level).upper(),
-            backbone=_env("BACKBONE", cls.backbone),
-            weights=_env("WEIGHTS"),
-            image_size=_env_int("IMAGE_SIZE", 0),
-            batch_size=_env_int("BATCH_SIZE", 0),
-            device=_env("DEVICE", cls.device),
-            predict_wait_seconds=_env_float("PREDICT_WAIT_SECONDS", cls.predict_wait_seconds),
-            chunk_size=_env_int("CHUNK_SIZE", cls.chunk_size),
-            download_timeout=_env_float("DOWNLOAD_TIMEOUT", cls.download_timeout),
-            # Two download threads per core: enough to hide latency, few enough not to starve the model.
-            download_workers=_env_int("DOWNLOAD_WORKERS", max(4, 2 * available_cores())),
-            image_max_bytes=_env_int("IMAGE_MAX_BYTES", cls.image_max_bytes),
-            image_max_pixels=_env_int("IMAGE_MAX_PIXELS", cls.image_max_pixels),
-            s3_endpoint_url=_env("S3_ENDPOINT_URL"),
-            image_hosts=_env("IMAGE_HOSTS"),
-            # The names Label Studio reads (with or without its LABEL_STUDIO_ prefix), the same meaning.
-            local_files_document_root=_env("LOCAL_FILES_DOCUMENT_ROOT", _env("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")),
-            label_studio_base_data_dir=_env("LABEL_STUDIO_BASE_DATA_DIR"),
-            image_max_side=_env_int("IMAGE_MAX_SIDE", cls.image_max_side),
-            image_max_aspect=_env_float("IMAGE_MAX_ASPECT", cls.image_max_aspect),
-            kmeans_clusters=_env_int("KMEANS_CLUSTERS", 0),
-            refit_every=_env_int("REFIT_EVERY", cls.refit_every),
-            refit_delay_seconds=_env_float("REFIT_DELAY_SECONDS", cls.refit_delay_seconds),
-            cefas_label_map=_env("CEFAS_LABEL_MAP"),
-            visibility_timeout=_env_int("BROKER_VISIBILITY_TIMEOUT", cls.visibility_timeout),
-            sync_interval_seconds=_env_float("SYNC_INTERVAL_SECONDS", cls.sync_interval_seconds),
-            deliver_batch_size=_env_int("DELIVER_BATCH_SIZE", cls.deliver_batch_size),
-            model_scope=_env("MODEL_SCOPE", cls.model_scope),
-            # One process per core up to 4, each with cores/processes torch threads (README "Throughput").
-            worker_concurrency=_env_int("WORKER_CONCURRENCY", min(4, available_cores())),
-            torch_threads=_env_int("TORCH_THREADS", 0),
-            torchscript=_env("TORCHSCRIPT", "1").lower() not in ("0", "false", "no", "off"),
-            worker_nice=_env_int("WORKER_NICE", cls.worker_nice),
-        )
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings of this environment (an empty variable means its default); SettingsError, naming
+        every variable whose value is not allowed, and what is, when any is not."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for f, var in settings_table():
+            found = var.read(environ)
+            if found is None:
+                continue
+            name, raw = found
+            try:
+                value = var.kind.parse(raw)
+            except ValueError:
+                value = None
+            if value is None or not var.kind.accepts(value):
+                problems.append(var.problem(name, raw))
+            else:
+                values[f.name] = value
+        try:
+            settings = cls(**values)  # every value is allowed: this checks how they go together
+        except SettingsError as exc:
+            problems += exc.problems
+        if problems:
+            raise SettingsError(problems)
+        return settings
+
+
+def settings_table() -> Iterator[tuple[Field[Any], Var]]:
+    """Every setting: its dataclass field and what `define` recorded."""
+    for f in fields(Settings):
+        yield f, f.metadata["var"]
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings.from_env()
+
+
+# -- the README's table ---------------------------------------------------------------------------------------
+
+# Variables that libraries read themselves: documented with the rest, not parsed here.
+READ_BY_LIBRARIES = (
+    ("TORCH_HOME", "`~/.cache/torch`",
+     "torchvision ImageNet weights are read from `$TORCH_HOME/hub/checkpoints/` (never downloaded)"),
+)  # fmt: skip
+
+README_MARKER = "<!-- generated: python -m common.settings --readme README.md (tests/test_settings.py checks it) -->"
+
+
+def _image_size_defaults() -> str:
+    from common.models import DEFAULT_IMAGE_SIZE  # imports this module: read when the table is made
+
+    sizes: dict[int, list[str]] = {}
+    for backbone, size in DEFAULT_IMAGE_SIZE.items():
+        sizes.setdefault(size, []).append(f"`{backbone}`")
+    each = "; ".join(f"{size} for {', '.join(names)}" for size, names in sizes.items())
+    return f"the backbone's own: {each}"
+
+
+def _default_text(f: Field[Any], var: Var) -> str:
+    doc = var.default_doc() if callable(var.default_doc) else var.default_doc
+    if f.default is MISSING:  # computed
+        return doc
+    shown = var.kind.show(f.default)
+    if not doc:
+        return shown
+    return doc if f.default == "" else f"{shown} ({doc})"
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | allowed | what |", "| --- | --- | --- | --- |"]
+    for f, var in settings_table():
+        names = f"`{var.name}`" + "".join(f" (or `{alias}`)" for alias in var.names[1:])
+        rows.append(f"| {names} | {_default_text(f, var)} | {var.kind.allowed} | {var.help} |")
+    for name, default, help_ in READ_BY_LIBRARIES:
+        rows.append(f"| `{name}` | {default} | (read by the library) | {help_} |")
+    return "\n".join(rows) + "\n"
+
+
+def readme_table(readme: str) -> str:
+    """The table after the marker in README's "## Configuration" section (empty if there is none)."""
+    lines = readme.splitlines(keepends=True)
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == README_MARKER) + 1
+    except StopIteration:
+        return ""
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "".join(lines[start:end])
+
+
+def write_readme(path: Path) -> bool:
+    """Replace the table after the marker with the generated one; whether anything changed."""
+    readme = path.read_text()
+    if README_MARKER not in readme:
+        raise SystemExit(f"{path}: no line {README_MARKER!r} to put the table after")
+    old = readme_table(readme)
+    new = markdown_table()
+    if old == new:
+        return False
+    head, _, tail = readme.partition(README_MARKER + "\n")
+    path.write_text(head + README_MARKER + "\n" + new + tail[len(old) :])
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m common.settings", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", action="store_true", help="print the README's configuration table")
+    parser.add_argument("--readme", type=Path, metavar="PATH", help="write the table into this README")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(markdown_table())
+        return 0
+    if args.readme:
+        print(f"{args.readme}: {'table updated' if write_readme(args.readme) else 'table already current'}")
+        return 0
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for f, var in settings_table():
+        value = "(hidden)" if var.secret and getattr(settings, f.name) else repr(getattr(settings, f.name))
+        print(f"{var.name}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -96,6 +96,11 @@ class Store:
     def add_project(self, pid: int) -> None:
         self.r.sadd(keys.projects(), pid)
 
+    def drop_project(self, pid: int) -> None:
+        """A project deleted in Label Studio leaves the periodic work (its keys expire with their own TTLs or
+        stay until Redis is cleaned; none is read again)."""
+        self.r.srem(keys.projects(), pid)
+
     def projects(self) -> list[int]:
         return sorted(int(p) for p in self.r.smembers(keys.projects()))
 
@@ -169,6 +174,12 @@ class Store:
             pipe.delete(keys.model(pid, old), keys.fitted_labels(pid, old), keys.predictions(pid, old),
                         keys.delivery(pid, old))  # fmt: skip
         pipe.execute()
+
+    def version_checked(self, pid: int, version: str, tasks: int) -> None:
+        """A refit on `tasks` tasks found that this version still answers as well: it counts as fitted on them."""
+        meta = self.version_meta(pid, version)
+        if meta.get("checked_tasks", 0) < tasks:
+            self.r.set(keys.version_meta(pid, version), json.dumps({**meta, "checked_tasks": tasks}))
 
     def version_meta(self, pid: int, version: str) -> dict[str, Any]:
         raw = self.r.get(keys.version_meta(pid, version))
@@ -426,12 +437,6 @@ class Store:
         if seen:
             self.r.decrby(keys.label_changes(pid), seen)
 
-    def count_new_tasks(self, pid: int, n: int) -> int:
-        return int(self.r.incrby(keys.new_tasks(pid), n))
-
-    def reset_new_tasks(self, pid: int) -> None:
-        self.r.delete(keys.new_tasks(pid))
-
     def schedule_refit(self, pid: int, ttl: float) -> bool:
         """True when this caller is the one to schedule the next refit (debounce)."""
         return bool(self.r.set(keys.refit_scheduled(pid), "1", nx=True, px=max(1, int(ttl * 1000))))
@@ -476,3 +481,13 @@ class Store:
     def last_sync(self, pid: int) -> dict[str, Any] | None:
         raw = self.r.get(keys.last_sync(pid))
         return json.loads(raw) if raw else None
+
+    # -- the status page's embedding map ---------------------------------------------------------------
+
+    def set_projection(self, pid: int, blob: bytes) -> None:
+        """The embedding map (keys.projection: gzip-compressed JSON), replacing the previous one."""
+        self.r.set(keys.projection(pid), blob)
+
+    def projection(self, pid: int) -> bytes | None:
+        """The embedding map as stored (gzip-compressed JSON), or None before the first one."""
+        return self.r.get(keys.projection(pid))

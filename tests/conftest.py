@@ -59,6 +59,8 @@ def worker_env(tmp: Path, **extra: str) -> dict[str, str]:
         "PREDICT_WAIT_SECONDS": "5",
         # The test image servers listen on loopback, which the outbound guard refuses unless listed.
         "IMAGE_HOSTS": "127.0.0.1,localhost",
+        # Several workers run on this host at once: metrics only where a test asks for them.
+        "WORKER_METRICS_PORT": "0",
         **extra,
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import io
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -53,6 +54,15 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
+def procfile_command(name: str) -> list[str]:
+    """The Procfile's command for that process, as arguments (run here with `python -m`, this Python's)."""
+    for line in (REPO / "Procfile").read_text().splitlines():
+        process, sep, command = line.partition(":")
+        if sep and process.strip() == name and not line.startswith("#"):
+            return shlex.split(command)
+    raise KeyError(f"no {name!r} process in the Procfile")
+
+
 class ChildProcess:
     """A service started in its own process group, so that stopping it stops its children too."""
 
@@ -73,11 +83,18 @@ class ChildProcess:
                 self.kill()
 
 
+# Small settings for the processes the tests start, unless a test or the environment says otherwise. The
+# processes read every option from these variables through the same configuration as production (the
+# Procfile's commands; tests/test_settings.py checks that these are the same).
+SMALL = {"WORKER_CONCURRENCY": "1", "LOG_LEVEL": "INFO"}
+
+
 class WorkerProcess(ChildProcess):
-    """`celery worker` as production runs it (prefork, queues interactive then bulk, prefetch 1)."""
+    """`celery worker` as the Procfile starts it (options from the Celery configuration: queues interactive
+    then bulk, prefetch 1, WORKER_CONCURRENCY processes), named for the tests, without mingle and gossip."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, name: str = "w1") -> None:
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.env = {**SMALL, **os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_path = log_path
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
@@ -93,9 +110,7 @@ class WorkerProcess(ChildProcess):
 
     def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.worker_app", "worker", "-Q", "interactive,bulk",
-             "-c", self.env.get("WORKER_CONCURRENCY", "1"), "--prefetch-multiplier", "1", "-O", "fair",
-             "-n", f"{self.name}@%h", "-l", "INFO",
+            [sys.executable, "-m", *procfile_command("worker"), "-n", f"{self.name}@%h",
              "--without-mingle", "--without-gossip"],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -105,13 +120,13 @@ class WorkerProcess(ChildProcess):
 
 
 class BeatProcess(WorkerProcess):
-    """`celery beat`: the periodic reconciliation and checks (common/celery_app.py), as production runs it
+    """`celery beat`: the periodic reconciliation and checks (common/celery_app.py), as the Procfile starts it
     (from the Celery app alone: beat sends tasks by name and needs no worker code)."""
 
     def start(self, timeout: float = 60) -> BeatProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat", "-l", "INFO"],
+                [sys.executable, "-m", *procfile_command("beat")],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         wait_until(lambda: b"beat: Starting" in self.log_path.read_bytes() or self.proc.poll() is not None, timeout,
@@ -186,12 +201,14 @@ def synthetic_particle(kind: str, seed: int, size: int = 28) -> np.ndarray:
 
 
 class ApiProcess(ChildProcess):
-    """The API under gunicorn, as production runs it, on a free loopback port."""
+    """The API under gunicorn as the Procfile starts it (gunicorn.conf.py), on a free loopback port (PORT and
+    API_ADDRESS)."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        self.log_path = log_path
         self.port = free_port()
+        where = {"API_ADDRESS": "127.0.0.1", "PORT": str(self.port)}
+        self.env = {**SMALL, **os.environ, **env, **where, "PYTHONUNBUFFERED": "1"}
+        self.log_path = log_path
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -200,8 +217,7 @@ class ApiProcess(ChildProcess):
 
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "8",
-                 "-b", f"127.0.0.1:{self.port}", "--timeout", "120", "api.app:create_app()"],
+                [sys.executable, "-m", *procfile_command("api")],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 

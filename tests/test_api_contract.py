@@ -35,9 +35,26 @@ def client(clean_redis):
 
 
 def setup_project(client, pid: int = 3) -> str:
+    """Label Studio connecting the backend; the sync that a new project gets is left out of the queue."""
     reply = client.post("/setup", json={"project": f"{pid}.1700000000", "schema": LABEL_CONFIG})
     assert reply.status_code == 200
+    client.store.r.delete("bulk")
     return reply.json["model_version"]
+
+
+def test_a_new_project_is_synced_once(client, clean_redis):
+    """Connecting a project: its webhook gets the secret, and what it already holds is learned."""
+    client.post("/setup", json={"project": "3.1", "schema": LABEL_CONFIG})
+    client.post("/setup", json={"project": "3.1", "schema": LABEL_CONFIG})
+    (message,) = queued(clean_redis, "bulk")
+    assert message["headers"]["task"] == "plankton.sync"
+    assert json.loads(base64.b64decode(message["body"]))[1]["reason"] == "new project"
+
+
+def test_setup_refuses_a_schema_that_does_not_parse(client, clean_redis):
+    reply = client.post("/setup", json={"project": "3.1", "schema": "<View><Image"})
+    assert reply.status_code == 400 and "schema" in reply.json["error"]
+    assert client.store.label_config(3) is None
 
 
 def test_health_and_root_answer_up(client):
@@ -57,6 +74,7 @@ def test_setup_returns_a_stable_model_version_kept_in_redis(client, clean_redis)
 
 
 def test_setup_extra_params_choose_the_model_scope(client):
+    setup_project(client)
     for extra in ({"model_scope": "bucket"}, json.dumps({"model_scope": "bucket"})):
         assert client.post("/setup", json={"project": "3.1", "extra_params": extra}).status_code == 200
         assert client.store.model_scope(3) == "bucket"
@@ -290,19 +308,24 @@ def test_versions_and_jobs(client):
     assert client.get("/jobs/" + "a" * 32).status_code == 404
 
 
-def test_basic_auth_protects_every_route_but_the_webhook(clean_redis):
+def test_basic_auth_protects_every_route_but_health(clean_redis):
+    """/health and / stay open (compose's healthchecks, Label Studio's health call); /webhook with basic auth
+    and no WEBHOOK_SECRET takes the basic auth only (README "Security")."""
     c, _ = make_client(basic_auth_user="ls", basic_auth_pass="secret")
     good = {"Authorization": "Basic " + base64.b64encode(b"ls:secret").decode()}
     wrong = {"Authorization": "Basic " + base64.b64encode(b"ls:nope").decode()}
-    calls = [("get", "/health", None), ("get", "/", None), ("post", "/setup", {"project": "3.1"}),
-             ("post", "/predict", {"project": "3.1", "tasks": []}), ("get", "/versions", None),
-             ("post", "/train", {"project": 3}), ("post", "/sync", {"project": 3}),
-             ("get", "/jobs/x", None)]  # fmt: skip
+    for path in ("/health", "/"):
+        assert c.get(path).status_code == 200, path
+    calls = [("post", "/setup", {"project": "3.1"}), ("post", "/predict", {"project": "3.1", "tasks": []}),
+             ("get", "/versions", None), ("post", "/train", {"project": 3}), ("post", "/sync", {"project": 3}),
+             ("get", "/jobs/x", None), ("get", "/projects", None), ("get", "/projects/3", None),
+             ("get", "/metrics", None), ("get", "/openapi.json", None), ("get", "/ui/", None),
+             ("post", "/webhook", {"action": "PROJECT_CREATED", "project": {"id": 3}})]  # fmt: skip
     for method, path, body in calls:
         assert getattr(c, method)(path, json=body).status_code == 401, path
         assert getattr(c, method)(path, json=body, headers=wrong).status_code == 401, path
         assert getattr(c, method)(path, json=body, headers=good).status_code != 401, path
-    reply = c.post("/webhook", json={"action": "PROJECT_CREATED", "project": {"id": 3}})
+    reply = c.post("/webhook", json={"action": "PROJECT_CREATED", "project": {"id": 3}}, headers=good)
     assert reply.status_code == 200
 
 

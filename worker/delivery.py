@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from common.delivery import BY_API, REFUSED, WRITING, WRITTEN
+from worker import metrics
 from worker.label_studio import LabelStudioApi, is_transient, missing_task_error
 from worker.runtime import Runtime
 
@@ -69,7 +70,7 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
             held = api.tasks_holding(pid, version, unsure) if unsure else set()
             outbox.set(pid, version, held, WRITTEN)
             outbox.done(pid, [(t, version) for t in held])
-            fresh = [t for t in predictions if t not in claims and outbox.claim(pid, version, t, WRITING)]
+            fresh = outbox.claim_many(pid, version, [t for t in predictions if t not in claims], WRITING)
             todo = {t: predictions[t] for t in [*fresh, *(set(unsure) - held)]}
             if not todo:
                 continue
@@ -82,6 +83,8 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
             wait = backoff(attempt)
             pending = [(t, version) for t in tasks if t not in settled]
             outbox.postpone(pid, pending, time.time() + wait)
+            metrics.WRITEBACK_FAILURES.labels("transient" if is_transient(exc) else "error").inc()
+            metrics.WRITEBACK_RETRIES.inc(len(pending))
             level = logging.WARNING if is_transient(exc) else logging.ERROR
             log.log(level, "project %s: writing %d predictions to Label Studio failed (attempt %d, again in %.0f s): "
                     "%s: %s", pid, len(pending), attempt, wait, type(exc).__name__, str(exc)[:300])  # fmt: skip
@@ -94,6 +97,8 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
             _report_refused(rt, pid, version, refused)
         outbox.done(pid, [(t, version) for t in todo])
         total += len(stored)
+        metrics.WRITEBACK.labels("written").inc(len(stored))
+        metrics.WRITEBACK.labels("refused").inc(len(refused))
 
 
 def _forget_deleted(rt: Runtime, api: LabelStudioApi, pid: int, version: str, tasks: list[int]) -> None:

@@ -10,15 +10,17 @@ in a new message with backoff, then left to the periodic reconciliation.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from common.label_config import LabelConfigError
+from worker import metrics
 from worker.pipeline import EmbedOutcome, to_bytes
-from worker.predicting import predict_current, stored_features
-from worker.refitting import current_meta, needs_refit
+from worker.predicting import predict_current, settle_import, stored_features
+from worker.refitting import needs_refit
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ MAX_ATTEMPTS = 6  # transient failures: retried after 2, 4, 8, 16, 32 s
 def ingest_chunk(
     rt: Runtime, pid: int, tasks: Sequence[Mapping[str, Any]], job_id: str | None, interactive: bool, attempt: int
 ) -> dict[str, int]:
+    started = time.perf_counter()
     store = rt.store
     ids = [t["id"] for t in tasks]
     try:
@@ -40,7 +43,7 @@ def ingest_chunk(
         return {"done": 0, "failed": len(ids)}
     known = stored_features(rt, pid, ids)  # a message run again after a crash
     hold = rt.settings.predict_wait_seconds + 1 if interactive else 0.0
-    chunk = _Chunk(rt, pid, job_id, hold)
+    chunk = _Chunk(rt, pid, job_id, hold, interactive)
     chunk.commit(EmbedOutcome(), known)
     pending = EmbedOutcome()
     stop = None if interactive else rt.interactive_waiting
@@ -58,8 +61,8 @@ def ingest_chunk(
         _retry_later(rt, pid, [by_id[t] for t in chunk.retry], chunk.retry, job_id, attempt)
     if chunk.annotated_embedded and needs_refit(rt, pid):
         rt.dispatcher.after_labels_changed(pid)
-    if chunk.computed:
-        _maybe_refit_for_new_tasks(rt, pid, chunk.computed)
+    settle_import(rt, pid)
+    metrics.CHUNK_SECONDS.observe(time.perf_counter() - started)
     settled = len(ids) - len(chunk.unstarted)
     log.info("project %s: %d tasks, %d embedded, %d from cache, %d failed, %d to retry", pid, settled,
              chunk.computed, chunk.cache_hits, chunk.failed, len(chunk.retry))  # fmt: skip
@@ -67,8 +70,8 @@ def ingest_chunk(
 
 
 class _Chunk:
-    def __init__(self, rt: Runtime, pid: int, job_id: str | None, hold: float) -> None:
-        self.rt, self.pid, self.job_id, self.hold = rt, pid, job_id, hold
+    def __init__(self, rt: Runtime, pid: int, job_id: str | None, hold: float, interactive: bool) -> None:
+        self.rt, self.pid, self.job_id, self.hold, self.interactive = rt, pid, job_id, hold, interactive
         self.done = self.failed = self.computed = self.cache_hits = 0
         self.retry: dict[int, str] = {}
         self.unstarted: list[Mapping[str, Any]] = []
@@ -79,6 +82,11 @@ class _Chunk:
         store = self.rt.store
         features = {**(known or {}), **outcome.features}
         store.save_embeddings(self.pid, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
+        metrics.IMAGES.labels("embedded").inc(outcome.computed)
+        metrics.IMAGES.labels("cached").inc(outcome.cache_hits + len(known or {}))
+        metrics.IMAGES.labels("failed").inc(len(outcome.errors))
+        for reason in outcome.errors.values():
+            metrics.IMAGE_FAILURES.labels(metrics.failure_reason(reason)).inc()
         permanent = {t: e for t, e in outcome.errors.items() if t not in outcome.transient}
         transient = {t: e for t, e in outcome.errors.items() if t in outcome.transient}
         self.retry.update(transient)
@@ -89,7 +97,8 @@ class _Chunk:
             for tid, reason in permanent.items():
                 log.warning("project %s task %s failed: %s", self.pid, tid, reason)
         if features:
-            predict_current(self.rt, self.pid, features, job_id=self.job_id, hold=self.hold)
+            predict_current(self.rt, self.pid, features, job_id=self.job_id, hold=self.hold,
+                            annotated_too=self.interactive)  # fmt: skip
             store.jobs.progress(self.job_id, done=features)
             if outcome.features and store.annotations(self.pid, outcome.features):
                 self.annotated_embedded = True
@@ -114,12 +123,3 @@ def _retry_later(
     rt.store.jobs.progress(job_id, errors=reasons)
     for tid, reason in reasons.items():
         log.warning("project %s task %s failed %d times: %s", pid, tid, MAX_ATTEMPTS, reason)
-
-
-def _maybe_refit_for_new_tasks(rt: Runtime, pid: int, new: int) -> None:
-    """Clusters go stale as a project grows: refit once the tasks added since the last fit reach a quarter
-    of those it was fitted on (at least 50). It publishes only if enough answers change."""
-    since = rt.store.count_new_tasks(pid, new)
-    fitted_on = int(current_meta(rt, pid).get("tasks", 0))
-    if fitted_on and since >= max(50, fitted_on // 4) and rt.store.schedule_refit(pid, 60):
-        rt.dispatcher.refit(pid, force=True, reason="new tasks")

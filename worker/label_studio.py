@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import redis
 
+from common.webhook_secret import HEADER, MODEL_CLASS, instance_id
+
 log = logging.getLogger(__name__)
 
 CLIENT_TIMEOUT_SECONDS = 60
@@ -96,6 +98,17 @@ class LabelStudioApi:
     def existing_tasks(self, pid: int, task_ids: Iterable[int]) -> set[int]:
         return {int(task.id) for task in self._selected(pid, task_ids, "id")}
 
+    def project_exists(self, pid: int) -> bool:
+        from label_studio_sdk.core.api_error import ApiError
+
+        try:
+            self.client.projects.get(id=pid)
+        except ApiError as exc:
+            if exc.status_code == 404:
+                return False
+            raise
+        return True
+
     def label_config(self, pid: int) -> str:
         return str(self.client.projects.get(id=pid).label_config or "")
 
@@ -111,6 +124,28 @@ class LabelStudioApi:
                     for p in map(_as_dict, task.predictions or [])
                 ],
             )
+
+    def secure_webhooks(self, pid: int, secret: str) -> list[int]:
+        """Label Studio creates the project's webhook `<backend>/webhook` itself when the backend is connected,
+        without headers: add the secret header to those of the project's ML backends that are this
+        deployment (their /health shows its instance id). Returns the webhooks changed."""
+        mine = instance_id(secret)
+        targets = set()
+        for backend in self.client.ml.list(project=pid):
+            url = (backend.url or "").rstrip("/")
+            try:
+                health = httpx.get(f"{url}/health", timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                continue
+            if health.get("model_class") == MODEL_CLASS and health.get("instance") == mine:
+                targets.add(f"{url}/webhook")
+        changed = []
+        for hook in self.client.webhooks.list(project=str(pid)):
+            headers = dict(hook.headers or {})
+            if (hook.url or "").rstrip("/") in targets and headers.get(HEADER) != secret:
+                self.client.webhooks.update(id=hook.id, headers={**headers, HEADER: secret})
+                changed.append(int(hook.id))
+        return changed
 
     def delete_prediction(self, prediction_id: int) -> None:
         self.client.predictions.delete(id=prediction_id)

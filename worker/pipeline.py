@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from worker import metrics
 from worker.images import ImageError, ImageFetcher, decode_image, image_reference, to_model_input
 
 if TYPE_CHECKING:  # torch stays out of the Celery main process, which never runs the model
@@ -89,7 +91,8 @@ class EmbeddingPipeline:
         once per batch: most images of an import are new, and one Redis call per image cost more than
         decoding the few that turn out to be cached."""
         ref = image_reference(task, image_key)
-        data = self.fetcher.fetch(ref)
+        with metrics.DOWNLOAD_SECONDS.time():
+            data = self.fetcher.fetch(ref)
         digest = hashlib.sha256(data).hexdigest()
         limits = self.fetcher.settings  # IMAGE_MAX_SIDE, IMAGE_MAX_ASPECT (IMAGE_MAX_PIXELS is max_pixels)
         img = decode_image(data, self.max_pixels, max_side=limits.image_max_side, max_aspect=limits.image_max_aspect)
@@ -140,13 +143,16 @@ class EmbeddingPipeline:
             yield run.take_part()
 
     def _embed(self, items: list[Prepared], run: _Run) -> None:
-        features = self.embedder.embed([p.pixels for p in items])
+        started = time.perf_counter()
+        with metrics.MODEL_SECONDS.time():
+            features = self.embedder.embed([p.pixels for p in items])
         fresh: dict[str, bytes] = {}
         for prepared, vec in zip(items, features, strict=True):
             run.embedded(prepared, vec)
             fresh[prepared.digest] = to_bytes(vec)
         self.store.cache_embeddings(fresh)
         run.part.computed += len(items)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
 
 class _Run:

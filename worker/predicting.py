@@ -24,6 +24,7 @@ from worker.runtime import Runtime
 log = logging.getLogger(__name__)
 
 GAP_BATCH = 2048
+OUTGROWN_MIN_TASKS = 100
 
 
 def predict_from_features(
@@ -64,15 +65,49 @@ def stage(
 
 
 def predict_current(
-    rt: Runtime, pid: int, features: Mapping[int, np.ndarray], *, job_id: str | None = None, hold: float = 0.0
+    rt: Runtime,
+    pid: int,
+    features: Mapping[int, np.ndarray],
+    *,
+    job_id: str | None = None,
+    hold: float = 0.0,
+    annotated_too: bool = False,
 ) -> str:
-    """Predict the unannotated ones of these tasks with the version current NOW (call it after their
-    features are stored) and stage the predictions; returns that version."""
+    """Predict these tasks with the version current NOW (call it after their features are stored) and stage
+    the predictions; returns that version. Annotated tasks are left out, unless someone asked for them
+    (`annotated_too`: the task open in the labelling screen): they are then handed over by /predict only."""
     version = rt.store.current_version(pid)
-    annotated = rt.store.annotated_tasks(pid)
+    if not hold and outgrown(rt, pid, version):
+        return version  # written once the import settles and a refit has looked at it (`outgrown`)
+    annotated = set() if annotated_too else rt.store.annotated_tasks(pid)
     todo = {t: v for t, v in features.items() if t not in annotated}
     stage(rt, pid, version, predict_from_features(rt, pid, version, todo), job_id=job_id, hold=hold)
     return version
+
+
+def outgrown(rt: Runtime, pid: int, version: str) -> bool:
+    """The project has more than doubled since its model was fitted (or last checked), and has at least
+    OUTGROWN_MIN_TASKS tasks: its first model often saw only the seed annotations' images. Predictions
+    are then held back (not written to Label Studio) until the import settles and a refit has looked at
+    the whole project: every task is written once, by the model that saw the import, instead of twice.
+    The annotator's open task is never held."""
+    if not rt.model_answers(pid, version):
+        return False
+    meta = rt.store.version_meta(pid, version)
+    seen = max(int(meta.get("tasks", 0)), int(meta.get("checked_tasks", 0)))
+    now = rt.store.embedding_count(pid)
+    return now >= OUTGROWN_MIN_TASKS and now > 2 * seen
+
+
+def settle_import(rt: Runtime, pid: int) -> bool:
+    """Once nothing is queued for embedding any more, an outgrown model gets its refit (which publishes a
+    version if enough answers change, and predicts every task either way). True if one was queued."""
+    version = rt.store.current_version(pid)
+    if not outgrown(rt, pid, version) or rt.store.pending(pid):
+        return False
+    if rt.store.schedule_refit(pid, 60):
+        rt.dispatcher.refit(pid, force=True, reason="new tasks")
+    return True
 
 
 def gaps(rt: Runtime, pid: int, version: str) -> list[int]:
@@ -85,6 +120,9 @@ def fill_gaps(rt: Runtime, pid: int) -> int:
     """Predict every gap of the current version from stored features (no download, no forward pass).
     Called after a version is published, after annotations are deleted, and by the periodic checks."""
     version = rt.store.current_version(pid)
+    if outgrown(rt, pid, version):
+        settle_import(rt, pid)
+        return 0
     missing = gaps(rt, pid, version)
     for start in range(0, len(missing), GAP_BATCH):
         if rt.store.current_version(pid) != version:

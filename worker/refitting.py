@@ -18,6 +18,7 @@ import numpy as np
 
 from common.collections import collection_of
 from common.label_config import LabelConfig
+from worker import metrics
 from worker.pipeline import from_bytes, to_bytes
 from worker.predicting import fill_gaps
 from worker.project_model import Model, fit_model, model_to_bytes
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 LOCK_LEASE = 30.0
 # A refit that only saw new tasks (no annotation changed) publishes a version only when it changes the
 # answer for at least this share of the unannotated tasks: a version costs Label Studio a new prediction
-# for every task, and an import should cost one per task.
+# for every task, and an import should cost one per task (see also worker/predicting.py `outgrown`).
 NEW_TASKS_MIN_CHANGE = 0.10
 
 
@@ -41,10 +42,10 @@ def labels_digest(labels: Mapping[int, Mapping[str, list[str]]]) -> str:
 
 
 def learnable_labels(rt: Runtime, pid: int) -> dict[int, dict[str, list[str]]]:
-    """Labels of annotated tasks, except those whose image failed for good (a transient failure is retried)."""
-    failures = rt.store.failures(pid)
-    lost = {t for t, f in failures.items() if not f.get("transient")}
-    return {t: chosen for t, chosen in rt.store.labels(pid).items() if t not in lost}
+    """Labels of annotated tasks, except those whose image failed (a task that failed has no features; one
+    that failed for a while is tried again by the periodic checks, and learned once it is embedded)."""
+    failed = set(rt.store.failures(pid))
+    return {t: chosen for t, chosen in rt.store.labels(pid).items() if t not in failed}
 
 
 def current_meta(rt: Runtime, pid: int) -> dict[str, Any]:
@@ -67,7 +68,9 @@ def refit_project(rt: Runtime, pid: int, force: bool, reason: str) -> dict[str, 
         if not held:
             return {"status": "another refit is running"}  # which asks needs_refit again when it ends
         rt.store.clear_refit_schedule(pid)
-        outcome = _refit(rt, pid, force, reason)
+        with metrics.REFIT_SECONDS.time():
+            outcome = _refit(rt, pid, force, reason)
+        metrics.REFITS.labels(outcome["status"]).inc()
     if needs_refit(rt, pid):
         rt.dispatcher.after_labels_changed(pid)
     return outcome
@@ -102,18 +105,20 @@ def _refit(rt: Runtime, pid: int, force: bool, reason: str) -> dict[str, Any]:
         needed = NEW_TASKS_MIN_CHANGE if reason == "new tasks" else 0.0
         if changed <= needed:
             store.reset_changes(pid, seen)
-            store.reset_new_tasks(pid)
+            store.version_checked(pid, meta["version"], len(task_ids))
             log.info("project %s: refit (%s) changes %.1f%% of the answers; %s stays current", pid, reason,
                      100 * changed, meta["version"])  # fmt: skip
-            return {"status": "unchanged", "version": meta["version"], "changed": round(changed, 4)}
+            predicted = fill_gaps(rt, pid)  # what an outgrown model held back
+            return {"status": "unchanged", "version": meta["version"], "changed": round(changed, 4),
+                    "predicted": predicted}  # fmt: skip
     version = store.next_version(pid)
     model.version = version
     meta = {"reason": reason, "labels_digest": digest, "config": config.fingerprint, **model.stats}
     store.publish_version(pid, version, model_to_bytes(model), meta, used)
     store.reset_changes(pid, seen)
-    store.reset_new_tasks(pid)
     log.info("project %s: fitted %s (%s) on %d tasks, %d annotated", pid, version, reason, len(task_ids), len(used))
     predicted = fill_gaps(rt, pid)
+    rt.dispatcher.refresh_map(pid)  # the status page's map (worker/projection.py), once the gaps are predicted
     return {"status": "fitted", "version": version, "predicted": predicted, **model.stats}
 
 

@@ -44,6 +44,10 @@ def sync_project(rt: Runtime, pid: int, retrain: bool, reason: str) -> dict[str,
         with rt.store.lock(pid, "sync", lease=LOCK_LEASE) as held:
             if not held:
                 return {"status": "another sync of this project is running"}
+            if not api.project_exists(pid):
+                rt.store.drop_project(pid)
+                log.warning("project %s is gone from Label Studio: no more periodic work for it", pid)
+                return {"status": "project deleted in Label Studio"}
             report.update(_reconcile(rt, api, pid))
     if retrain or needs_refit(rt, pid):
         report["refit"] = refit_project(rt, pid, force=retrain, reason="training" if retrain else "annotations")
@@ -63,6 +67,7 @@ def _ours(rt: Runtime, version: str) -> bool:
 def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
     store, outbox = rt.store, rt.store.delivery
     started = time.time()
+    secured = _secure_webhooks(rt, api, pid)
     xml = api.label_config(pid)
     config_changed = bool(xml) and store.set_label_config(pid, xml)
     config = rt.label_config(pid)
@@ -96,7 +101,11 @@ def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
     outbox.set(pid, version, [t for t in holding if claims.get(t, (WRITING,))[0] == WRITING], WRITTEN)
     restage = [t for t in lacking if outbox.forget_if_older(pid, version, t, started - DELIVERY_GRACE)]
     claims = outbox.claims(pid, version, lacking)
-    restage += [t for t in lacking if t not in claims]
+    # No claim: never written. A `writing` claim this old: a write whose outbox entry was lost (Redis
+    # restarted between the two); the deliverer asks Label Studio before writing it again.
+    restage += [
+        t for t in lacking if t not in claims or (claims[t][0] == WRITING and claims[t][1] < started - DELIVERY_GRACE)
+    ]
     stored = set(store.predictions(pid, version, restage)) if rt.model_answers(pid, version) else set()
     outbox.stage(pid, version, stored, time.time())
     for prediction_id in duplicates:
@@ -104,6 +113,7 @@ def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
     if duplicates:
         log.warning("project %s: deleted %d duplicate predictions", pid, len(duplicates))
     return {
+        "webhooks_secured": secured,
         "tasks": len(tasks),
         "new": len(unfeatured),
         "ingest_job": job,
@@ -113,6 +123,20 @@ def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
         "rewritten": len(stored),
         "duplicates_deleted": len(duplicates),
     }
+
+
+def _secure_webhooks(rt: Runtime, api: LabelStudioApi, pid: int) -> int:
+    """With WEBHOOK_SECRET set, the webhook Label Studio created must carry it (README "Connect Label Studio")."""
+    if not rt.settings.webhook_secret:
+        return 0
+    try:
+        changed = api.secure_webhooks(pid, rt.settings.webhook_secret)
+    except Exception as exc:  # the sweep goes on; the next one tries again
+        log.warning("project %s: cannot add the secret header to its webhook: %s: %s", pid, type(exc).__name__, exc)
+        return 0
+    if changed:
+        log.info("project %s: the secret header added to webhook(s) %s", pid, changed)
+    return len(changed)
 
 
 def sync_all(rt: Runtime) -> list[int]:

@@ -205,3 +205,40 @@ def test_annotating_while_the_import_runs_leaves_no_task_behind(
         assert all(n == 1 for n in counts.values()), (task["id"], counts)
         assert counts[version] == 1 or task["id"] not in others, (task["id"], counts)
     print(json.dumps({"embedded when annotating": embedded_when_annotating, "version": version}))
+
+
+def test_with_a_webhook_secret_connecting_the_model_is_the_only_step(
+    label_studio: LabelStudioServer, tmp_path: Path, label_config: str, data_dir: Path
+):
+    """Label Studio creates the backend's webhook without headers; with WEBHOOK_SECRET set, the workers add
+    the header to it themselves, and the webhooks then get through."""
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    secret = "a-long-random-webhook-secret-0123456789"
+    env = worker_env(tmp_path, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
+                     WEBHOOK_SECRET=secret, REFIT_EVERY="2")  # fmt: skip
+    api = ApiProcess(env, tmp_path / "api.log").start()
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        project = label_studio.create_project("secret webhook", label_config)
+        label_studio.connect_ml_backend(project, api.url)
+
+        def secured() -> bool:
+            hook = label_studio.find_webhook(project, f"{api.url}/webhook")
+            return (hook.get("headers") or {}).get("X-Webhook-Secret") == secret
+
+        wait_until(secured, 60, f"the secret header on the webhook ({worker.log_tail(20)})")
+        crops = sorted((data_dir / "flowcam" / "crops").glob("*.tif"))[:6]
+        ids = label_studio.import_tasks(project, [{"image": f"/data/local-files/?d=flowcam/crops/{p.name}"}
+                                                 for p in crops])  # fmt: skip
+        for task, label in zip(ids[:2], ("Plankton", "Debris"), strict=True):
+            label_studio.create_annotation(task, [choice("organism_type", label)])
+
+        def predicted() -> bool:
+            version = model_version(api, project)
+            return all(versions_per_task(label_studio.task_predictions(t))[version] == 1 for t in ids[2:])
+
+        wait_until(predicted, 120, f"predictions through the secured webhook ({worker.log_tail(20)})", interval=2)
+        assert "refused a webhook" not in api.log_path.read_text()
+    finally:
+        api.stop()
+        worker.stop()

@@ -1,0 +1,290 @@
+"""Throughput as users get it: through a real Label Studio, from the import to the last prediction it shows.
+
+On one machine, one run, side by side:
+1. Label Studio alone: how fast it serves `/data/local-files/` (8 client threads), and how fast it ingests
+   predictions (`import_predictions`) at several request sizes.
+2. The model alone (bench/throughput.py's figure: decoded images in memory, the worker's process layout).
+3. End to end: a project with two seed annotations (so a model exists before the import), then N shared
+   particles imported through Label Studio's API as a local-files storage would hold them; timed from the
+   import request until every task shows a prediction of the version /setup returns (Label Studio's API is
+   checked at the end). Once with the workers reading the files directly (LOCAL_FILES_DOCUMENT_ROOT) and
+   once through Label Studio over HTTP. During the import, the UI calls (/health, /setup, /predict) are
+   timed; at the end, how many predictions Label Studio holds per task.
+4. The ratio: end to end / the slower of the model alone and Label Studio's prediction ingest.
+
+    .venv/bin/python bench/throughput_ls.py [--count 4000] [--reads direct,http] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import redis  # noqa: E402
+import requests  # noqa: E402
+import throughput  # noqa: E402
+
+from common import keys  # noqa: E402
+from common.models import embedding_space  # noqa: E402
+from common.settings import Settings  # noqa: E402
+from common.store import Store  # noqa: E402
+from tests.e2e.label_studio import LabelStudioServer  # noqa: E402
+from tests.helpers import DATA, LABEL_CONFIG, ApiProcess, BeatProcess, WorkerProcess, wait_until  # noqa: E402
+
+PARTICLES = sorted((DATA / "flowcam" / "particles").glob("*.png"))
+UI_CALLS_PER_SECOND = 20
+
+
+def ref(path: Path) -> str:
+    return f"/data/local-files/?d={path.relative_to(DATA)}"
+
+
+def choice(tag: str, label: str) -> dict[str, Any]:
+    return {"from_name": tag, "to_name": "image", "type": "choices", "value": {"choices": [label]}}
+
+
+def pct(values: list[float], q: float) -> float:
+    return throughput.pct(values, q) if values else float("nan")
+
+
+# -- Label Studio alone ------------------------------------------------------------------------------------
+
+
+def ls_file_rate(ls: LabelStudioServer, project: int, n: int = 500, threads: int = 8) -> float:
+    """Files/s Label Studio serves from a local-files storage (its own Django process)."""
+    ls.ensure_local_storage(project, {"flowcam"})
+    urls = [ls.url + ref(p) for p in PARTICLES[-n:]]
+    session = requests.Session()
+    session.headers["Authorization"] = f"Token {ls.api_key}"
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=threads))
+
+    def get(url: str) -> int:
+        return len(session.get(url, timeout=60).content)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        sizes = list(pool.map(get, urls))
+    assert all(sizes), "Label Studio served an empty file"
+    return n / (time.perf_counter() - t0)
+
+
+def ls_ingest_rates(ls: LabelStudioServer, sizes: list[int], per_size: int) -> dict[int, float]:
+    """Predictions/s Label Studio stores through `import_predictions`, per request size (a scratch project)."""
+    from label_studio_sdk import LabelStudio, PredictionRequest
+
+    sdk = LabelStudio(base_url=ls.url, api_key=ls.api_key, timeout=300)
+    project = ls.create_project("ingest rate", LABEL_CONFIG)
+    total = per_size * len(sizes)
+    ids: list[int] = []
+    for start in range(0, total, 1000):
+        ids += ls.import_tasks(project, [{"image": f"http://example.invalid/{i}.png"}
+                                         for i in range(start, min(total, start + 1000))])  # fmt: skip
+    rates = {}
+    for k, size in enumerate(sizes):
+        todo = ids[k * per_size : (k + 1) * per_size]
+        t0 = time.perf_counter()
+        for start in range(0, len(todo), size):
+            request = [
+                PredictionRequest(task=t, model_version=f"bench-{size}", score=0.6, result=[
+                    {**choice("organism_type", "Plankton"), "id": uuid.uuid4().hex[:12], "score": 0.7},
+                    {**choice("shape", "Round"), "id": uuid.uuid4().hex[:12], "score": 0.6}])
+                for t in todo[start : start + size]
+            ]  # fmt: skip
+            sdk.projects.import_predictions(id=project, request=request)
+        rates[size] = len(todo) / (time.perf_counter() - t0)
+    return rates
+
+
+# -- end to end --------------------------------------------------------------------------------------------
+
+
+class UiCalls(threading.Thread):
+    """What Label Studio's UI makes the backend answer while an import runs."""
+
+    def __init__(self, api: str, project: int, task: dict[str, Any]) -> None:
+        super().__init__(daemon=True, name="ui")
+        self.api, self.project, self.task = api, project, task
+        self.latency: dict[str, list[float]] = {"GET /health": [], "POST /setup": [], "POST /predict": []}
+        self.errors: Counter[str] = Counter()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        session = requests.Session()
+        body = {"project": f"{self.project}.1", "tasks": [self.task]}
+        calls = [("GET /health", lambda: session.get(f"{self.api}/health", timeout=10)),
+                 ("POST /setup", lambda: session.post(f"{self.api}/setup", json={"project": f"{self.project}.1"},
+                                                      timeout=10)),
+                 ("POST /predict", lambda: session.post(f"{self.api}/predict", json=body, timeout=10))]  # fmt: skip
+        i, next_at = 0, time.monotonic()
+        while not self.stopping.is_set():
+            name, call = calls[i % len(calls)]
+            i += 1
+            t0 = time.perf_counter()
+            try:
+                if call().status_code != 200:
+                    self.errors[name] += 1
+                self.latency[name].append(time.perf_counter() - t0)
+            except requests.RequestException:
+                self.errors[name] += 1
+            next_at += 1 / UI_CALLS_PER_SECOND
+            self.stopping.wait(max(0.0, next_at - time.monotonic()))
+
+
+def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads: str, workers: int) -> dict[str, Any]:
+    redis.Redis.from_url(args.redis_url).flushdb()
+    env = {
+        "REDIS_URL": args.redis_url,
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.api_key,
+        "LOCAL_FILES_DOCUMENT_ROOT": str(DATA) if reads == "direct" else "",
+        "LOG_LEVEL": "INFO",
+        "PREDICT_WAIT_SECONDS": "2",
+        "WORKER_CONCURRENCY": str(args.concurrency or Settings.from_env().worker_concurrency),
+        **({"DELIVER_BATCH_SIZE": str(args.deliver_batch)} if args.deliver_batch else {}),
+    }
+    run = tmp / f"{reads}-{workers}w"
+    run.mkdir()
+    api = ApiProcess(env, run / "api.log")
+    pool = [WorkerProcess(env, run / f"worker-{i}.log", f"w{i}") for i in range(1, workers + 1)]
+    beat = BeatProcess(env, run / "beat.log", "beat")
+    with contextlib.ExitStack() as stack:
+        for part in (api, *pool, beat):
+            stack.callback(part.stop)
+        api.start()
+        for w in pool:
+            w.start()
+        beat.start()
+        store = Store.from_url(args.redis_url, embedding_space(Settings.from_env()))
+        project = ls.create_project(f"throughput {reads} {workers}w", LABEL_CONFIG)
+        ls.connect_ml_backend(project, api.url)
+        seeds = ls.import_tasks(project, [{"image": ref(p)} for p in PARTICLES[:2]])
+        for task, label in zip(seeds, ("Plankton", "Debris"), strict=True):
+            ls.create_annotation(task, [choice("organism_type", label)])
+
+        def learned() -> int:
+            return len(store.fitted_labels(project, store.current_version(project)))
+
+        wait_until(lambda: learned() == 2, 120, "a model of the two seed annotations")
+        seeded = store.current_version(project)
+        chosen = PARTICLES[2 : 2 + args.count]
+        # The UI asks for a task whose prediction is known (an unannotated one, predicted before the import).
+        probe = ls.import_tasks(project, [{"image": ref(PARTICLES[-1])}])[0]
+        wait_until(lambda: store.predictions(project, store.current_version(project), [probe]), 60, "the probe")
+        ui = UiCalls(api.url, project, {"id": probe, "data": {"image": ref(PARTICLES[-1])}})
+        ui.start()
+        t0 = time.perf_counter()
+        ids = ls.import_tasks(project, [{"image": ref(p)} for p in chosen])
+        imported = time.perf_counter() - t0
+
+        def written() -> int:
+            version = store.current_version(project)
+            claims = store.r.hvals(keys.delivery(project, version))
+            return sum(c.startswith((b"written", b"api")) for c in claims)
+
+        def settled() -> bool:
+            """Every task written with the current version, and nothing more to come: no refit running or
+            scheduled, nothing queued, nothing in the outbox."""
+            busy = store.r.exists(keys.lock(project, "refit"), keys.refit_scheduled(project))
+            return (not busy and not store.pending(project) and store.delivery.size(project) == 0
+                    and store.r.llen("bulk") == 0 and written() >= len(ids) + 1)  # fmt: skip
+
+        wait_until(settled, 3600, "every task written, and the backend idle", interval=0.2)
+        took = time.perf_counter() - t0
+        ui.stopping.set()
+        ui.join()
+        version = store.current_version(project)
+        tasks = ls.list_tasks(project, page_size=1000)
+        per_task = Counter(len(t["predictions"]) for t in tasks if t["id"] in set(ids))
+        current = sum(any(p["model_version"] == version for p in t["predictions"]) for t in tasks)
+        return {
+            "reads": reads,
+            "workers": workers,
+            "tasks": len(ids),
+            "seconds": took,
+            "img_s": len(ids) / took,
+            "import_request_s": imported,
+            "versions": [seeded, version],
+            "current_in_label_studio": current,
+            "predictions_per_task": dict(sorted(per_task.items())),
+            "ui_p99_ms": {k: 1000 * pct(v, 99) for k, v in ui.latency.items()},
+            "ui_p50_ms": {k: 1000 * pct(v, 50) for k, v in ui.latency.items()},
+            "ui_errors": dict(ui.errors),
+        }
+
+
+def model_only(count: int) -> float:
+    settings = Settings.from_env()
+    blobs = [p.read_bytes() for p in PARTICLES[2 : 2 + min(count, 2000)]]
+    runs, _, _ = throughput.model_passes(settings, blobs, passes=2)
+    return len(blobs) / statistics.median(runs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=4000)
+    parser.add_argument("--reads", default="direct,http", help="direct, http, or both")
+    parser.add_argument("--workers", default="1", help="Celery workers (separate processes): e.g. 1,2")
+    parser.add_argument("--concurrency", type=int, default=0, help="WORKER_CONCURRENCY (default: the setting's)")
+    parser.add_argument("--deliver-batch", type=int, default=0, help="DELIVER_BATCH_SIZE (default: the setting's)")
+    parser.add_argument("--ingest-sizes", default="1,100,500,1000")
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.count > len(PARTICLES) - 502:
+        raise SystemExit(f"--count {args.count}: at most {len(PARTICLES) - 502} (the rest are seeds and probes)")
+    os.environ["REDIS_URL"] = args.redis_url
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ls-"))
+    results: dict[str, Any] = {"count": args.count, "cores": os.cpu_count()}
+    print(f"logs in {tmp}", flush=True)
+    with LabelStudioServer(DATA, log_path=tmp / "label-studio.log") as ls:
+        scratch = ls.create_project("file serving", LABEL_CONFIG)
+        results["ls_files_s"] = ls_file_rate(ls, scratch)
+        sizes = [int(s) for s in args.ingest_sizes.split(",")]
+        results["ls_ingest_s"] = ls_ingest_rates(ls, sizes, per_size=1000)
+        results["model_only_s"] = model_only(args.count)
+        results["runs"] = []
+        for reads in args.reads.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
+                print(f"end to end: {reads} reads, {workers} worker(s)...", flush=True)
+                results["runs"].append(end_to_end(ls, tmp, args, reads, workers))
+    batch = int(args.deliver_batch or Settings.from_env().deliver_batch_size)
+    ingest = results["ls_ingest_s"].get(batch) or max(results["ls_ingest_s"].values())
+    ceiling = min(results["model_only_s"], ingest)
+    print(f"\n{args.count} particles through Label Studio 1.23 on {os.cpu_count()} cores, one run\n")
+    print(f"Label Studio serving /data/local-files/ alone (8 threads)   {results['ls_files_s']:8.1f} files/s")
+    for size, rate in results["ls_ingest_s"].items():
+        print(f"Label Studio storing predictions alone, {size:5d} per request {rate:8.1f} predictions/s")
+    print(f"model alone (decoded, in memory, the worker's layout)      {results['model_only_s']:8.1f} img/s")
+    print(f"ceiling: the slower of the model and the ingest at {batch:4d}   {ceiling:8.1f} img/s\n")
+    print("reads   workers  end-to-end img/s  ratio  predictions/task          UI p99 health/setup/predict ms")
+    for r in results["runs"]:
+        p99 = r["ui_p99_ms"]
+        print(f"{r['reads']:7s} {r['workers']:7d}  {r['img_s']:16.1f}  {r['img_s'] / ceiling:5.2f}  "
+              f"{json.dumps(r['predictions_per_task']):24s}  {p99['GET /health']:.1f} / {p99['POST /setup']:.1f} / "
+              f"{p99['POST /predict']:.1f}")  # fmt: skip
+        first, last = r["versions"]
+        print(f"        import request {r['import_request_s']:.1f} s; versions {first} -> {last}; "
+              f"{r['current_in_label_studio']} tasks show the current version; UI errors {r['ui_errors']}")  # fmt: skip
+    results["ceiling_img_s"] = ceiling
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
