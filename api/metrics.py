@@ -37,7 +37,7 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("plankton_queue_depth", "Messages waiting in each Celery queue", labels=["queue"])
-        for name in (queues.INTERACTIVE, queues.BULK):
+        for name in queues.QUEUES:
             depth.add_metric([name], self.store.r.llen(name))
         yield depth
         version = InfoMetricFamily("plankton_model_version", "Each project's current model version",

@@ -47,6 +47,7 @@ from tests.e2e.label_studio import LabelStudioServer  # noqa: E402
 from tests.helpers import DATA, LABEL_CONFIG, ApiProcess, BeatProcess, WorkerProcess, wait_until  # noqa: E402
 
 PARTICLES = sorted((DATA / "flowcam" / "particles").glob("*.png"))
+CROPS = sorted((DATA / "flowcam" / "crops").glob("*.tif"))  # seeds and the UI's probe: not in the import
 UI_CALLS_PER_SECOND = 20
 
 
@@ -83,20 +84,20 @@ def ls_file_rate(ls: LabelStudioServer, project: int, n: int = 500, threads: int
     return n / (time.perf_counter() - t0)
 
 
-def ls_ingest_rates(ls: LabelStudioServer, sizes: list[int], per_size: int) -> dict[int, float]:
-    """Predictions/s Label Studio stores through `import_predictions`, per request size (a scratch project)."""
+def ls_ingest_rates(ls: LabelStudioServer, sizes: list[int], project_size: int) -> dict[int, float]:
+    """Predictions/s Label Studio stores through `import_predictions`, per request size: each size in a fresh
+    project of `project_size` tasks (what a request costs Label Studio grows with the project's size)."""
     from label_studio_sdk import LabelStudio, PredictionRequest
 
     sdk = LabelStudio(base_url=ls.url, api_key=ls.api_key, timeout=300)
-    project = ls.create_project("ingest rate", LABEL_CONFIG)
-    total = per_size * len(sizes)
-    ids: list[int] = []
-    for start in range(0, total, 1000):
-        ids += ls.import_tasks(project, [{"image": f"http://example.invalid/{i}.png"}
-                                         for i in range(start, min(total, start + 1000))])  # fmt: skip
     rates = {}
-    for k, size in enumerate(sizes):
-        todo = ids[k * per_size : (k + 1) * per_size]
+    for size in sizes:
+        project = ls.create_project(f"ingest {size} per request", LABEL_CONFIG)
+        ids: list[int] = []
+        for start in range(0, project_size, 2000):
+            ids += ls.import_tasks(project, [{"image": f"http://example.invalid/{i}.png"}
+                                             for i in range(start, min(project_size, start + 2000))])  # fmt: skip
+        todo = ids[: 20 if size == 1 else min(len(ids), max(size, 1000))]
         t0 = time.perf_counter()
         for start in range(0, len(todo), size):
             request = [
@@ -172,7 +173,7 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
         store = Store.from_url(args.redis_url, embedding_space(Settings.from_env()))
         project = ls.create_project(f"throughput {reads} {workers}w", LABEL_CONFIG)
         ls.connect_ml_backend(project, api.url)
-        seeds = ls.import_tasks(project, [{"image": ref(p)} for p in PARTICLES[:2]])
+        seeds = ls.import_tasks(project, [{"image": ref(p)} for p in CROPS[:2]])
         for task, label in zip(seeds, ("Plankton", "Debris"), strict=True):
             ls.create_annotation(task, [choice("organism_type", label)])
 
@@ -181,11 +182,11 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
 
         wait_until(lambda: learned() == 2, 120, "a model of the two seed annotations")
         seeded = store.current_version(project)
-        chosen = PARTICLES[2 : 2 + args.count]
+        chosen = PARTICLES[: args.count]
         # The UI asks for a task whose prediction is known (an unannotated one, predicted before the import).
-        probe = ls.import_tasks(project, [{"image": ref(PARTICLES[-1])}])[0]
+        probe = ls.import_tasks(project, [{"image": ref(CROPS[2])}])[0]
         wait_until(lambda: store.predictions(project, store.current_version(project), [probe]), 60, "the probe")
-        ui = UiCalls(api.url, project, {"id": probe, "data": {"image": ref(PARTICLES[-1])}})
+        ui = UiCalls(api.url, project, {"id": probe, "data": {"image": ref(CROPS[2])}})
         ui.start()
         t0 = time.perf_counter()
         ids = ls.import_tasks(project, [{"image": ref(p)} for p in chosen])
@@ -229,7 +230,7 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
 
 def model_only(count: int) -> float:
     settings = Settings.from_env()
-    blobs = [p.read_bytes() for p in PARTICLES[2 : 2 + min(count, 2000)]]
+    blobs = [p.read_bytes() for p in PARTICLES[: min(count, 2000)]]
     runs, _, _ = throughput.model_passes(settings, blobs, passes=2)
     return len(blobs) / statistics.median(runs)
 
@@ -241,12 +242,12 @@ def main() -> int:
     parser.add_argument("--workers", default="1", help="Celery workers (separate processes): e.g. 1,2")
     parser.add_argument("--concurrency", type=int, default=0, help="WORKER_CONCURRENCY (default: the setting's)")
     parser.add_argument("--deliver-batch", type=int, default=0, help="DELIVER_BATCH_SIZE (default: the setting's)")
-    parser.add_argument("--ingest-sizes", default="1,100,500,1000")
+    parser.add_argument("--ingest-sizes", default="1,100,500,1000,2000")
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.count > len(PARTICLES) - 502:
-        raise SystemExit(f"--count {args.count}: at most {len(PARTICLES) - 502} (the rest are seeds and probes)")
+    if args.count > len(PARTICLES):
+        raise SystemExit(f"--count {args.count}: at most {len(PARTICLES)} shared particles")
     os.environ["REDIS_URL"] = args.redis_url
     tmp = Path(tempfile.mkdtemp(prefix="bench-ls-"))
     results: dict[str, Any] = {"count": args.count, "cores": os.cpu_count()}
@@ -255,7 +256,7 @@ def main() -> int:
         scratch = ls.create_project("file serving", LABEL_CONFIG)
         results["ls_files_s"] = ls_file_rate(ls, scratch)
         sizes = [int(s) for s in args.ingest_sizes.split(",")]
-        results["ls_ingest_s"] = ls_ingest_rates(ls, sizes, per_size=1000)
+        results["ls_ingest_s"] = ls_ingest_rates(ls, sizes, project_size=args.count)
         results["model_only_s"] = model_only(args.count)
         results["runs"] = []
         for reads in args.reads.split(","):
@@ -268,7 +269,8 @@ def main() -> int:
     print(f"\n{args.count} particles through Label Studio 1.23 on {os.cpu_count()} cores, one run\n")
     print(f"Label Studio serving /data/local-files/ alone (8 threads)   {results['ls_files_s']:8.1f} files/s")
     for size, rate in results["ls_ingest_s"].items():
-        print(f"Label Studio storing predictions alone, {size:5d} per request {rate:8.1f} predictions/s")
+        print(f"Label Studio storing predictions alone, {size:5d} per request {rate:8.1f} predictions/s "
+              f"({1000 / rate:.2f} ms each, in a project of {args.count} tasks)")  # fmt: skip
     print(f"model alone (decoded, in memory, the worker's layout)      {results['model_only_s']:8.1f} img/s")
     print(f"ceiling: the slower of the model and the ingest at {batch:4d}   {ceiling:8.1f} img/s\n")
     print("reads   workers  end-to-end img/s  ratio  predictions/task          UI p99 health/setup/predict ms")

@@ -38,17 +38,17 @@ def make_celery(settings: Settings) -> Celery:
     # Every process makes its app here (API, worker, beat, Flower): no log line of theirs shows a secret.
     install_log_redaction(settings)
     app = Celery("plankton", broker=settings.redis_url)
-    beat_schedule = {"tick": {"task": queues.TICK, "schedule": TICK_SECONDS, "options": {"queue": queues.BULK}}}
+    beat_schedule = {"tick": {"task": queues.TICK, "schedule": TICK_SECONDS, "options": {"queue": queues.CONTROL}}}
     if settings.sync_interval_seconds > 0:
         beat_schedule["sync-all"] = {
             "task": queues.SYNC_ALL,
             "schedule": settings.sync_interval_seconds,
-            "options": {"queue": queues.BULK},
+            "options": {"queue": queues.CONTROL},
         }
     app.conf.update(
         # A worker started without -Q consumes every queue listed here, in this order: interactive first
         # (with the "priority" queue order below). `-Q bulk` still makes a bulk-only worker.
-        task_queues=(Queue(queues.INTERACTIVE), Queue(queues.BULK)),
+        task_queues=tuple(Queue(name) for name in queues.QUEUES),
         task_default_queue=queues.BULK,
         # A task is acknowledged only once it finished: a worker killed mid-batch leaves it in Redis and
         # another worker runs it again (every task is idempotent; see README "Every task, exactly once").

@@ -59,7 +59,7 @@ class Dispatcher:
         # Many chunks: park the tasks in Redis as one blob and let a worker split them (`fan_out`), so a
         # 10,000-task import costs the webhook one SET and one message, not 20 messages of 500 tasks.
         self.store.jobs.park_tasks(job_id, slim)
-        self.celery.send_task(queues.FAN_OUT, kwargs={"project": pid, "job_id": job_id}, queue=queues.BULK)
+        self.celery.send_task(queues.FAN_OUT, kwargs={"project": pid, "job_id": job_id}, queue=queues.CONTROL)
         return job_id
 
     def fan_out(self, pid: int, job_id: str, tasks: Sequence[Mapping[str, Any]]) -> None:
@@ -100,7 +100,9 @@ class Dispatcher:
 
     def fill_gaps(self, pid: int, countdown: float = 0) -> None:
         """Predict every unannotated task with features that lacks a prediction of the current version."""
-        self.celery.send_task(queues.FILL_GAPS, kwargs={"project": pid}, queue=queues.BULK, countdown=countdown or None)
+        self.celery.send_task(
+            queues.FILL_GAPS, kwargs={"project": pid}, queue=queues.CONTROL, countdown=countdown or None
+        )
 
     # -- learning ------------------------------------------------------------------------------------
 
@@ -109,7 +111,7 @@ class Dispatcher:
         self.celery.send_task(
             queues.REFIT,
             kwargs={"project": pid, "force": force, "reason": reason, "job_id": job_id},
-            queue=queues.BULK,
+            queue=queues.CONTROL,
             countdown=countdown or None,
         )
         return job_id
@@ -131,7 +133,9 @@ class Dispatcher:
 
     def deliver(self, pid: int, countdown: float = 0) -> None:
         """Write the project's outbox to Label Studio (one deliverer per project runs at a time)."""
-        self.celery.send_task(queues.DELIVER, kwargs={"project": pid}, queue=queues.BULK, countdown=countdown or None)
+        self.celery.send_task(
+            queues.DELIVER, kwargs={"project": pid}, queue=queues.CONTROL, countdown=countdown or None
+        )
 
     def sync(self, pid: int, *, retrain: bool = False, reason: str = "requested") -> str:
         """Reconcile the project with what Label Studio holds (tasks, annotations, predictions, config), then

@@ -1,7 +1,9 @@
 """Queue and task names shared by the API (which sends) and the workers (which run)."""
 
-INTERACTIVE = "interactive"
-BULK = "bulk"
+INTERACTIVE = "interactive"  # the task an annotator has open: a bulk chunk gives way to it after its batch
+CONTROL = "control"  # short work that unblocks others (refits, deliveries, gap fills, splitting an import)
+BULK = "bulk"  # chunks of images to embed, and reconciliation
+QUEUES = (INTERACTIVE, CONTROL, BULK)  # consumed in this order
 
 INGEST = "plankton.predict_tasks"  # embed a chunk of tasks and predict them
 FAN_OUT = "plankton.fan_out"  # split a parked import into chunks

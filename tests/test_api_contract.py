@@ -174,7 +174,7 @@ def test_webhook_tasks_created_parks_a_big_import_for_one_fan_out_message(client
     reply = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": tasks})
     assert reply.status_code == 200
     job = reply.json["job"]
-    (message,) = queued(clean_redis, "bulk")
+    (message,) = queued(clean_redis, "control")
     assert message["headers"]["task"] == "plankton.fan_out"
     assert json.loads(base64.b64decode(message["body"]))[1]["job_id"] == job
     parked = client.store.jobs.parked_tasks(job)
@@ -184,7 +184,7 @@ def test_webhook_tasks_created_parks_a_big_import_for_one_fan_out_message(client
     assert (status["state"], status["total"], status["done"], status["failed"]) == ("queued", 1000, 0, 0)
     # Label Studio sends a webhook once, but a proxy or a retry may deliver it twice: nothing is queued again.
     again = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": tasks})
-    assert again.json["status"] == "already queued" and len(queued(clean_redis, "bulk")) == 1
+    assert again.json["status"] == "already queued" and len(queued(clean_redis, "control")) == 1
 
 
 def test_webhook_tasks_created_sends_a_small_import_as_one_chunk(client, clean_redis):
@@ -207,7 +207,8 @@ def test_webhook_annotations_update_labels_and_schedule_a_refit(client, clean_re
                                           "task": {"id": 5, "data": {"image": "x"}}})  # fmt: skip
     assert reply.status_code == 200
     assert client.store.labels(3) == {5: {"organism_type": ["Debris"]}}
-    assert any(json.loads(base64.b64decode(m["body"]))[1].get("force") is False for m in queued(clean_redis, "bulk"))
+    refits = [json.loads(base64.b64decode(m["body"]))[1] for m in queued(clean_redis, "control")]
+    assert any(r.get("force") is False for r in refits)
     updated = {**ann, "result": [{**choice, "value": {"choices": ["Plankton"]}}]}
     client.post("/webhook", json={"action": "ANNOTATION_UPDATED", "project": {"id": 3}, "annotation": updated})
     assert client.store.labels(3) == {5: {"organism_type": ["Plankton"]}}
@@ -225,7 +226,7 @@ def test_webhook_annotations_update_labels_and_schedule_a_refit(client, clean_re
     assert client.store.labels(3) == {} and client.store.annotated_tasks(3) == set()
     assert reply.json["tasks"] == [5]
     # The task has no annotation any more: it needs a prediction of the current version now.
-    sent = [m["headers"]["task"] for m in queued(clean_redis, "bulk")]
+    sent = [m["headers"]["task"] for m in queued(clean_redis, "control")]
     assert "plankton.fill_gaps" in sent
     # The same event twice changes nothing the second time.
     again = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 3},

@@ -271,7 +271,7 @@ def test_no_launcher_repeats_an_option_of_the_configuration():
 
 def test_the_worker_options_are_in_the_celery_configuration():
     conf = make_celery(dataclasses.replace(Settings.from_env({}), worker_concurrency=3)).conf
-    assert [q.name for q in conf.task_queues] == ["interactive", "bulk"]  # consumed in this order without -Q
+    assert [q.name for q in conf.task_queues] == ["interactive", "control", "bulk"]  # this order, without -Q
     assert conf.broker_transport_options["queue_order_strategy"] == "priority"
     assert (conf.worker_prefetch_multiplier, conf.worker_concurrency, conf.task_acks_late) == (1, 3, True)
 

@@ -33,31 +33,38 @@ def deliver_outbox(rt: Runtime, pid: int) -> dict[str, Any]:
     api = rt.label_studio
     if api is None:
         return {"status": "no Label Studio configured"}
-    written, retry_at = 0, None
+    written, later = 0, None
     while True:
         with rt.store.lock(pid, "deliver", lease=LOCK_LEASE) as held:
             if not held:
                 # The holder looks at the outbox again after releasing the lock: it will see our entries.
                 return {"status": "another deliverer is running", "written": written}
-            n, retry_at = _drain(rt, api, pid)
+            n, later = _drain(rt, api, pid)
             written += n
-        if retry_at is not None or not rt.store.delivery.due(pid, time.time(), 1):
+        if later is not None or not rt.store.delivery.due(pid, time.time(), 1):
             break
-    if retry_at is not None:
-        rt.dispatcher.deliver(pid, countdown=max(0.5, retry_at - time.time()))
-    return {"status": "retrying" if retry_at else "done", "written": written}
+    if later is not None:
+        rt.dispatcher.deliver(pid, countdown=max(0.5, later - time.time()))
+    return {"status": "again later" if later else "done", "written": written}
 
 
 def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | None]:
-    """Write due entries until none is left; returns how many were written, and when to retry if
-    Label Studio failed."""
+    """Write due entries until none is left; returns how many were written, and when to come back: Label
+    Studio failed (backoff), or too few are due for a full write yet (DELIVER_LINGER_SECONDS)."""
     store, outbox = rt.store, rt.store.delivery
+    batch, linger = rt.settings.deliver_batch_size, rt.settings.deliver_linger_seconds
     total = 0
     while True:
         version = store.current_version(pid)
-        entries = outbox.due(pid, time.time(), rt.settings.deliver_batch_size)
+        now = time.time()
+        entries = outbox.due(pid, now, batch)
         if not entries:
             return total, None
+        oldest = outbox.next_due(pid) or now
+        if len(entries) < batch and now - oldest < linger and store.pending(pid):
+            # More is on its way (tasks still queued for embedding): a fuller write a moment later costs
+            # Label Studio less, since its cost per request grows with the project's size.
+            return total, oldest + linger
         tasks = outbox.drop_versions_except(pid, version, entries)
         annotated = store.annotated_tasks(pid)
         predictions = store.predictions(pid, version, [t for t in tasks if t not in annotated])

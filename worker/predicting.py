@@ -88,8 +88,8 @@ def predict_current(
 def outgrown(rt: Runtime, pid: int, version: str) -> bool:
     """The project has more than doubled since its model was fitted (or last checked), and has at least
     OUTGROWN_MIN_TASKS tasks: its first model often saw only the seed annotations' images. Predictions
-    are then held back (not written to Label Studio) until the import settles and a refit has looked at
-    the whole project: every task is written once, by the model that saw the import, instead of twice.
+    are then held back (not written to Label Studio) until a refit has looked at the project grown
+    (`settle_import`): every task is written once, by a model that saw the import, instead of twice.
     The annotator's open task is never held."""
     if not rt.model_answers(pid, version):
         return False
@@ -100,10 +100,12 @@ def outgrown(rt: Runtime, pid: int, version: str) -> bool:
 
 
 def settle_import(rt: Runtime, pid: int) -> bool:
-    """Once nothing is queued for embedding any more, an outgrown model gets its refit (which publishes a
-    version if enough answers change, and predicts every task either way). True if one was queued."""
+    """An outgrown model gets its refit (which publishes a version if enough answers change, and predicts
+    every task either way) once at least half of the project's tasks known now are embedded: the rest of
+    the import then cannot outgrow the new model, and its predictions are written while it is embedded.
+    True if a refit was queued."""
     version = rt.store.current_version(pid)
-    if not outgrown(rt, pid, version) or rt.store.pending(pid):
+    if not outgrown(rt, pid, version) or len(rt.store.pending(pid)) > rt.store.embedding_count(pid):
         return False
     if rt.store.schedule_refit(pid, 60):
         rt.dispatcher.refit(pid, force=True, reason="new tasks")

@@ -124,7 +124,7 @@ def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
     again_tasks = [{"id": t, "data": label_studio.get_task(t)["data"]} for t in others]
     celery_app.send_task("plankton.predict_tasks", kwargs={"project": project, "tasks": again_tasks, "job_id": job},
                          queue="bulk")  # fmt: skip
-    celery_app.send_task("plankton.fill_gaps", kwargs={"project": project}, queue="bulk")
+    celery_app.send_task("plankton.fill_gaps", kwargs={"project": project}, queue="control")
     wait_until(lambda: store.jobs.get(job).state == "done", 60, "the repeated job")
     wait_until(lambda: store.delivery.size(project) == 0, 60, "the outbox to drain")
     for task in task_ids:
