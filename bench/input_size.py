@@ -52,7 +52,9 @@ def speed(paths: list[Path], backbone_name: str, size: int, device: str, passes:
     settings = Settings.from_env()
     dev = pick_device(device)
     embedder = Embedder(create_backbone(backbone_name, settings.weights or None), dev, size, batch)
-    pixels = [to_model_input(decode_image(p.read_bytes(), settings.image_max_pixels), size) for p in paths]
+    resize = not embedder.resize_on_device  # as the worker's download threads leave them
+    images = [decode_image(p.read_bytes(), settings.image_max_pixels) for p in paths]
+    pixels = [to_model_input(img, size, resize=resize) for img in images]
     embedder.embed(pixels[: embedder.batch_size])  # warm-up
     rates, cpu = [], []
     for _ in range(passes):

@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -202,19 +203,50 @@ class Particles:
     names: list[str]
     blobs: list[bytes]
     spare: list[Path]
+    root: Path = PARTICLES  # the folder the names are in
     import_hashes: set[str] = field(default_factory=set)
     probe_sources: list[str] = field(default_factory=list)
 
     @classmethod
-    def load(cls, count: int) -> Particles:
+    def load(cls, count: int, tmp: Path) -> Particles:
         files = sorted(PARTICLES.glob("*.png"))
         if count > len(files):
-            raise SystemExit(f"--count {count}: only {len(files)} particles in {PARTICLES}")
+            return cls.turned(files, count, tmp / "particles")
         chosen = files[:count]
         blobs = [f.read_bytes() for f in chosen]
         out = cls([f.name for f in chosen], blobs, files[count:])
         out.import_hashes = {sha256(b) for b in blobs}
         return out
+
+    @classmethod
+    def turned(cls, files: list[Path], count: int, folder: Path) -> Particles:
+        """More particles than the shared folder holds (a steady-state import on a GPU): each particle, then
+        each turned or mirrored (8 ways), written once into `folder`. Every image is new content, so none
+        is a content-cache hit; a particle that looks the same turned (a symmetric one) is skipped."""
+        folder.mkdir(parents=True, exist_ok=True)
+        names: list[str] = []
+        blobs: list[bytes] = []
+        seen: set[str] = set()
+        turns = [None, *Image.Transpose]
+        for turn in turns:
+            for f in files:
+                data = f.read_bytes()
+                if turn is not None:
+                    with Image.open(io.BytesIO(data)) as img:
+                        data = png(img.transpose(turn))
+                digest = sha256(data)
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                name = f"{f.stem}-{turn.name.lower() if turn is not None else 'as-is'}.png"
+                (folder / name).write_bytes(data)
+                names.append(name)
+                blobs.append(data)
+                if len(names) == count:
+                    out = cls(names, blobs, [], root=folder)
+                    out.import_hashes = seen
+                    return out
+        raise SystemExit(f"--count {count}: only {len(names)} different images from {len(files)} particles turned")
 
     def probe_images(self) -> Iterator[bytes]:
         """Unused particles first; then particles mirrored left-right (new bytes, so a content-cache miss)."""
@@ -242,10 +274,10 @@ class ImageServerProcess:
     Serves `particles/` (a link to the shared folder: nothing is copied) and `probe/` (images not in
     the import, written as needed into a temporary folder outside the repository)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, particles: Path = PARTICLES) -> None:
         self.root = root
         (root / "probe").mkdir(parents=True, exist_ok=True)
-        (root / "particles").symlink_to(PARTICLES)
+        (root / "particles").symlink_to(particles)
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "bench" / "static_server.py"), str(root)], stdout=subprocess.PIPE, text=True,
             start_new_session=True,
@@ -278,10 +310,17 @@ def sync(embedder: Embedder) -> None:
         torch.cuda.synchronize(embedder.device)
 
 
+def model_inputs(blobs: list[bytes], settings: Settings, embedder: Embedder) -> list[np.ndarray]:
+    """The particles decoded and preprocessed as the worker's download threads leave them (at their own
+    size where the model's device resizes)."""
+    size, resize = embedder.image_size, not embedder.resize_on_device
+    return [to_model_input(decode_image(b, settings.image_max_pixels), size, resize=resize) for b in blobs]
+
+
 def _model_process(settings: Settings, blobs: list[bytes], passes: int, barrier: Any, results: Any) -> None:
     """One worker process's share of the model-only figure: its embedder, as the worker builds it."""
     embedder = embedder_from_settings(settings)
-    pixels = [to_model_input(decode_image(b, settings.image_max_pixels), embedder.image_size) for b in blobs]
+    pixels = model_inputs(blobs, settings, embedder)
     embedder.embed(pixels[: embedder.batch_size])  # warm-up batch
     sync(embedder)
     barrier.wait()
@@ -327,14 +366,13 @@ def model_passes(settings: Settings, blobs: list[bytes], passes: int) -> tuple[l
 
 
 def measure_model(settings: Settings, particles: Particles, server: ImageServerProcess, passes: int) -> dict[str, Any]:
-    max_pixels = settings.image_max_pixels
     size = image_size(settings)
+    embedder = embedder_from_settings(settings)
     t0 = time.perf_counter()
-    pixels = [to_model_input(decode_image(b, max_pixels), size) for b in particles.blobs]
+    pixels = model_inputs(particles.blobs, settings, embedder)
     prep_s = time.perf_counter() - t0
     runs, cpu_cores, cpu_wall = model_passes(settings, particles.blobs, passes)
     model_s = statistics.median(runs)
-    embedder = embedder_from_settings(settings)
     one = embedder_from_settings(settings, batch_size=1)
     for x in pixels[:5]:
         one.embed([x])
@@ -385,8 +423,7 @@ def stage_costs(
         store.cached_embeddings([sha256(blob) for blob in blobs[i : i + batch]])
     lookup = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for blob in blobs:
-        to_model_input(decode_image(blob, settings.image_max_pixels), embedder.image_size)
+    model_inputs(blobs, settings, embedder)
     prep = time.perf_counter() - t0
     t0 = time.perf_counter()
     embedder.embed(pixels[:n])
@@ -395,7 +432,7 @@ def stage_costs(
     return {
         "download (ImageFetcher + loopback server)": 1000 * download / n,
         f"sha256 + Redis cache lookup (one per {batch})": 1000 * lookup / n,
-        "decode + preprocess": 1000 * prep / n,
+        "decode + preprocess" + (" (resized on the device)" if embedder.resize_on_device else ""): 1000 * prep / n,
         f"forward (batch {batch}, {settings.threads_per_process()} thread(s))": 1000 * forward / n,
     }
 
@@ -552,6 +589,14 @@ def worker_log_stats(text: str) -> dict[str, Any]:
     }
 
 
+def image_url(args: argparse.Namespace, particles: Particles, server: ImageServerProcess, name: str) -> str:
+    """`--reads direct`: a Label Studio local-files path, which the worker reads from disk under
+    LOCAL_FILES_DOCUMENT_ROOT as it does beside a real Label Studio; `http`: a URL of the image server."""
+    if args.reads == "direct":
+        return "/data/local-files/?" + urlencode({"d": f"{particles.root.name}/{name}"})
+    return server.particle(name)
+
+
 def measure_service(
     args: argparse.Namespace,
     env: dict[str, str],
@@ -586,7 +631,8 @@ def measure_service(
     for digest in particles.import_hashes:
         pipe.exists(keys.content_embedding(store.space, digest))
     cached_before = sum(pipe.execute())
-    tasks = [{"id": i + 1, "data": {"image": server.particle(name)}} for i, name in enumerate(particles.names)]
+    tasks = [{"id": i + 1, "data": {"image": image_url(args, particles, server, name)}}
+             for i, name in enumerate(particles.names)]  # fmt: skip
     log_offset = len((tmp / "worker.log").read_bytes())
 
     sampler = RssSampler({"worker": worker.proc.pid, "api": gunicorn.proc.pid})
@@ -862,8 +908,10 @@ def header(results: dict[str, Any]) -> str:
         f"({m['device_name']}), {c['cpu_cores']} CPU cores; {m['processes']} worker process(es) x {m['torch_threads']} "
         "torch thread(s), in the model-only figure as in the worker",
         f"one Celery worker, concurrency {e['worker_concurrency']}; chunk size {e['chunk_size']}, download workers "
-        f"{e['download_workers']}; images served over HTTP on loopback "
-        "by bench/static_server.py (keep-alive) in a process of its own",
+        f"{e['download_workers']}; "
+        + ("images read from disk as Label Studio local files (LOCAL_FILES_DOCUMENT_ROOT)"
+           if c.get("reads") == "direct" else
+           "images served over HTTP on loopback by bench/static_server.py (keep-alive) in a process of its own"),
         "no LABEL_STUDIO_URL: predictions stored in Redis only, no write-back to Label Studio (not in the figures)",
         f"interactive probes: {e['interactive']['source']}",
         f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
@@ -872,7 +920,18 @@ def header(results: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=4000, help="particles imported (default 4000)")
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=4000,
+        help="particles imported (default 4000; more are the particles turned and mirrored)",
+    )
+    parser.add_argument(
+        "--reads",
+        choices=("http", "direct"),
+        default="http",
+        help="the worker downloads each image over HTTP (default) or reads it as a local file",
+    )
     parser.add_argument("--baseline-count", type=int, default=400, help="particles for the peer baseline")
     parser.add_argument("--backbone", default=os.environ.get("BACKBONE", "efficientnet-lite0"))
     parser.add_argument("--image-size", type=int, default=int(os.environ.get("IMAGE_SIZE") or 0), help="0: default")
@@ -902,7 +961,14 @@ def main() -> int:
         "LABEL_STUDIO_URL": "",
         "LABEL_STUDIO_API_KEY": "",
     }
-    for name in ("CHUNK_SIZE", "DOWNLOAD_WORKERS", "PREDICT_WAIT_SECONDS", "WEIGHTS", "TORCH_HOME"):
+    for name in (
+        "CHUNK_SIZE",
+        "DOWNLOAD_WORKERS",
+        "MAX_TASKS_PER_REQUEST",
+        "PREDICT_WAIT_SECONDS",
+        "WEIGHTS",
+        "TORCH_HOME",
+    ):
         if os.environ.get(name):
             env[name] = os.environ[name]
     os.environ.update(env)
@@ -910,7 +976,9 @@ def main() -> int:
     env["WORKER_CONCURRENCY"] = os.environ["WORKER_CONCURRENCY"] = str(settings.worker_concurrency)
     redis.Redis.from_url(settings.redis_url).flushdb()
 
-    particles = Particles.load(args.count)
+    particles = Particles.load(args.count, tmp)
+    if args.reads == "direct":
+        env["LOCAL_FILES_DOCUMENT_ROOT"] = os.environ["LOCAL_FILES_DOCUMENT_ROOT"] = str(particles.root.parent)
     results: dict[str, Any] = {
         "config": {
             "backbone": settings.backbone,
@@ -919,11 +987,12 @@ def main() -> int:
             "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "count": args.count,
+            "reads": args.reads,
         }
     }
     try:
         with contextlib.ExitStack() as stack:
-            server = ImageServerProcess(tmp / "www")
+            server = ImageServerProcess(tmp / "www", particles.root)
             stack.callback(server.close)
             log(f"1/3 model-only over {args.count} particles decoded and preprocessed in memory")
             results["model_only"] = measure_model(settings, particles, server, args.model_passes)

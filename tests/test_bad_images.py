@@ -285,6 +285,7 @@ class FakeEmbedder:
 
     batch_size = 8
     image_size = SIZE
+    resize_on_device = False
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         return np.stack([img.reshape(-1, 3).mean(axis=0) for img in images]).astype(np.float32)

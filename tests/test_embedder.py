@@ -81,6 +81,23 @@ def test_frozen_model_equals_eager_mode(embedder: Embedder):
     assert np.abs(frozen_out[0] - frozen_out[1]).max() > 1e-2
 
 
+def test_resized_on_the_device_as_on_the_host(embedder: Embedder):
+    """The GPU worker's path (particles at their own size, resized in batches by the model's device), run
+    here on the CPU: the same features as resizing each image on the host, whatever mix of sizes a batch
+    holds, and an image larger than the input is still shrunk on the host."""
+    on_device = Embedder(embedder.backbone, torch.device("cpu"), SIZE, batch_size=4, resize_on_device=True)
+    particles = [Image.fromarray(synthetic_particle(KINDS[i % 3], i, size=20 + 9 * i)) for i in range(7)]
+    small = [to_model_input(p, SIZE, resize=False) for p in particles]
+    assert [s.shape[0] for s in small] == [20, 29, 38, 47, 56, SIZE, SIZE]  # 65 and 74 px shrunk to SIZE
+    host = embedder.embed([to_model_input(p, SIZE) for p in particles])
+    device = on_device.embed(small)  # batches of 4 and 3, several sizes in each
+    cosine = (host * device).sum(axis=1) / np.linalg.norm(host, axis=1) / np.linalg.norm(device, axis=1)
+    assert cosine.min() > 0.995, cosine
+    single = np.concatenate([on_device.embed([s]) for s in small])
+    np.testing.assert_allclose(device, single, atol=1e-3, rtol=1e-3)
+    assert np.abs(device[0] - device[1]).max() > 1e-2
+
+
 def test_empty_batch(embedder: Embedder):
     out = embedder.embed([])
     assert out.shape == (0, 1280)

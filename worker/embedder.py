@@ -70,11 +70,16 @@ class Embedder:
         threads: int = 0,
         torchscript: bool = True,
         processes: int = 1,
+        resize_on_device: bool | None = None,
     ) -> None:
         self.backbone = backbone
         self.device = device
         self.image_size = image_size
         self.cuda = device.type == "cuda"
+        # On a GPU the host's Python is the bottleneck (bench/RESULTS.md): particles travel at their own
+        # size (a 24 px particle is 1/87 of a 224 px input) and are resized in batches on the card.
+        self.resize_on_device = self.cuda if resize_on_device is None else resize_on_device
+        self._host: torch.Tensor | None = None  # reused staging buffer (pinned on CUDA), grown as needed
         # No cudnn.benchmark: a service sees many batch shapes (partial chunks, a lone interactive task), and
         # autotuning each new one costs more than it saves.
         self.frozen: torch.nn.Module | None = None
@@ -97,7 +102,7 @@ class Embedder:
             torch.cuda.get_device_name(device) if self.cuda else f"{torch.get_num_threads()} threads",
             image_size,
             self.batch_size,
-            f", autocast {self.autocast_dtype}, channels_last, pinned memory"
+            f", autocast {self.autocast_dtype}, channels_last, pinned memory, resized on the card"
             if self.cuda
             else (", TorchScript (frozen)" if self.frozen is not None else ", eager"),
         )
@@ -108,27 +113,57 @@ class Embedder:
 
     @torch.inference_mode()
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """`images`: uint8 (size, size, 3) arrays, run in batches of `batch_size`. Returns the pooled
-        features (n, dim) as float32, not normalised, so that the head can still be applied to them."""
+        """`images`: uint8 (side, side, 3) arrays, run in batches of `batch_size`; side is `image_size`, or
+        at most that with `resize_on_device`. Returns the pooled features (n, dim) as float32, not
+        normalised, so that the head can still be applied to them."""
         if not len(images):
             return np.zeros((0, self.backbone.embedding_dim), np.float32)
         return np.concatenate(
-            [self._forward(np.stack(images[i : i + self.batch_size])) for i in range(0, len(images), self.batch_size)]
+            [self._forward(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
         )
 
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
-        host = torch.from_numpy(batch)
-        if self.cuda:
-            host = host.pin_memory()
-        x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+    def _forward(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        x = self._to_device(images)
         if self.frozen is not None:
             return self.frozen(x).numpy()
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             features, _ = self.model(x)
         return features.float().cpu().numpy()
+
+    def _to_device(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """A normalised float batch (n, 3, size, size) on the model's device."""
+        if not self.resize_on_device and not self.cuda:
+            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+            return (x - self.mean) / self.std
+        flat = self._stage(images)
+        size = self.image_size
+        x = torch.empty((len(images), 3, size, size), device=self.device)
+        by_side: dict[int, list[int]] = {}
+        for i, img in enumerate(images):
+            by_side.setdefault(img.shape[0], []).append(i)
+        offsets = np.cumsum([0] + [img.size for img in images])
+        for side, members in by_side.items():
+            group = torch.stack([flat[offsets[i] : offsets[i + 1]] for i in members])
+            group = group.view(len(members), side, side, 3).permute(0, 3, 1, 2).float()
+            if side != size:
+                group = torch.nn.functional.interpolate(
+                    group, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size
+                )
+            x[torch.tensor(members, device=self.device)] = group
+        x = x.div_(255.0).sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+
+    def _stage(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """The images' bytes, one after the other, copied in one transfer to the device. The host buffer
+        is kept: pinning a fresh one per batch cost more than the copy (bench/RESULTS.md). Reusing it is
+        safe because every batch ends in a synchronising copy of its features back to the host."""
+        total = sum(img.size for img in images)
+        if self._host is None or self._host.numel() < total:
+            capacity = max(total, self.batch_size * 3 * self.image_size**2)
+            self._host = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.cuda)
+        host = self._host[:total]
+        np.concatenate([np.ascontiguousarray(img, np.uint8).reshape(-1) for img in images], out=host.numpy())
+        return host.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def head_probabilities(self, features: np.ndarray) -> np.ndarray | None:

@@ -449,12 +449,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 # -- preprocess ------------------------------------------------------------------------------------
 
 
-def to_model_input(img: Image.Image, size: int) -> np.ndarray:
+def to_model_input(img: Image.Image, size: int, *, resize: bool = True) -> np.ndarray:
     """Pad to a square with the image's own border colour (aspect ratio kept), resize to `size`.
 
     An image longer than `PAD_LIMIT` (or twice `size`) is first shrunk by a whole factor (box filter) to
     within it, so that a 40000x1000 image is padded as 1000x25, never as a 40000x40000 array; smaller ones
     (every particle) are padded as they are.
+
+    `resize=False` (the GPU worker, which resizes whole batches on the card): a square smaller than `size`
+    is returned at its own size; larger ones are still shrunk here, so no input is bigger than the model's.
 
     Returns uint8 HxWx3; scaling to float and normalising happen on the model's device.
     """
@@ -469,6 +472,6 @@ def to_model_input(img: Image.Image, size: int) -> np.ndarray:
         border = np.concatenate([arr[[0, -1], :, :].reshape(-1, 3), arr[:, [0, -1], :].reshape(-1, 3)])
         fill = tuple(int(v) for v in np.median(border, axis=0))
         img = ImageOps.pad(img, (side, side), color=fill, centering=(0.5, 0.5))
-    if side != size:
+    if side > size or (side < size and resize):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(img, dtype=np.uint8)

@@ -96,7 +96,8 @@ class EmbeddingPipeline:
         digest = hashlib.sha256(data).hexdigest()
         limits = self.fetcher.settings  # IMAGE_MAX_SIDE, IMAGE_MAX_ASPECT (IMAGE_MAX_PIXELS is max_pixels)
         img = decode_image(data, self.max_pixels, max_side=limits.image_max_side, max_aspect=limits.image_max_aspect)
-        return Prepared(task["id"], ref, digest, pixels=to_model_input(img, self.embedder.image_size))
+        pixels = to_model_input(img, self.embedder.image_size, resize=not self.embedder.resize_on_device)
+        return Prepared(task["id"], ref, digest, pixels=pixels)
 
     def run(self, tasks: Sequence[Mapping[str, Any]], image_key: str) -> EmbedOutcome:
         out = EmbedOutcome()
