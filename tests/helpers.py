@@ -90,8 +90,9 @@ SMALL = {"WORKER_CONCURRENCY": "1", "LOG_LEVEL": "INFO"}
 
 
 class WorkerProcess(ChildProcess):
-    """`celery worker` as the Procfile starts it (options from the Celery configuration: queues interactive
-    then bulk, prefetch 1, WORKER_CONCURRENCY processes), named for the tests, without mingle and gossip."""
+    """`celery worker` as the Procfile starts it (options from the Celery configuration: queues interactive,
+    control, then bulk, prefetch 1, WORKER_CONCURRENCY processes), named for the tests, without mingle and
+    gossip."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, name: str = "w1") -> None:
         self.env = {**SMALL, **os.environ, **env, "PYTHONUNBUFFERED": "1"}
