@@ -155,8 +155,9 @@ class Embedder:
 
     def _stage(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """The images' bytes, one after the other, copied in one transfer to the device. The host buffer
-        is kept: pinning a fresh one per batch cost more than the copy (bench/RESULTS.md). Reusing it is
-        safe because every batch ends in a synchronising copy of its features back to the host."""
+        is kept: pinning memory is a system call and a page-locking of the whole buffer, too dear to pay per
+        batch. Reusing it is safe because every batch ends in a synchronising copy of its features back to
+        the host, so no transfer from it is still running when the next batch fills it."""
         total = sum(img.size for img in images)
         if self._host is None or self._host.numel() < total:
             capacity = max(total, self.batch_size * 3 * self.image_size**2)
