@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from common.settings import Settings
-
-# efficientnet-lite0: measured with bench/input_size.py on three kinds of labelled data (README "Input
-# size"): 224 px gave the most accurate suggestions on average, and no smaller size came within 0.01 of it.
-# The ResNets could not be measured here (no ImageNet or CEFAS weights on this machine); they were trained
-# at 224 px too.
-DEFAULT_IMAGE_SIZE = {"efficientnet-lite0": 224, "resnet18": 224, "resnet50": 224, "resnet50-cefas": 224}
+from common.settings import DEFAULT_IMAGE_SIZE, Settings
 
 
 def image_size(settings: Settings) -> int:

@@ -40,8 +40,9 @@ _HEADER_ITEM = re.compile(rf"""(?i)(['"](?:{_HEADERS})['"]\s*:\s*)(['"])(?:\\.|(
 _HEADER_LINE = re.compile(rf"(?im)^(\s*(?:{_HEADERS})\s*:\s*)\S.*$")
 
 
-def redact_url(url: str) -> str:
-    """The URL without its user and password, and with its query values masked but `d` and `fileuri`."""
+def redact_url(url: str, limit: int | None = None) -> str:
+    """The URL without its user and password and its fragment, with its query values masked but `d` and
+    `fileuri`; at most `limit` characters."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -49,14 +50,14 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{MASK}@" + netloc.rpartition("@")[2]
-    shown = f"{parts.scheme}://{netloc}{parts.path}"
-    if parts.query:
-        pieces = []
-        for piece in parts.query.split("&"):
-            key, sep, value = piece.partition("=")
-            pieces.append(key + sep + (value if not sep or unquote_plus(key) in SHOWN_QUERY_KEYS else MASK))
+    pieces = []
+    for piece in parts.query.split("&") if parts.query else ():
+        key, sep, value = piece.partition("=")
+        pieces.append(key + sep + (value if not sep or unquote_plus(key) in SHOWN_QUERY_KEYS else MASK))
+    shown = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else (f"//{netloc}" if netloc else "") + parts.path
+    if pieces:
         shown += "?" + "&".join(pieces)
-    return shown
+    return shown if limit is None or len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

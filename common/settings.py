@@ -274,6 +274,11 @@ def define(
 
 # Kept in step with worker/backbones.py's registry by tests/test_settings.py (this module imports no torch).
 BACKBONES = ("efficientnet-lite0", "resnet18", "resnet50", "resnet50-cefas")
+# IMAGE_SIZE=0 means the backbone's own. efficientnet-lite0: measured with bench/input_size.py on three kinds
+# of labelled data (README "Input size"): 224 px gave the most accurate suggestions on average, and no
+# smaller size came within 0.01 of it. The ResNets could not be measured here (no ImageNet or CEFAS weights
+# on this machine); they were trained at 224 px too.
+DEFAULT_IMAGE_SIZE = {"efficientnet-lite0": 224, "resnet18": 224, "resnet50": 224, "resnet50-cefas": 224}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIB = 1024 * 1024
 
@@ -570,8 +575,6 @@ README_MARKER = "<!-- generated: python -m common.settings --readme README.md (t
 
 
 def _image_size_defaults() -> str:
-    from common.models import DEFAULT_IMAGE_SIZE  # imports this module: read when the table is made
-
     sizes: dict[int, list[str]] = {}
     for backbone, size in DEFAULT_IMAGE_SIZE.items():
         sizes.setdefault(size, []).append(f"`{backbone}`")

@@ -155,7 +155,7 @@ def test_settings_made_in_code_are_checked_too():
 
 
 def test_the_backbones_are_the_registrys():
-    from common.models import DEFAULT_IMAGE_SIZE
+    from common.settings import DEFAULT_IMAGE_SIZE
     from worker.backbones import available_backbones
 
     assert sorted(BACKBONES) == available_backbones() == sorted(DEFAULT_IMAGE_SIZE)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_plus, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -49,13 +49,12 @@ from urllib3.exceptions import (
     SSLError,
 )
 
+from common.redact import redact_url as redact_common_url
+
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 SMALL_BODY = 64 * 1024  # a redirect's or an error's body is read (keeping the connection) up to this
 USER_AGENT = "plankton-ml-backend"
-# Query parameters whose values are shown in messages: Label Studio's file paths. Every other value may be
-# a token (presigned URLs, SAS signatures, ?token=...) and is replaced by ***.
-SHOWN_QUERY_KEYS = frozenset({"d", "fileuri"})
 
 
 class FetchError(Exception):
@@ -88,24 +87,8 @@ class Response:
 
 
 def redact_url(url: str, limit: int = 300) -> str:
-    """The URL without its password or user part, its fragment, and every query value but a file path's."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    pieces = []
-    for piece in parts.query.split("&") if parts.query else ():
-        key, sep, value = piece.partition("=")
-        if sep and unquote_plus(key) not in SHOWN_QUERY_KEYS:
-            value = "***"
-        pieces.append(key + sep + value)
-    shown = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else (f"//{netloc}" if netloc else "") + parts.path
-    if pieces:
-        shown += "?" + "&".join(pieces)
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+    """An image URL as errors and logs show it (common.redact.redact_url), at most `limit` characters."""
+    return redact_common_url(url, limit)
 
 
 _URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()]+")
@@ -289,34 +272,30 @@ def _time_left() -> float | None:
     return left
 
 
-class _DeadlineSocket(socket.socket):
-    """A socket whose every receive (and send) waits at most until the calling thread's fetch deadline."""
+class _UnderDeadline:
+    """Every receive and send waits at most until the calling thread's fetch deadline (mixed into the plain
+    and the TLS socket class)."""
 
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+        self._wait_at_most_what_is_left()
+        return super().recv_into(*args, **kwargs)  # type: ignore[misc]
+
+    def sendall(self, *args: Any, **kwargs: Any) -> None:
+        self._wait_at_most_what_is_left()
+        return super().sendall(*args, **kwargs)  # type: ignore[misc]
+
+    def _wait_at_most_what_is_left(self) -> None:
         left = _time_left()
         if left is not None:
-            self.settimeout(left)
-        return super().recv_into(buffer, nbytes, flags)
-
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        left = _time_left()
-        if left is not None:
-            self.settimeout(left)
-        return super().sendall(data, flags)
+            self.settimeout(left)  # type: ignore[attr-defined]
 
 
-class _DeadlineSSLSocket(ssl.SSLSocket):
-    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
-        left = _time_left()
-        if left is not None:
-            self.settimeout(left)
-        return super().recv_into(buffer, nbytes, flags)
+class _DeadlineSocket(_UnderDeadline, socket.socket):
+    pass
 
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        left = _time_left()
-        if left is not None:
-            self.settimeout(left)
-        return super().sendall(data, flags)
+
+class _DeadlineSSLSocket(_UnderDeadline, ssl.SSLSocket):
+    pass
 
 
 def _open_socket(addresses: list[Address], options: Any, default_timeout: float) -> socket.socket:
