@@ -215,6 +215,18 @@ def _get(summary: str, ok: dict[str, Any], errors: tuple[int, ...], *, parameter
 
 HTML = {"text/html": {"schema": {"type": "string"}}}
 
+
+def _static_files(summary: str, example: str) -> dict[str, Any]:
+    text = {"text/javascript": {"schema": {"type": "string"}}, "text/css": {"schema": {"type": "string"}}}
+    return _get(
+        summary,
+        {"200": {"description": "the file", "content": text}},
+        (401, 404),
+        parameters=[{"name": "filename", "in": "path", "required": True, "schema": {"type": "string"},
+                     "example": example}],
+    )  # fmt: skip
+
+
 PATHS: dict[str, Any] = {
     "/": _get("the same as /health", {"200": _json(_ref("Health"), "up")}, (), security=[]),
     "/health": _get(
@@ -412,38 +424,8 @@ PATHS: dict[str, Any] = {
         (400, 401, 404, 413, 503),
         example={},
     ),  # fmt: skip
-    "/ui/static/{filename}": _get(
-        "the status page's script and stylesheet",
-        {
-            "200": {
-                "description": "the file",
-                "content": {
-                    "text/javascript": {"schema": {"type": "string"}},
-                    "text/css": {"schema": {"type": "string"}},
-                },
-            }
-        },
-        (401, 404),
-        parameters=[
-            {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}, "example": "status.js"}
-        ],
-    ),  # fmt: skip
-    "/static/{filename}": _get(
-        "the same files (Flask's own static route for api/static)",
-        {
-            "200": {
-                "description": "the file",
-                "content": {
-                    "text/javascript": {"schema": {"type": "string"}},
-                    "text/css": {"schema": {"type": "string"}},
-                },
-            }
-        },
-        (401, 404),
-        parameters=[
-            {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}, "example": "status.css"}
-        ],
-    ),  # fmt: skip
+    "/ui/static/{filename}": _static_files("the status page's script and stylesheet", "status.js"),
+    "/static/{filename}": _static_files("the same files (Flask's own static route for api/static)", "status.css"),
 }
 PATHS["/ui/projects/{project}/map"]["post"]["parameters"] = [PROJECT_PARAM]
 
