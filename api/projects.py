@@ -51,7 +51,7 @@ def project_status(store: Store, pid: int) -> dict[str, Any]:
         "tasks": {
             "known": len(store.known_tasks(pid) | featured),
             "embedded": len(featured),
-            "queued": len(store.pending(pid)),
+            "queued": store.pending_count(pid),
             "failed": len(failures),
             "annotated": len(annotated),
             "predicted": len(predicted & (featured - annotated)),

@@ -109,9 +109,6 @@ class Delivery:
         raw = self.r.zrangebyscore(keys.outbox(pid), "-inf", now, start=0, num=limit)
         return [parse_member(m) for m in raw]
 
-    def due_count(self, pid: int, now: float) -> int:
-        return int(self.r.zcount(keys.outbox(pid), "-inf", now))
-
     def next_due(self, pid: int) -> float | None:
         first = self.r.zrange(keys.outbox(pid), 0, 0, withscores=True)
         return float(first[0][1]) if first else None

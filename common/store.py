@@ -243,6 +243,9 @@ class Store:
     def pending(self, pid: int) -> dict[int, float]:
         return {int(t): float(v) for t, v in self.r.hgetall(keys.pending(pid)).items()}
 
+    def pending_count(self, pid: int) -> int:
+        return int(self.r.hlen(keys.pending(pid)))
+
     def save_embeddings(self, pid: int, embeddings: Mapping[int, bytes], refs: Mapping[int, str]) -> None:
         if not embeddings:
             return

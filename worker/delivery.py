@@ -61,7 +61,7 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
         if not entries:
             return total, None
         oldest = outbox.next_due(pid) or now
-        if len(entries) < batch and now - oldest < linger and store.pending(pid):
+        if len(entries) < batch and now - oldest < linger and store.pending_count(pid):
             # More is on its way (tasks still queued for embedding): a fuller write a moment later costs
             # Label Studio less, since its cost per request grows with the project's size.
             return total, oldest + linger

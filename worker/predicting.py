@@ -105,7 +105,7 @@ def settle_import(rt: Runtime, pid: int) -> bool:
     the import then cannot outgrow the new model, and its predictions are written while it is embedded.
     True if a refit was queued."""
     version = rt.store.current_version(pid)
-    if not outgrown(rt, pid, version) or len(rt.store.pending(pid)) > rt.store.embedding_count(pid):
+    if not outgrown(rt, pid, version) or rt.store.pending_count(pid) > rt.store.embedding_count(pid):
         return False
     if rt.store.schedule_refit(pid, 60):
         rt.dispatcher.refit(pid, force=True, reason="new tasks")
