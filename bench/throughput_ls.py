@@ -35,6 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import psutil  # noqa: E402
 import redis  # noqa: E402
 import requests  # noqa: E402
 import throughput  # noqa: E402
@@ -114,6 +115,53 @@ def ls_ingest_rates(ls: LabelStudioServer, sizes: list[int], project_size: int) 
 # -- end to end --------------------------------------------------------------------------------------------
 
 
+class CpuAccount:
+    """CPU seconds (user, system) each part spent between `start` and `stop`: where the time beyond the model
+    went. A part is a process and its children (Label Studio, the API, a Celery worker and its pool, beat,
+    Redis), or this script alone (its UI-call and polling threads; the services are its children)."""
+
+    def __init__(self, parts: dict[str, int]) -> None:
+        self.parts = {name: psutil.Process(pid) for name, pid in parts.items()}
+        self.before: dict[str, tuple[float, float]] = {}
+        self.spent: dict[str, tuple[float, float]] = {}
+        self.wall = 0.0
+
+    @staticmethod
+    def _times(proc: psutil.Process) -> tuple[float, float]:
+        user = system = 0.0
+        for p in (proc, *(proc.children(recursive=True) if proc.pid != os.getpid() else ())):
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                user, system = user + t.user, system + t.system
+        return user, system
+
+    def start(self) -> None:
+        self.wall = time.perf_counter()
+        self.before = {name: self._times(p) for name, p in self.parts.items()}
+
+    def stop(self) -> None:
+        self.wall = time.perf_counter() - self.wall
+        for name, proc in self.parts.items():
+            user, system = self._times(proc)
+            self.spent[name] = (user - self.before[name][0], system - self.before[name][1])
+
+    def summary(self) -> dict[str, Any]:
+        cores = os.cpu_count() or 1
+        return {
+            "wall_s": self.wall,
+            "capacity_s": self.wall * cores,
+            "parts": {n: {"user_s": round(u, 1), "system_s": round(s, 1)} for n, (u, s) in self.spent.items()},
+        }
+
+
+def redis_pid(url: str) -> int | None:
+    port = redis.Redis.from_url(url).connection_pool.connection_kwargs.get("port", 6379)
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "redis-server" and f":{port}" in " ".join(proc.info["cmdline"] or []):
+            return proc.pid
+    return None
+
+
 class UiCalls(threading.Thread):
     """What Label Studio's UI makes the backend answer while an import runs."""
 
@@ -187,7 +235,13 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
         probe = ls.import_tasks(project, [{"image": ref(CROPS[2])}])[0]
         wait_until(lambda: store.predictions(project, store.current_version(project), [probe]), 60, "the probe")
         ui = UiCalls(api.url, project, {"id": probe, "data": {"image": ref(CROPS[2])}})
+        parts = {"Label Studio": ls.process.pid, "API": api.proc.pid, "beat": beat.proc.pid, "this script": os.getpid(),
+                 **{f"worker {w.name}": w.proc.pid for w in pool}}  # fmt: skip
+        if (pid := redis_pid(args.redis_url)) is not None:
+            parts["Redis"] = pid
+        cpu = CpuAccount(parts)
         ui.start()
+        cpu.start()
         t0 = time.perf_counter()
         ids = ls.import_tasks(project, [{"image": ref(p)} for p in chosen])
         imported = time.perf_counter() - t0
@@ -201,11 +255,12 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
             """Every task written with the current version, and nothing more to come: no refit running or
             scheduled, nothing queued, nothing in the outbox."""
             busy = store.r.exists(keys.lock(project, "refit"), keys.refit_scheduled(project))
-            return (not busy and not store.pending(project) and store.delivery.size(project) == 0
+            return (not busy and not store.pending_count(project) and store.delivery.size(project) == 0
                     and store.r.llen("bulk") == 0 and written() >= len(ids) + 1)  # fmt: skip
 
         wait_until(settled, 3600, "every task written, and the backend idle", interval=0.2)
         took = time.perf_counter() - t0
+        cpu.stop()
         ui.stopping.set()
         ui.join()
         version = store.current_version(project)
@@ -225,6 +280,7 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
             "ui_p99_ms": {k: 1000 * pct(v, 99) for k, v in ui.latency.items()},
             "ui_p50_ms": {k: 1000 * pct(v, 50) for k, v in ui.latency.items()},
             "ui_errors": dict(ui.errors),
+            "cpu": cpu.summary(),
         }
 
 
@@ -242,7 +298,18 @@ def main() -> int:
     parser.add_argument("--workers", default="1", help="Celery workers (separate processes): e.g. 1,2")
     parser.add_argument("--concurrency", type=int, default=0, help="WORKER_CONCURRENCY (default: the setting's)")
     parser.add_argument("--deliver-batch", type=int, default=0, help="DELIVER_BATCH_SIZE (default: the setting's)")
-    parser.add_argument("--ingest-sizes", default="1,100,500,1000,2000")
+    parser.add_argument(
+        "--ingest-sizes",
+        default="1,100,500,1000,2000,5000",
+        help="predictions per request (at most --count: a request never holds more than the project)",
+    )
+    parser.add_argument(
+        "--label-studio-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for Label Studio (repeatable), e.g. one of its feature flags",
+    )
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -252,10 +319,12 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ls-"))
     results: dict[str, Any] = {"count": args.count, "cores": os.cpu_count()}
     print(f"logs in {tmp}", flush=True)
-    with LabelStudioServer(DATA, log_path=tmp / "label-studio.log") as ls:
+    ls_env = dict(item.split("=", 1) for item in args.label_studio_env)
+    results["label_studio_env"] = ls_env
+    with LabelStudioServer(DATA, log_path=tmp / "label-studio.log", extra_env=ls_env) as ls:
         scratch = ls.create_project("file serving", LABEL_CONFIG)
         results["ls_files_s"] = ls_file_rate(ls, scratch)
-        sizes = [int(s) for s in args.ingest_sizes.split(",")]
+        sizes = sorted({min(int(s), args.count) for s in args.ingest_sizes.split(",")})
         results["ls_ingest_s"] = ls_ingest_rates(ls, sizes, project_size=args.count)
         results["model_only_s"] = model_only(args.count)
         results["runs"] = []
@@ -264,15 +333,16 @@ def main() -> int:
                 print(f"end to end: {reads} reads, {workers} worker(s)...", flush=True)
                 results["runs"].append(end_to_end(ls, tmp, args, reads, workers))
     batch = int(args.deliver_batch or Settings.from_env().deliver_batch_size)
-    ingest = results["ls_ingest_s"].get(batch) or max(results["ls_ingest_s"].values())
+    ingest = results["ls_ingest_s"].get(min(batch, args.count)) or max(results["ls_ingest_s"].values())
     ceiling = min(results["model_only_s"], ingest)
-    print(f"\n{args.count} particles through Label Studio 1.23 on {os.cpu_count()} cores, one run\n")
+    print(f"\n{args.count} particles through Label Studio 1.23 on {os.cpu_count()} cores, one run")
+    print(f"Label Studio's environment adds {ls_env}\n" if ls_env else "")
     print(f"Label Studio serving /data/local-files/ alone (8 threads)   {results['ls_files_s']:8.1f} files/s")
     for size, rate in results["ls_ingest_s"].items():
         print(f"Label Studio storing predictions alone, {size:5d} per request {rate:8.1f} predictions/s "
               f"({1000 / rate:.2f} ms each, in a project of {args.count} tasks)")  # fmt: skip
     print(f"model alone (decoded, in memory, the worker's layout)      {results['model_only_s']:8.1f} img/s")
-    print(f"ceiling: the slower of the model and the ingest at {batch:4d}   {ceiling:8.1f} img/s\n")
+    print(f"ceiling: the slower of the model and the ingest at {min(batch, args.count):4d}   {ceiling:8.1f} img/s\n")
     print("reads   workers  end-to-end img/s  ratio  predictions/task          UI p99 health/setup/predict ms")
     for r in results["runs"]:
         p99 = r["ui_p99_ms"]
@@ -282,6 +352,11 @@ def main() -> int:
         first, last = r["versions"]
         print(f"        import request {r['import_request_s']:.1f} s; versions {first} -> {last}; "
               f"{r['current_in_label_studio']} tasks show the current version; UI errors {r['ui_errors']}")  # fmt: skip
+        cpu = r["cpu"]
+        spent = ", ".join(f"{name} {p['user_s'] + p['system_s']:.0f} ({p['system_s']:.0f} system)"
+                          for name, p in cpu["parts"].items())  # fmt: skip
+        capacity = f"{cpu['capacity_s']:.0f} ({os.cpu_count()} cores x {cpu['wall_s']:.0f} s)"
+        print(f"        CPU seconds of {capacity}: {spent}")
     results["ceiling_img_s"] = ceiling
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))

@@ -148,8 +148,14 @@ class Delivery:
     def failed_attempt(self, pid: int) -> int:
         return int(self.r.incr(keys.delivery_failures(pid)))
 
-    def succeeded(self, pid: int) -> None:
-        self.r.delete(keys.delivery_failures(pid))
+    def succeeded(self, pid: int, seconds: float) -> None:
+        pipe = self.r.pipeline()
+        pipe.delete(keys.delivery_failures(pid))
+        pipe.set(keys.write_seconds(pid), f"{seconds:.3f}")
+        pipe.execute()
+
+    def last_write_seconds(self, pid: int) -> float:
+        return float(self.r.get(keys.write_seconds(pid)) or 0)
 
     def forget_tasks(self, pid: int, version: str, tasks: Iterable[int]) -> None:
         ids = list(tasks)

@@ -37,6 +37,12 @@ def beat_lock(name: str) -> str:
     return f"{PREFIX}:lock:{name}"
 
 
+def ingest_progress() -> str:
+    """STRING time: when a worker last started or settled part of a chunk, of any project. While it moves, a
+    task queued long ago is waiting behind others in the bulk queue, not lost."""
+    return f"{PREFIX}:ingest-progress"
+
+
 def deliveries(message_id: str) -> str:
     """STRING int, 1 day: how often a Celery message was started; a message that keeps killing its worker
     is failed with a reason after a few."""
@@ -161,6 +167,12 @@ def outbox(pid: int) -> str:
 def outbox_jobs(pid: int) -> str:
     """HASH `<task>@<version>` -> job id: whose job reports a prediction Label Studio refuses."""
     return _p(pid, "outbox_jobs")
+
+
+def write_seconds(pid: int) -> str:
+    """STRING float: how long the project's last successful write to Label Studio took (its cost per request
+    grows with the project's size; the deliverer lingers longer for fuller writes when it is high)."""
+    return _p(pid, "write_seconds")
 
 
 def delivery_failures(pid: int) -> str:

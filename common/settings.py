@@ -427,14 +427,14 @@ class Settings:
         "how often beat reconciles every project with Label Studio (0: only on *Start training* and `POST /sync`)",
     )  # fmt: skip
     deliver_batch_size: int = define(
-        "DELIVER_BATCH_SIZE", 2000, integer(1),
+        "DELIVER_BATCH_SIZE", 5000, integer(1),
         "predictions per write to Label Studio: each request costs it a fixed time that grows with the project's "
         "size (bench/RESULTS.md), so the fewer the better",
     )  # fmt: skip
     deliver_linger_seconds: float = define(
         "DELIVER_LINGER_SECONDS", 5.0, number(0),
-        "how long predictions may wait in the outbox for a fuller write while an import is still being embedded "
-        "(0: write at once)",
+        "how long predictions may wait in the outbox for a fuller write while an import is still being embedded: at "
+        "least this, or 10 times Label Studio's last write, up to 60 s (0: write at once)",
     )  # fmt: skip
     # -- what one request may ask of the API (README "Security") --
     max_request_bytes: int = define(

@@ -246,6 +246,16 @@ class Store:
     def pending_count(self, pid: int) -> int:
         return int(self.r.hlen(keys.pending(pid)))
 
+    def note_ingest_progress(self) -> None:
+        self.r.set(keys.ingest_progress(), f"{time.time():.3f}")
+
+    def last_ingest_progress(self) -> float:
+        return float(self.r.get(keys.ingest_progress()) or 0)
+
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting in a Celery queue (kombu's Redis transport keeps each queue as a list of its name)."""
+        return int(self.r.llen(queue))
+
     def save_embeddings(self, pid: int, embeddings: Mapping[int, bytes], refs: Mapping[int, str]) -> None:
         if not embeddings:
             return

@@ -23,6 +23,17 @@ log = logging.getLogger(__name__)
 
 LOCK_LEASE = 30.0
 BACKOFF_CAP = 60.0
+# While an import is being embedded, a partial write waits until it is this many times older than Label
+# Studio's last write took (at least DELIVER_LINGER_SECONDS, at most MAX_LINGER): Label Studio then spends at
+# most about a tenth of the import on the fixed cost of our requests, whatever the project's size.
+LINGER_PER_WRITE_SECOND = 10.0
+MAX_LINGER = 60.0
+
+
+def linger_for(settings_linger: float, last_write: float) -> float:
+    if settings_linger <= 0:
+        return 0.0
+    return min(MAX_LINGER, max(settings_linger, LINGER_PER_WRITE_SECOND * last_write))
 
 
 def backoff(attempt: int) -> float:
@@ -52,7 +63,8 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
     """Write due entries until none is left; returns how many were written, and when to come back: Label
     Studio failed (backoff), or too few are due for a full write yet (DELIVER_LINGER_SECONDS)."""
     store, outbox = rt.store, rt.store.delivery
-    batch, linger = rt.settings.deliver_batch_size, rt.settings.deliver_linger_seconds
+    batch = rt.settings.deliver_batch_size
+    linger = linger_for(rt.settings.deliver_linger_seconds, outbox.last_write_seconds(pid))
     total = 0
     while True:
         version = store.current_version(pid)
@@ -81,7 +93,9 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
             todo = {t: predictions[t] for t in [*fresh, *(set(unsure) - held)]}
             if not todo:
                 continue
+            started = time.perf_counter()
             created = api.import_predictions(pid, version, todo)
+            took = time.perf_counter() - started
         except Exception as exc:
             if missing_task_error(exc):
                 _forget_deleted(rt, api, pid, version, list(todo))
@@ -96,7 +110,7 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
             log.log(level, "project %s: writing %d predictions to Label Studio failed (attempt %d, again in %.0f s): "
                     "%s: %s", pid, len(pending), attempt, wait, type(exc).__name__, str(exc)[:300])  # fmt: skip
             return total, time.time() + wait
-        outbox.succeeded(pid)
+        outbox.succeeded(pid, took)
         stored = set(todo) if created == len(todo) else api.tasks_holding(pid, version, todo)
         outbox.set(pid, version, stored, WRITTEN)
         refused = [t for t in todo if t not in stored]

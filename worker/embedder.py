@@ -11,6 +11,7 @@ import torch
 
 from common.models import image_size
 from common.settings import Settings, available_cores
+from worker.allocator import retain_freed_memory
 from worker.backbones import Backbone, create_backbone
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Embedder:
         # No cudnn.benchmark: a service sees many batch shapes (partial chunks, a lone interactive task), and
         # autotuning each new one costs more than it saves.
         self.frozen: torch.nn.Module | None = None
+        retain_freed_memory()
         if self.cuda:
             self.model = backbone.model.to(device, memory_format=torch.channels_last)
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -41,6 +41,7 @@ def ingest_chunk(
         store.jobs.progress(job_id, errors=dict.fromkeys(ids, str(exc)))
         log.warning("project %s: %d tasks not embedded: %s", pid, len(ids), exc)
         return {"done": 0, "failed": len(ids)}
+    store.note_ingest_progress()
     known = stored_features(rt, pid, ids)  # a message run again after a crash
     hold = rt.settings.predict_wait_seconds + 1 if interactive else 0.0
     chunk = _Chunk(rt, pid, job_id, hold, interactive)
@@ -80,6 +81,7 @@ class _Chunk:
     def commit(self, outcome: EmbedOutcome, known: Mapping[int, np.ndarray] | None = None) -> None:
         """Store what part of the chunk settled: features, failures, predictions, job progress."""
         store = self.rt.store
+        store.note_ingest_progress()
         features = {**(known or {}), **outcome.features}
         store.save_embeddings(self.pid, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
         metrics.IMAGES.labels("embedded").inc(outcome.computed)

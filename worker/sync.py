@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from common import keys
+from common import keys, queues
 from common.annotations import annotation_labels
 from common.celery_app import TICK_SECONDS
 from common.delivery import WRITING, WRITTEN
@@ -150,6 +150,19 @@ def sync_all(rt: Runtime) -> list[int]:
     return projects
 
 
+def lost_in_queue(rt: Runtime, pid: int, now: float) -> list[int]:
+    """Tasks queued for embedding whose message must have been lost (Redis restarted without the last writes
+    of its append-only file, or a bug): queued longer than BROKER_VISIBILITY_TIMEOUT while the bulk queue is
+    empty or has not moved for as long. While chunks are being taken, a task queued long ago is waiting
+    behind a large import, not lost, and is left alone (queuing it again would only add duplicate chunks)."""
+    timeout = rt.settings.visibility_timeout
+    old = [t for t, since in rt.store.pending(pid).items() if now - since > timeout]
+    if not old:
+        return []
+    moving = now - rt.store.last_ingest_progress() <= timeout and rt.store.queue_length(queues.BULK) > 0
+    return [] if moving else old
+
+
 def tick(rt: Runtime) -> dict[int, list[str]]:
     """Redis-only checks, per project, that restart work a lost message or a killed worker left behind."""
     if not rt.store.r.set(keys.beat_lock("tick"), "1", nx=True, px=int(TICK_SECONDS * 900)):
@@ -166,7 +179,7 @@ def tick(rt: Runtime) -> dict[int, list[str]]:
         elif store.label_config(pid) and gaps(rt, pid, store.current_version(pid)):
             rt.dispatcher.fill_gaps(pid)
             actions.append("fill gaps")
-        stale = [t for t, since in store.pending(pid).items() if now - since > rt.settings.visibility_timeout]
+        stale = lost_in_queue(rt, pid, now)
         retry = [t for t, f in store.failures(pid).items()
                  if f.get("transient") and now - f.get("at", 0) > rt.settings.sync_interval_seconds]  # fmt: skip
         if stale or retry:
