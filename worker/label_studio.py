@@ -39,11 +39,20 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+# How Label Studio 1.23 words it, by path: the default import, with `fflag_feat_utc_210_...` (per prediction),
+# and with `fflag_fix_back_4620_memory_efficient_predictions_import_...` (which the README recommends).
+MISSING_TASK_MARKERS = ("couldn't be retrieved", "not found in project")
+
+
 def missing_task_error(exc: BaseException) -> bool:
     """Label Studio refuses a whole prediction import when one of its tasks was deleted meanwhile."""
     from label_studio_sdk.core.api_error import ApiError
 
-    return isinstance(exc, ApiError) and exc.status_code == 400 and "couldn't be retrieved" in str(exc.body)
+    if not (isinstance(exc, ApiError) and exc.status_code == 400):
+        return False
+    # The SDK hands over the parsed JSON: its repr would escape the apostrophe of "couldn't".
+    body = exc.body if isinstance(exc.body, str) else json.dumps(exc.body, ensure_ascii=False, default=str)
+    return any(marker in body for marker in MISSING_TASK_MARKERS)
 
 
 @dataclass
