@@ -41,7 +41,6 @@ def ingest_chunk(
         store.jobs.progress(job_id, errors=dict.fromkeys(ids, str(exc)))
         log.warning("project %s: %d tasks not embedded: %s", pid, len(ids), exc)
         return {"done": 0, "failed": len(ids)}
-    store.note_ingest_progress()
     known = stored_features(rt, pid, ids)  # a message run again after a crash
     hold = rt.settings.predict_wait_seconds + 1 if interactive else 0.0
     chunk = _Chunk(rt, pid, job_id, hold, interactive)
