@@ -4,11 +4,12 @@ glibc's malloc serves large blocks (above a threshold that adapts from 128 KiB u
 unmaps them when they are freed; a forward pass at 224 px allocates activations far larger than that, so
 every batch mapped them afresh and page-faulted them in. On the 2-core VM of bench/RESULTS.md that kernel work
 was half of a CPU worker's time: 256 particles at 224 px took 8.5 s of user and 8.8 s of system CPU; with
-freed memory kept, 8.4 s and 0.3 s, and the model's rate doubled. The cost is that a worker process keeps
-the peak memory of its largest batch between batches, which it needs again for the next one anyway.
+freed memory kept, 8.4 s and 0.3 s, and the model's rate doubled. The cost is memory: a model process at
+224 px, batch 32, peaked at 1.6 GiB instead of 1.0 GiB (the heap does not reuse blocks as tightly as fresh
+mappings) and keeps it between batches.
 
-Nothing is changed where malloc is not glibc's, or where the user already tuned it with glibc's own
-variables (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`).
+Nothing is changed where malloc is not glibc's, or where the user tuned it with glibc's own variables
+(`GLIBC_VARIABLES`): setting one, e.g. `MALLOC_TRIM_THRESHOLD_=131072` (glibc's default), opts out.
 """
 
 from __future__ import annotations
