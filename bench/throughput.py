@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,29 +134,39 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    total = 0.0
-    for proc in process_tree(pid):
+def cpu_times_of(procs: Iterable[psutil.Process]) -> tuple[float, float]:
+    """User and system CPU seconds of these processes together (those gone meanwhile count 0)."""
+    user = system = 0.0
+    for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             t = proc.cpu_times()
-            total += t.user + t.system
-    return total
+            user, system = user + t.user, system + t.system
+    return user, system
+
+
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    return cpu_times_of(process_tree(pid))
+
+
+def own_cpu_times() -> tuple[float, float]:
+    """This process only (its threads: UI caller, probes, polling, sampling), not its children."""
+    return cpu_times_of([psutil.Process()])
+
+
+def redis_cpu_times() -> tuple[float, float]:
+    return cpu_times_of(p for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(tree_cpu_times(pid))
 
 
 def own_cpu_seconds() -> float:
-    """This process only (its threads: UI caller, probes, polling, sampling), not its children."""
-    t = psutil.Process().cpu_times()
-    return t.user + t.system
+    return sum(own_cpu_times())
 
 
 def redis_cpu_seconds() -> float:
-    total = 0.0
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] == "redis-server":
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                t = proc.cpu_times()
-                total += t.user + t.system
-    return total
+    return sum(redis_cpu_times())
 
 
 class CpuMeter:

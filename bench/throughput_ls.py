@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -28,6 +29,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import psutil  # noqa: E402
 import redis  # noqa: E402
 import requests  # noqa: E402
 import throughput  # noqa: E402
 
-from common import keys  # noqa: E402
+from common import keys, queues  # noqa: E402
 from common.models import embedding_space  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.store import Store  # noqa: E402
@@ -117,32 +118,25 @@ def ls_ingest_rates(ls: LabelStudioServer, sizes: list[int], project_size: int) 
 
 class CpuAccount:
     """CPU seconds (user, system) each part spent between `start` and `stop`: where the time beyond the model
-    went. A part is a process and its children (Label Studio, the API, a Celery worker and its pool, beat,
-    Redis), or this script alone (its UI-call and polling threads; the services are its children)."""
+    went. A part is read by a function returning its (user, system) seconds: a process and its children
+    (Label Studio, the API, a Celery worker and its pool, beat), Redis, or this script alone (its UI-call
+    and polling threads; the services are its children). bench/throughput.py's CpuMeter reports shares of
+    the cores instead; this split is what showed the worker's time in the kernel (bench/RESULTS.md)."""
 
-    def __init__(self, parts: dict[str, int]) -> None:
-        self.parts = {name: psutil.Process(pid) for name, pid in parts.items()}
+    def __init__(self, parts: dict[str, Callable[[], tuple[float, float]]]) -> None:
+        self.parts = parts
         self.before: dict[str, tuple[float, float]] = {}
         self.spent: dict[str, tuple[float, float]] = {}
         self.wall = 0.0
 
-    @staticmethod
-    def _times(proc: psutil.Process) -> tuple[float, float]:
-        user = system = 0.0
-        for p in (proc, *(proc.children(recursive=True) if proc.pid != os.getpid() else ())):
-            with contextlib.suppress(psutil.Error):
-                t = p.cpu_times()
-                user, system = user + t.user, system + t.system
-        return user, system
-
     def start(self) -> None:
         self.wall = time.perf_counter()
-        self.before = {name: self._times(p) for name, p in self.parts.items()}
+        self.before = {name: read() for name, read in self.parts.items()}
 
     def stop(self) -> None:
         self.wall = time.perf_counter() - self.wall
-        for name, proc in self.parts.items():
-            user, system = self._times(proc)
+        for name, read in self.parts.items():
+            user, system = read()
             self.spent[name] = (user - self.before[name][0], system - self.before[name][1])
 
     def summary(self) -> dict[str, Any]:
@@ -152,14 +146,6 @@ class CpuAccount:
             "capacity_s": self.wall * cores,
             "parts": {n: {"user_s": round(u, 1), "system_s": round(s, 1)} for n, (u, s) in self.spent.items()},
         }
-
-
-def redis_pid(url: str) -> int | None:
-    port = redis.Redis.from_url(url).connection_pool.connection_kwargs.get("port", 6379)
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        if proc.info["name"] == "redis-server" and f":{port}" in " ".join(proc.info["cmdline"] or []):
-            return proc.pid
-    return None
 
 
 class UiCalls(threading.Thread):
@@ -235,11 +221,10 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
         probe = ls.import_tasks(project, [{"image": ref(CROPS[2])}])[0]
         wait_until(lambda: store.predictions(project, store.current_version(project), [probe]), 60, "the probe")
         ui = UiCalls(api.url, project, {"id": probe, "data": {"image": ref(CROPS[2])}})
-        parts = {"Label Studio": ls.process.pid, "API": api.proc.pid, "beat": beat.proc.pid, "this script": os.getpid(),
+        trees = {"Label Studio": ls.process.pid, "API": api.proc.pid, "beat": beat.proc.pid,
                  **{f"worker {w.name}": w.proc.pid for w in pool}}  # fmt: skip
-        if (pid := redis_pid(args.redis_url)) is not None:
-            parts["Redis"] = pid
-        cpu = CpuAccount(parts)
+        cpu = CpuAccount({**{name: functools.partial(throughput.tree_cpu_times, pid) for name, pid in trees.items()},
+                          "this script": throughput.own_cpu_times, "Redis": throughput.redis_cpu_times})  # fmt: skip
         ui.start()
         cpu.start()
         t0 = time.perf_counter()
@@ -256,7 +241,7 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
             scheduled, nothing queued, nothing in the outbox."""
             busy = store.r.exists(keys.lock(project, "refit"), keys.refit_scheduled(project))
             return (not busy and not store.pending_count(project) and store.delivery.size(project) == 0
-                    and store.r.llen("bulk") == 0 and written() >= len(ids) + 1)  # fmt: skip
+                    and store.queue_length(queues.BULK) == 0 and written() >= len(ids) + 1)  # fmt: skip
 
         wait_until(settled, 3600, "every task written, and the backend idle", interval=0.2)
         took = time.perf_counter() - t0
