@@ -9,7 +9,8 @@ annotations made at random moments from the first batch on:
 - 10% of Label Studio's webhooks are lost (and, with --twice, some delivered twice).
 Then it waits for the backend to repair everything on its own (the periodic sweep, SYNC_INTERVAL_SECONDS,
 60 here) and prints: tasks lacking a current prediction, duplicate predictions, annotations not learned,
-predictions not made by the current version's model, and the time until all were 0.
+predictions not made by the current version's model, tasks still counted as queued, and the time until
+all were 0.
 
     .venv/bin/python bench/chaos.py [--tasks 1000] [--seed 7]
 """
@@ -99,6 +100,7 @@ def main() -> int:
         print(f"annotations not learned                        {len(check.unlearned)}")
         print(f"predictions not from the version's model       {len(check.wrong_model)}")
         print(f"failures without a reason                      {len(check.unexplained)}")
+        print(f"tasks still counted as queued                  {check.queued}")
         verdict = f"{waited:.0f} s after the faults healed" if check.ok else f"NOT within {args.timeout:.0f} s"
         print(f"time until all were 0                          {verdict}")
         print(f"current version                                {check.version}")

@@ -240,6 +240,12 @@ class Store:
             self.r.hset(keys.pending(pid), mapping=dict.fromkeys(map(str, fresh), f"{now:.3f}"))
         return fresh
 
+    def unmark_pending(self, pid: int, task_ids: Iterable[int]) -> None:
+        """Tasks settled without new features (they had some already: a duplicate webhook, a message run again)."""
+        ids = [str(t) for t in task_ids]
+        if ids:
+            self.r.hdel(keys.pending(pid), *ids)
+
     def pending(self, pid: int) -> dict[int, float]:
         return {int(t): float(v) for t, v in self.r.hgetall(keys.pending(pid)).items()}
 

@@ -3,8 +3,14 @@ request grows with the project's size (bench/RESULTS.md), so the wait grows with
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from common.delivery import Delivery
-from worker.delivery import MAX_LINGER, linger_for
+from common.settings import Settings
+from worker.delivery import MAX_LINGER, linger_for, more_on_its_way
+from worker.runtime import Runtime
 
 PID = 31
 
@@ -27,3 +33,33 @@ def test_the_last_write_time_is_kept_per_project_and_a_success_ends_the_backoff(
     outbox.succeeded(PID, 4.25)
     assert outbox.last_write_seconds(PID) == 4.25 and outbox.last_write_seconds(PID + 1) == 0.0
     assert outbox.failed_attempt(PID) == 1
+
+
+def test_staging_an_entry_again_keeps_its_time(clean_redis):
+    """The periodic sync stages every task Label Studio lacks; were that to move the entry, a sync more frequent
+    than the wait would hold the write back for ever, and cut a backoff short."""
+    outbox = Delivery(clean_redis)
+    outbox.stage(PID, "v1", [1, 2], due=100.0)
+    outbox.stage(PID, "v1", [2, 3], due=200.0)
+    assert outbox.next_due(PID) == 100.0
+    assert outbox.due(PID, 150.0, 10) == [(1, "v1"), (2, "v1")]
+    outbox.postpone(PID, [(1, "v1")], 300.0)
+    outbox.stage(PID, "v1", [1], due=150.0)
+    assert outbox.due(PID, 250.0, 10) == [(2, "v1"), (3, "v1")]
+
+
+@pytest.fixture
+def rt(clean_redis) -> Runtime:
+    return Runtime(Settings.from_env())
+
+
+def test_the_wait_is_only_for_chunks_being_embedded(rt):
+    now = time.time()
+    assert not more_on_its_way(rt, PID, now, 20.0)
+    rt.store.mark_pending(PID, [7], stale_after=60)
+    assert not more_on_its_way(rt, PID, now, 20.0), "queued, but no worker has taken a chunk"
+    rt.store.note_ingest_progress()
+    assert more_on_its_way(rt, PID, time.time(), 20.0)
+    assert not more_on_its_way(rt, PID, time.time() + 21, 20.0), "the workers stopped taking chunks"
+    rt.store.unmark_pending(PID, [7])
+    assert not more_on_its_way(rt, PID, time.time(), 20.0)

@@ -144,6 +144,18 @@ def test_annotations_refit_a_new_version_that_predicts_the_other_tasks(api, imag
     assert api.get("/versions").json["versions"] == [v0, v1]
 
 
+def test_tasks_imported_again_are_not_left_queued(api, image_server, start_worker):
+    """A second TASKS_CREATED for tasks already embedded (a duplicate webhook, a sync meanwhile) settles from the
+    stored features; the project must not count them as queued for ever (the deliverer waits while any are)."""
+    start_worker(KMEANS_CLUSTERS="3")
+    tasks, _ = _synthetic_project(image_server, n_per_class=2)
+    import_tasks(api, tasks)
+    assert api.get(f"/projects/{PID}").json["tasks"]["queued"] == 0
+    again = import_tasks(api, tasks)
+    assert (again["done"], again["failed"]) == (len(tasks), 0)
+    assert api.get(f"/projects/{PID}").json["tasks"]["queued"] == 0
+
+
 def test_a_lone_task_waits_for_its_prediction(api, image_server, start_worker):
     start_worker(KMEANS_CLUSTERS="3")
     tasks, truth = _synthetic_project(image_server, n_per_class=4)

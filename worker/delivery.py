@@ -73,9 +73,9 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
         if not entries:
             return total, None
         oldest = outbox.next_due(pid) or now
-        if len(entries) < batch and now - oldest < linger and store.pending_count(pid):
-            # More is on its way (tasks still queued for embedding): a fuller write a moment later costs
-            # Label Studio less, since its cost per request grows with the project's size.
+        if len(entries) < batch and now - oldest < linger and more_on_its_way(rt, pid, now, linger):
+            # A fuller write a moment later costs Label Studio less: its cost per request grows with the
+            # project's size.
             return total, oldest + linger
         tasks = outbox.drop_versions_except(pid, version, entries)
         annotated = store.annotated_tasks(pid)
@@ -120,6 +120,12 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
         total += len(stored)
         metrics.WRITEBACK.labels("written").inc(len(stored))
         metrics.WRITEBACK.labels("refused").inc(len(refused))
+
+
+def more_on_its_way(rt: Runtime, pid: int, now: float, linger: float) -> bool:
+    """Tasks of the project are queued for embedding and the workers are taking chunks. Tasks queued behind a
+    retry's backoff, or whose message is lost, are no reason to hold back what is ready."""
+    return rt.store.pending_count(pid) > 0 and now - rt.store.last_ingest_progress() < linger
 
 
 def _forget_deleted(rt: Runtime, api: LabelStudioApi, pid: int, version: str, tasks: list[int]) -> None:

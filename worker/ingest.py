@@ -83,6 +83,7 @@ class _Chunk:
         store.note_ingest_progress()
         features = {**(known or {}), **outcome.features}
         store.save_embeddings(self.pid, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
+        store.unmark_pending(self.pid, known or {})
         metrics.IMAGES.labels("embedded").inc(outcome.computed)
         metrics.IMAGES.labels("cached").inc(outcome.cache_hits + len(known or {}))
         metrics.IMAGES.labels("failed").inc(len(outcome.errors))

@@ -316,10 +316,12 @@ class Check:
     unlearned: list[int]  # annotated tasks whose labels the current version did not learn
     unexplained: list[int]  # unreadable tasks without a reason
     wrong_model: list[int]  # predictions of `version` that its model would not make
+    queued: int = 0  # tasks the backend still counts as queued for embedding (none once all has settled)
 
     @property
     def ok(self) -> bool:
-        return not (self.lacking or self.duplicates or self.unlearned or self.unexplained or self.wrong_model)
+        return not (self.lacking or self.duplicates or self.unlearned or self.unexplained or self.wrong_model
+                    or self.queued)  # fmt: skip
 
     def summary(self) -> str:
         return (
@@ -327,7 +329,8 @@ class Check:
             f"{self.lacking[:10]}, {len(self.duplicates)} duplicates {self.duplicates[:5]}, "
             f"{len(self.unlearned)} annotations not learned {self.unlearned[:10]}, "
             f"{len(self.unexplained)} failures unexplained, "
-            f"{len(self.wrong_model)} predictions not from the version's model {self.wrong_model[:10]}"
+            f"{len(self.wrong_model)} predictions not from the version's model {self.wrong_model[:10]}, "
+            f"{self.queued} still queued"
         )
 
 
@@ -362,7 +365,7 @@ def check_invariant(stack: Stack) -> Check:
     fitted = stack.store.fitted_labels(stack.project, version)
     unlearned = sorted(t for t in set(annotated) | set(fitted) if annotated.get(t) != fitted.get(t))
     return Check(version, len(tasks), sorted(lacking), duplicates, unlearned, sorted(unexplained),
-                 _not_from_model(stack, version, current, config))  # fmt: skip
+                 _not_from_model(stack, version, current, config), status["tasks"]["queued"])  # fmt: skip
 
 
 def _job(stack: Stack, job_id: str) -> dict[str, Any]:
