@@ -50,7 +50,7 @@ from tests.helpers import DATA, LABEL_CONFIG, ApiProcess, BeatProcess, WorkerPro
 
 PARTICLES = sorted((DATA / "flowcam" / "particles").glob("*.png"))
 CROPS = sorted((DATA / "flowcam" / "crops").glob("*.tif"))  # seeds and the UI's probe: not in the import
-UI_CALLS_PER_SECOND = 20
+UI_CALLS_PER_SECOND = 20.0
 
 
 def ref(path: Path) -> str:
@@ -151,9 +151,9 @@ class CpuAccount:
 class UiCalls(threading.Thread):
     """What Label Studio's UI makes the backend answer while an import runs."""
 
-    def __init__(self, api: str, project: int, task: dict[str, Any]) -> None:
+    def __init__(self, api: str, project: int, task: dict[str, Any], rate: float) -> None:
         super().__init__(daemon=True, name="ui")
-        self.api, self.project, self.task = api, project, task
+        self.api, self.project, self.task, self.rate = api, project, task, rate
         self.latency: dict[str, list[float]] = {"GET /health": [], "POST /setup": [], "POST /predict": []}
         self.errors: Counter[str] = Counter()
         self.stopping = threading.Event()
@@ -176,7 +176,7 @@ class UiCalls(threading.Thread):
                 self.latency[name].append(time.perf_counter() - t0)
             except requests.RequestException:
                 self.errors[name] += 1
-            next_at += 1 / UI_CALLS_PER_SECOND
+            next_at += 1 / self.rate
             self.stopping.wait(max(0.0, next_at - time.monotonic()))
 
 
@@ -220,7 +220,7 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
         # The UI asks for a task whose prediction is known (an unannotated one, predicted before the import).
         probe = ls.import_tasks(project, [{"image": ref(CROPS[2])}])[0]
         wait_until(lambda: store.predictions(project, store.current_version(project), [probe]), 60, "the probe")
-        ui = UiCalls(api.url, project, {"id": probe, "data": {"image": ref(CROPS[2])}})
+        ui = UiCalls(api.url, project, {"id": probe, "data": {"image": ref(CROPS[2])}}, args.ui_rate)
         trees = {"Label Studio": ls.process.pid, "API": api.proc.pid, "beat": beat.proc.pid,
                  **{f"worker {w.name}": w.proc.pid for w in pool}}  # fmt: skip
         cpu = CpuAccount({**{name: functools.partial(throughput.tree_cpu_times, pid) for name, pid in trees.items()},
@@ -295,6 +295,13 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="an environment variable for Label Studio (repeatable), e.g. one of its feature flags",
     )
+    parser.add_argument(
+        "--ui-rate",
+        type=float,
+        default=UI_CALLS_PER_SECOND,
+        help="UI calls a second during the import, /health, /setup and /predict in turn (their client runs on "
+        "the same cores as everything else)",
+    )
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -328,7 +335,8 @@ def main() -> int:
               f"({1000 / rate:.2f} ms each, in a project of {args.count} tasks)")  # fmt: skip
     print(f"model alone (decoded, in memory, the worker's layout)      {results['model_only_s']:8.1f} img/s")
     print(f"ceiling: the slower of the model and the ingest at {min(batch, args.count):4d}   {ceiling:8.1f} img/s\n")
-    print("reads   workers  end-to-end img/s  ratio  predictions/task          UI p99 health/setup/predict ms")
+    print(f"reads   workers  end-to-end img/s  ratio  predictions/task          UI p99 health/setup/predict ms "
+          f"({args.ui_rate:g} calls/s)")  # fmt: skip
     for r in results["runs"]:
         p99 = r["ui_p99_ms"]
         print(f"{r['reads']:7s} {r['workers']:7d}  {r['img_s']:16.1f}  {r['img_s'] / ceiling:5.2f}  "
