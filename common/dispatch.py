@@ -21,6 +21,21 @@ def slim_task(task: Mapping[str, Any]) -> dict[str, Any]:
     return {"id": task["id"], "data": task.get("data") or {}}
 
 
+def chunk_sizes(n: int, size: int) -> list[int]:
+    """How an import of `n` tasks is cut into bulk chunks: `size` each while much is left, then a quarter of
+    what is left (at least size/8), so the chunks taken last are small. Otherwise the import ends with one
+    pool process embedding a whole last chunk while the others have nothing left (guided self-scheduling)."""
+    size, floor = max(1, size), max(1, size // 8)
+    sizes, left = [], n
+    while left > 0:
+        piece = min(size, max(floor, -(-left // 4)))
+        if left <= size and left - piece <= floor // 4:
+            piece = left  # no runt at the end
+        sizes.append(piece)
+        left -= piece
+    return sizes
+
+
 class Dispatcher:
     def __init__(self, celery: Celery, store: Store, settings: Settings) -> None:
         self.celery = celery
@@ -77,9 +92,10 @@ class Dispatcher:
         attempt: int = 0,
         producer: Any = None,
     ) -> None:
-        size = max(1, self.settings.chunk_size)
-        for start in range(0, len(tasks), size):
+        start = 0
+        for size in chunk_sizes(len(tasks), self.settings.chunk_size):
             chunk = list(tasks[start : start + size])
+            start += size
             self.celery.send_task(
                 queues.INGEST,
                 kwargs={

@@ -352,8 +352,8 @@ class Settings:
     )  # fmt: skip
     chunk_size: int = define(
         "CHUNK_SIZE", 512, integer(1),
-        "tasks per bulk Celery message; a chunk gives way to interactive work after its batch in progress (see "
-        "*Queues*)",
+        "tasks per bulk Celery message (smaller at the end of an import); a chunk gives way to interactive work "
+        "after its batch in progress (see *Queues*)",
     )  # fmt: skip
     download_workers: int = define(
         "DOWNLOAD_WORKERS", Computed(lambda: max(4, 2 * available_cores()), "2 per core, at least 4"), integer(1),
