@@ -262,17 +262,23 @@ class Store:
         """Messages waiting in a Celery queue (kombu's Redis transport keeps each queue as a list of its name)."""
         return int(self.r.llen(queue))
 
-    def save_embeddings(self, pid: int, embeddings: Mapping[int, bytes], refs: Mapping[int, str]) -> None:
+    def save_embeddings(self, pid: int, embeddings: Mapping[int, bytes], refs: Mapping[int, str]) -> set[int]:
+        """Store features; returns the tasks whose features this call stored. A task's features are written
+        once: a task embedded twice (two chunks holding it after a lost message or a Redis restart) keeps the
+        first, from which its predictions were made. A batch of another size gives features that differ in
+        the last bits, enough to turn an answer at a boundary: the second chunk predicts from the first's."""
         if not embeddings:
-            return
+            return set()
         ids = [str(t) for t in embeddings]
         pipe = self.r.pipeline()
-        pipe.hset(keys.embeddings(pid, self.space), mapping={str(t): e for t, e in embeddings.items()})
+        for tid, blob in embeddings.items():
+            pipe.hsetnx(keys.embeddings(pid, self.space), str(tid), blob)
         if refs:
             pipe.hset(keys.images(pid), mapping={str(t): u for t, u in refs.items()})
         pipe.hdel(keys.pending(pid), *ids)
         pipe.hdel(keys.failed(pid), *ids)
-        pipe.execute()
+        written = pipe.execute()[: len(ids)]
+        return {tid for tid, new in zip(embeddings, written, strict=True) if new}
 
     def embeddings(self, pid: int, task_ids: Iterable[int] | None = None) -> dict[int, bytes]:
         key = keys.embeddings(pid, self.space)

@@ -11,7 +11,7 @@ import pytest
 from common.settings import Settings
 from tests.helpers import LABEL_CONFIG
 from worker import refitting
-from worker.pipeline import to_bytes
+from worker.pipeline import from_bytes, to_bytes
 from worker.predicting import gaps, predict_from_features
 from worker.refitting import needs_refit, refit_project
 from worker.runtime import ModelMissing, Runtime
@@ -44,8 +44,6 @@ def annotate(rt: Runtime, names: list[str], every: int = 4) -> None:
 def current_predictions(rt: Runtime) -> dict[int, dict]:
     version = rt.store.current_version(PID)
     blobs = rt.store.embeddings(PID)
-    from worker.pipeline import from_bytes
-
     feats = dict(zip(blobs, from_bytes(list(blobs.values())), strict=True))
     return predict_from_features(rt, PID, version, feats)
 
@@ -122,9 +120,55 @@ def test_features_stored_while_a_refit_runs_get_the_new_version(rt, monkeypatch)
     assert not gaps(rt, PID, version)
 
 
-def _features(rt: Runtime) -> tuple[list[int], np.ndarray]:
-    from worker.pipeline import from_bytes
+def test_a_new_version_is_current_only_once_its_predictions_are_stored(rt, monkeypatch):
+    """/predict reads the current version: asked as a refit publishes, it must find the task's answer, not
+    queue interactive work (which makes a bulk chunk of the import give way)."""
+    annotate(rt, ["Plankton", "Debris", "Not-plankton"])
+    real_publish = rt.store.publish_version
+    at_publication: dict[str, set[int]] = {}
 
+    def publish(pid, version, *args, **kwargs):
+        at_publication[version] = rt.store.predicted_tasks(pid, version)
+        return real_publish(pid, version, *args, **kwargs)
+
+    monkeypatch.setattr(rt.store, "publish_version", publish)
+    fitted = refit_project(rt, PID, force=False, reason="annotations")
+    unannotated = set(range(1, 3 * N_PER + 1)) - rt.store.annotated_tasks(PID)
+    assert at_publication[fitted["version"]] == unannotated
+    assert fitted["predicted"] == len(unannotated) and not gaps(rt, PID, fitted["version"])
+    # ...and they are what the published model answers on any worker host (the model as stored, not as fitted).
+    ids, matrix = _features(rt)
+    served = predict_from_features(Runtime(rt.settings), PID, fitted["version"], dict(zip(ids, matrix, strict=True)))
+    stored = rt.store.predictions(PID, fitted["version"], unannotated)
+    assert {t: _answer(served[t]) for t in unannotated} == {t: _answer(p) for t, p in stored.items()}
+
+
+def _answer(prediction: dict) -> tuple:
+    """A prediction without its result ids (random per item)."""
+    items = sorted((i["from_name"], tuple(i["value"]["choices"]), i.get("score")) for i in prediction["result"])
+    return tuple(items), prediction["score"], prediction["model_version"]
+
+
+def test_a_task_embedded_twice_keeps_its_first_features_and_is_predicted_from_them(rt):
+    """Two chunks holding the same task (a lost message, a Redis restart) embed it in batches of other sizes,
+    which differ in the last bits: what Label Studio holds must stay what the stored features give."""
+    from worker.ingest import _Chunk
+    from worker.pipeline import EmbedOutcome
+
+    annotate(rt, ["Plankton", "Debris", "Not-plankton"])
+    version = refit_project(rt, PID, force=False, reason="annotations")["version"]
+    task = 2  # unannotated, in the first blob
+    first = rt.store.embeddings(PID, [task])[task]
+    elsewhere = rt.store.embeddings(PID, [2 * N_PER + 2])[2 * N_PER + 2]  # a task of the third blob
+    rt.store.drop_predictions(PID, version)
+    _Chunk(rt, PID, None, 0.0, False).commit(EmbedOutcome(features={task: from_bytes([elsewhere])[0]}))
+    assert rt.store.embeddings(PID, [task])[task] == first
+    (staged,) = rt.store.predictions(PID, version, [task]).values()
+    (expected,) = predict_from_features(rt, PID, version, {task: from_bytes([first])[0]}).values()
+    assert _answer(staged) == _answer(expected)
+
+
+def _features(rt: Runtime) -> tuple[list[int], np.ndarray]:
     blobs = rt.store.embeddings(PID)
     ids = sorted(blobs)  # not Redis's hash order, which changes with each redis-server's hash seed
     return ids, from_bytes([blobs[t] for t in ids])

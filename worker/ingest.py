@@ -82,8 +82,10 @@ class _Chunk:
         store = self.rt.store
         store.note_ingest_progress()
         features = {**(known or {}), **outcome.features}
-        store.save_embeddings(self.pid, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
+        stored = store.save_embeddings(self.pid, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
         store.unmark_pending(self.pid, known or {})
+        if raced := [t for t in outcome.features if t not in stored]:
+            features.update(stored_features(self.rt, self.pid, raced))  # another chunk stored them first
         metrics.IMAGES.labels("embedded").inc(outcome.computed)
         metrics.IMAGES.labels("cached").inc(outcome.cache_hits + len(known or {}))
         metrics.IMAGES.labels("failed").inc(len(outcome.errors))

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from common.collections import collection_of
+from common.label_config import LabelConfig
 from worker.pipeline import from_bytes
+from worker.project_model import Model
 from worker.results import build_prediction
 from worker.runtime import Runtime
 
@@ -33,14 +35,28 @@ def predict_from_features(
     """Postprocess: the model of `version` (and no other) turns features into Label Studio predictions."""
     if not features:
         return {}
-    config = rt.label_config(pid)
     ids = list(features)
-    matrix = np.stack([features[t] for t in ids])
-    model = rt.project_model(pid, version)
-    probs = rt.embedder.head_probabilities(matrix) if model.head_map else None
     refs = rt.store.task_images(pid, ids)
     collections = [collection_of(refs.get(t, "")) for t in ids]
-    per_task = model.predict(matrix, probs, rt.embedder.backbone.class_names, collections)
+    matrix = np.stack([features[t] for t in ids])
+    return model_predictions(rt, rt.project_model(pid, version), version, rt.label_config(pid), ids, matrix,
+                             collections)  # fmt: skip
+
+
+def model_predictions(
+    rt: Runtime,
+    model: Model,
+    version: str,
+    config: LabelConfig,
+    ids: Sequence[int],
+    matrix: np.ndarray,
+    collections: Sequence[str],
+) -> dict[int, dict[str, Any]]:
+    """The predictions `model` makes for these tasks (rows of `matrix`), as Label Studio takes them."""
+    if not len(ids):
+        return {}
+    probs = rt.embedder.head_probabilities(matrix) if model.head_map else None
+    per_task = model.predict(matrix, probs, rt.embedder.backbone.class_names, list(collections))
     return {tid: build_prediction(choices, config, version) for tid, choices in zip(ids, per_task, strict=True)}
 
 
@@ -52,12 +68,15 @@ def stage(
     *,
     job_id: str | None = None,
     hold: float = 0.0,
+    saved: bool = False,
 ) -> None:
-    """Keep the predictions for /predict and put them in the outbox for Label Studio. `hold`: how long the
-    API may hand them over itself first (the annotator's open task), before a worker writes them."""
+    """Keep the predictions for /predict (unless `saved` already) and put them in the outbox for Label
+    Studio. `hold`: how long the API may hand them over itself first (the annotator's open task), before a
+    worker writes them."""
     if not predictions:
         return
-    rt.store.save_predictions(pid, version, predictions)
+    if not saved:
+        rt.store.save_predictions(pid, version, predictions)
     if rt.label_studio is None or not rt.model_answers(pid, version):
         return
     rt.store.delivery.stage(pid, version, predictions, time.time() + hold, job_id)

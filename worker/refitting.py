@@ -1,4 +1,5 @@
-"""A refit in four steps: read a snapshot of features and labels, fit (pure), publish, fill the gaps.
+"""A refit in four steps: read a snapshot of features and labels, fit (pure) and predict the snapshot, publish,
+fill the gaps.
 
 A version records a digest of the labels it was fitted on. The project needs a refit whenever the labels
 it could learn from (every annotated task whose image is usable) differ from that digest, whatever the
@@ -20,7 +21,7 @@ from common.collections import collection_of
 from common.label_config import LabelConfig
 from worker import metrics
 from worker.pipeline import from_bytes, to_bytes
-from worker.predicting import fill_gaps
+from worker.predicting import fill_gaps, model_predictions, stage
 from worker.project_model import Model, fit_model, model_to_bytes
 from worker.results import build_prediction
 from worker.runtime import Runtime
@@ -114,10 +115,19 @@ def _refit(rt: Runtime, pid: int, force: bool, reason: str) -> dict[str, Any]:
     version = store.next_version(pid)
     model.version = version
     meta = {"reason": reason, "labels_digest": digest, "config": config.fingerprint, **model.stats}
+    # The snapshot's predictions are stored before the version is current: a /predict arriving as it is
+    # published finds its task's answer at once (instead of sending a chunk of the import to the back of the
+    # queue to make way for an interactive message). Tasks embedded since are the gaps filled below.
+    annotated = store.annotated_tasks(pid)
+    rows = [i for i, t in enumerate(task_ids) if t not in annotated]
+    ready = model_predictions(rt, model, version, config, [task_ids[i] for i in rows], features[rows],
+                              [collections[i] for i in rows])  # fmt: skip
+    store.save_predictions(pid, version, ready)
     store.publish_version(pid, version, model_to_bytes(model), meta, used)
     store.reset_changes(pid, seen)
     log.info("project %s: fitted %s (%s) on %d tasks, %d annotated", pid, version, reason, len(task_ids), len(used))
-    predicted = fill_gaps(rt, pid)
+    stage(rt, pid, version, ready, saved=True)
+    predicted = len(ready) + fill_gaps(rt, pid)
     rt.dispatcher.refresh_map(pid)  # the status page's map (worker/projection.py), once the gaps are predicted
     return {"status": "fitted", "version": version, "predicted": predicted, **model.stats}
 
