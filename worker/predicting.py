@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from common.collections import collection_of
-from common.label_config import LabelConfig
 from worker.pipeline import from_bytes
 from worker.project_model import Model
 from worker.results import build_prediction
@@ -38,26 +37,17 @@ def predict_from_features(
     ids = list(features)
     refs = rt.store.task_images(pid, ids)
     collections = [collection_of(refs.get(t, "")) for t in ids]
-    matrix = np.stack([features[t] for t in ids])
-    return model_predictions(rt, rt.project_model(pid, version), version, rt.label_config(pid), ids, matrix,
-                             collections)  # fmt: skip
-
-
-def model_predictions(
-    rt: Runtime,
-    model: Model,
-    version: str,
-    config: LabelConfig,
-    ids: Sequence[int],
-    matrix: np.ndarray,
-    collections: Sequence[str],
-) -> dict[int, dict[str, Any]]:
-    """The predictions `model` makes for these tasks (rows of `matrix`), as Label Studio takes them."""
-    if not len(ids):
-        return {}
-    probs = rt.embedder.head_probabilities(matrix) if model.head_map else None
-    per_task = model.predict(matrix, probs, rt.embedder.backbone.class_names, list(collections))
+    per_task = model_choices(rt, rt.project_model(pid, version), np.stack([features[t] for t in ids]), collections)
+    config = rt.label_config(pid)
     return {tid: build_prediction(choices, config, version) for tid, choices in zip(ids, per_task, strict=True)}
+
+
+def model_choices(rt: Runtime, model: Model, matrix: np.ndarray, collections: Sequence[str]) -> list:
+    """What `model` answers for the rows of `matrix` (build_prediction makes Label Studio's form of each)."""
+    if not len(matrix):
+        return []
+    probs = rt.embedder.head_probabilities(matrix) if model.head_map else None
+    return model.predict(matrix, probs, rt.embedder.backbone.class_names, list(collections))
 
 
 def stage(

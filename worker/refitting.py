@@ -21,8 +21,8 @@ from common.collections import collection_of
 from common.label_config import LabelConfig
 from worker import metrics
 from worker.pipeline import from_bytes, to_bytes
-from worker.predicting import fill_gaps, model_predictions, stage
-from worker.project_model import Model, fit_model, model_to_bytes
+from worker.predicting import fill_gaps, model_choices, stage
+from worker.project_model import fit_model, model_to_bytes
 from worker.results import build_prediction
 from worker.runtime import Runtime
 
@@ -101,8 +101,12 @@ def _refit(rt: Runtime, pid: int, force: bool, reason: str) -> dict[str, Any]:
     collections = [collection_of(refs.get(t, "")) for t in task_ids]
     model = fit_model(features, task_ids, used, config, collections, rt.per_collection(pid),
                       rt.settings.kmeans_clusters, rt.head_map)  # fmt: skip
+    annotated = store.annotated_tasks(pid)
+    rows = [i for i, t in enumerate(task_ids) if t not in annotated]
+    unannotated, matrix, places = [task_ids[i] for i in rows], features[rows], [collections[i] for i in rows]
+    answers = model_choices(rt, model, matrix, places)
     if not relearn:
-        changed = _changed_share(rt, pid, meta["version"], model, features, task_ids, collections, config)
+        changed = _changed_share(rt, pid, meta["version"], answers, matrix, places, config)
         needed = NEW_TASKS_MIN_CHANGE if reason == "new tasks" else 0.0
         if changed <= needed:
             store.reset_changes(pid, seen)
@@ -118,10 +122,7 @@ def _refit(rt: Runtime, pid: int, force: bool, reason: str) -> dict[str, Any]:
     # The snapshot's predictions are stored before the version is current: a /predict arriving as it is
     # published finds its task's answer at once (instead of sending a chunk of the import to the back of the
     # queue to make way for an interactive message). Tasks embedded since are the gaps filled below.
-    annotated = store.annotated_tasks(pid)
-    rows = [i for i, t in enumerate(task_ids) if t not in annotated]
-    ready = model_predictions(rt, model, version, config, [task_ids[i] for i in rows], features[rows],
-                              [collections[i] for i in rows])  # fmt: skip
+    ready = {t: build_prediction(c, config, version) for t, c in zip(unannotated, answers, strict=True)}
     store.save_predictions(pid, version, ready)
     store.publish_version(pid, version, model_to_bytes(model), meta, used)
     store.reset_changes(pid, seen)
@@ -145,32 +146,21 @@ def _embed_missing(rt: Runtime, pid: int, task_ids: list[int], image_key: str) -
         log.warning("project %s: annotated task %s cannot be learned from: %s", pid, tid, reason)
 
 
-def _answers(rt: Runtime, model: Model, features: np.ndarray, config: LabelConfig, collections: list[str]) -> list:
-    """What a model would predict, as label sets valid for the config (ids and scores aside)."""
-    probs = rt.embedder.head_probabilities(features) if model.head_map else None
-    per_task = model.predict(features, probs, rt.embedder.backbone.class_names, collections)
+def _label_sets(answers: list, config: LabelConfig) -> list[dict[str, list[str]]]:
+    """A model's answers as label sets valid for the config (ids and scores aside)."""
     return [
         {item["from_name"]: item["value"]["choices"] for item in build_prediction(c, config, "")["result"]}
-        for c in per_task
+        for c in answers
     ]
 
 
 def _changed_share(
-    rt: Runtime,
-    pid: int,
-    version: str,
-    model: Model,
-    features: np.ndarray,
-    task_ids: list[int],
-    collections: list[str],
-    config: LabelConfig,
+    rt: Runtime, pid: int, version: str, answers: list, matrix: np.ndarray, collections: list[str], config: LabelConfig
 ) -> float:
-    """Share of the unannotated tasks whose answer the new model changes."""
-    annotated = rt.store.annotated_tasks(pid)
-    rows = [i for i, t in enumerate(task_ids) if t not in annotated]
-    if not rows:
+    """Share of the unannotated tasks (rows of `matrix`; the new model's `answers`) that `version` answers
+    otherwise."""
+    if not answers:
         return 0.0
-    sub, cols = features[rows], [collections[i] for i in rows]
-    old = _answers(rt, rt.project_model(pid, version), sub, config, cols)
-    new = _answers(rt, model, sub, config, cols)
-    return sum(a != b for a, b in zip(old, new, strict=True)) / len(rows)
+    old = _label_sets(model_choices(rt, rt.project_model(pid, version), matrix, collections), config)
+    new = _label_sets(answers, config)
+    return sum(a != b for a, b in zip(old, new, strict=True)) / len(answers)
