@@ -842,7 +842,7 @@ def table(results: dict[str, Any]) -> str:
     row(
         "   worker busy in predict tasks",
         f"{w['task_seconds_sum']:.1f} s",
-        f"{w['predict_tasks']} Celery tasks; {w['bulk_tasks']} chunks of {e['chunk_size']}: first "
+        f"{w['predict_tasks']} Celery tasks; {w['bulk_tasks']} chunks (CHUNK_SIZE {e['chunk_size']}): first "
         f"{w['bulk_first_seconds']:.2f} s, p50 {w['bulk_seconds_p50']:.2f} s, max {w['bulk_seconds_max']:.2f} s",
     )
     if b["images"]:
