@@ -9,7 +9,9 @@ On one machine, one run, side by side:
    import request until every task shows a prediction of the version /setup returns (Label Studio's API is
    checked at the end). Once with the workers reading the files directly (LOCAL_FILES_DOCUMENT_ROOT) and
    once through Label Studio over HTTP. During the import, the UI calls (/health, /setup, /predict) are
-   timed; at the end, how many predictions Label Studio holds per task.
+   timed; at the end, how many predictions Label Studio holds per task. The time splits in three phases:
+   Label Studio's import until its webhook's tasks are queued, their embedding until none is queued, and
+   what follows the last chunk (Label Studio storing the last write).
 4. The ratio: end to end / the slower of the model alone and Label Studio's prediction ingest.
 
     .venv/bin/python bench/throughput_ls.py [--count 4000] [--reads direct,http] [--workers 1]
@@ -148,6 +150,29 @@ class CpuAccount:
         }
 
 
+class QueueWatch(threading.Thread):
+    """When the import's tasks were first counted as queued (the webhook reached the API, which queued them)
+    and when none was queued any more (the last chunk committed): the phases between which the end-to-end
+    time splits. One Redis call every 50 ms, from the import request on (the webhook comes before its reply)."""
+
+    def __init__(self, store: Store, project: int, t0: float) -> None:
+        super().__init__(daemon=True, name="queue-watch")
+        self.store, self.project, self.t0 = store, project, t0
+        self.queued_at: float | None = None
+        self.embedded_at: float | None = None
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.05):
+            queued = self.store.pending_count(self.project)
+            now = time.perf_counter() - self.t0
+            if queued and self.queued_at is None:
+                self.queued_at = now
+            elif not queued and self.queued_at is not None:
+                self.embedded_at = now
+                return
+
+
 class UiCalls(threading.Thread):
     """What Label Studio's UI makes the backend answer while an import runs."""
 
@@ -228,6 +253,8 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
         ui.start()
         cpu.start()
         t0 = time.perf_counter()
+        watch = QueueWatch(store, project, t0)
+        watch.start()
         ids = ls.import_tasks(project, [{"image": ref(p)} for p in chosen])
         imported = time.perf_counter() - t0
 
@@ -247,6 +274,7 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
         took = time.perf_counter() - t0
         cpu.stop()
         ui.stopping.set()
+        watch.stopping.set()
         ui.join()
         version = store.current_version(project)
         tasks = ls.list_tasks(project, page_size=1000)
@@ -259,6 +287,8 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
             "seconds": took,
             "img_s": len(ids) / took,
             "import_request_s": imported,
+            "queued_at_s": watch.queued_at,
+            "embedded_at_s": watch.embedded_at,
             "versions": [seeded, version],
             "current_in_label_studio": current,
             "predictions_per_task": dict(sorted(per_task.items())),
@@ -345,6 +375,13 @@ def main() -> int:
         first, last = r["versions"]
         print(f"        import request {r['import_request_s']:.1f} s; versions {first} -> {last}; "
               f"{r['current_in_label_studio']} tasks show the current version; UI errors {r['ui_errors']}")  # fmt: skip
+        if r["queued_at_s"] is not None and r["embedded_at_s"] is not None:
+            queued, embedded = r["queued_at_s"], r["embedded_at_s"]
+            rate = r["tasks"] / (embedded - queued)
+            print(f"        phases: Label Studio's import until its webhook's tasks were queued {queued:.1f} s; "
+                  f"queued until none was {embedded - queued:.1f} s ({rate:.1f} img/s, "
+                  f"{rate / results['model_only_s']:.2f} of the model alone); then {r['seconds'] - embedded:.1f} s "
+                  "to the last prediction in Label Studio (its last write)")  # fmt: skip
         cpu = r["cpu"]
         spent = ", ".join(f"{name} {p['user_s'] + p['system_s']:.0f} ({p['system_s']:.0f} system)"
                           for name, p in cpu["parts"].items())  # fmt: skip

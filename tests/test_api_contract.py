@@ -375,6 +375,17 @@ def test_the_api_never_imports_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_worker_main_process_loads_the_sdk_for_its_pool_and_never_torch():
+    """Pool processes are forked from it: the SDK they write with comes loaded, instead of costing each one
+    about half a CPU second on its first write, in the middle of an import. The model stays in the pool."""
+    code = (
+        "import sys, worker.worker_app; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'label_studio_sdk'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['label_studio_sdk']"
+
+
 def test_version_strings_are_not_substrings_of_each_other():
     versions = [version_string("efficientnet-lite0-64px", n, e) for n in (0, 1, 10, 100, 1000, 10000)
                 for e in ("t4l2qk", "t4l2ql")]  # fmt: skip

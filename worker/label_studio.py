@@ -18,6 +18,11 @@ from typing import Any
 import httpx
 import redis
 
+# Imported with this module, so in the Celery main process before it forks the pool: importing the SDK costs
+# about half a CPU second, which each pool process would otherwise pay on its first write, in an import.
+from label_studio_sdk import LabelStudio, PredictionRequest
+from label_studio_sdk.core.api_error import ApiError
+
 from common.webhook_secret import HEADER, MODEL_CLASS, instance_id
 
 log = logging.getLogger(__name__)
@@ -30,8 +35,6 @@ NO_RETRIES = {"max_retries": 0}
 def is_transient(exc: BaseException) -> bool:
     """Worth trying again later: the network, a timeout, Label Studio or Redis briefly away, a 5xx or 429.
     Not: a refused request (4xx), which a retry would only repeat."""
-    from label_studio_sdk.core.api_error import ApiError
-
     if isinstance(exc, ApiError):
         return exc.status_code is None or exc.status_code >= 500 or exc.status_code in (408, 409, 429)
     return isinstance(
@@ -46,8 +49,6 @@ MISSING_TASK_MARKERS = ("couldn't be retrieved", "not found in project")
 
 def missing_task_error(exc: BaseException) -> bool:
     """Label Studio refuses a whole prediction import when one of its tasks was deleted meanwhile."""
-    from label_studio_sdk.core.api_error import ApiError
-
     if not (isinstance(exc, ApiError) and exc.status_code == 400):
         return False
     # The SDK hands over the parsed JSON: its repr would escape the apostrophe of "couldn't".
@@ -73,14 +74,10 @@ class LabelStudioApi:
     @cached_property
     def client(self) -> Any:
         """Made on first use, in the process that uses it (one per process, after fork)."""
-        from label_studio_sdk import LabelStudio
-
         return LabelStudio(base_url=self.base_url, api_key=self.api_key, timeout=CLIENT_TIMEOUT_SECONDS)
 
     def import_predictions(self, pid: int, version: str, predictions: Mapping[int, Mapping[str, Any]]) -> int:
         """One request for all of them; returns how many Label Studio stored (it drops invalid ones)."""
-        from label_studio_sdk import PredictionRequest
-
         request = [
             PredictionRequest(task=tid, result=p["result"], score=p["score"], model_version=version)
             for tid, p in predictions.items()
@@ -108,8 +105,6 @@ class LabelStudioApi:
         return {int(task.id) for task in self._selected(pid, task_ids, "id")}
 
     def project_exists(self, pid: int) -> bool:
-        from label_studio_sdk.core.api_error import ApiError
-
         try:
             self.client.projects.get(id=pid)
         except ApiError as exc:

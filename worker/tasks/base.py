@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import redis
 from celery import Task
+from label_studio_sdk.core.api_error import ApiError
 
 from common import keys
 from worker.runtime import ModelMissing, runtime
@@ -18,8 +19,7 @@ from worker.runtime import ModelMissing, runtime
 log = logging.getLogger(__name__)
 
 # Redis away, Label Studio away or timing out, a model not yet readable: worth another try. The SDK's
-# ApiError is retried too (a 5xx, or a 4xx that a configuration fix will cure); it is imported lazily by
-# the SDK, so it is matched by name in `retry_worthy`.
+# ApiError is retried too (a 5xx, or a 4xx that a configuration fix will cure), by `retry_api_errors`.
 RETRYABLE: tuple[type[BaseException], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -29,12 +29,6 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     ModelMissing,
 )
 MAX_STARTS = 3
-
-
-def _api_error() -> type[BaseException]:
-    from label_studio_sdk.core.api_error import ApiError
-
-    return ApiError
 
 
 class JobTask(Task):
@@ -82,7 +76,7 @@ def retry_api_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def run(self: Task, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(self, *args, **kwargs)
-        except _api_error() as exc:
+        except ApiError as exc:
             raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from exc
 
     return run
