@@ -72,7 +72,7 @@ class LabelStudioApi:
         self.api_key = api_key
 
     @cached_property
-    def client(self) -> Any:
+    def client(self) -> LabelStudio:
         """Made on first use, in the process that uses it (one per process, after fork)."""
         return LabelStudio(base_url=self.base_url, api_key=self.api_key, timeout=CLIENT_TIMEOUT_SECONDS)
 
