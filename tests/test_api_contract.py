@@ -386,6 +386,16 @@ def test_the_worker_main_process_loads_the_sdk_for_its_pool_and_never_torch():
     assert out.stdout.strip() == "['label_studio_sdk']"
 
 
+def test_the_worker_main_process_freezes_its_objects_before_the_pool_forks():
+    """Celery sends `worker_init` in the main process before it starts the pool."""
+    code = (
+        "import gc, worker.worker_app; from celery.signals import worker_init; "
+        "before = gc.get_freeze_count(); worker_init.send(sender=None); print(before, gc.get_freeze_count() > 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0 True"
+
+
 def test_version_strings_are_not_substrings_of_each_other():
     versions = [version_string("efficientnet-lite0-64px", n, e) for n in (0, 1, 10, 100, 1000, 10000)
                 for e in ("t4l2qk", "t4l2ql")]  # fmt: skip
