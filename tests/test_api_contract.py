@@ -364,6 +364,12 @@ def test_setup_reports_redis_down_as_json_503():
     assert reply.status_code == 503 and "Redis" in reply.json["error"]
 
 
+def printed_by_a_fresh_interpreter(code: str) -> str:
+    """What `code` prints in a new Python process (what a process imports can only be seen from a fresh one)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
 def test_the_api_never_imports_torch():
     code = (
         "import sys; from api.app import create_app; app = create_app(); "
@@ -371,8 +377,7 @@ def test_the_api_never_imports_torch():
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torch', 'torchvision', 'sklearn', 'label_studio_sdk', 'worker')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert printed_by_a_fresh_interpreter(code) == "[]"
 
 
 def test_the_worker_main_process_loads_the_sdk_for_its_pool_and_never_torch():
@@ -382,8 +387,7 @@ def test_the_worker_main_process_loads_the_sdk_for_its_pool_and_never_torch():
         "import sys, worker.worker_app; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'label_studio_sdk'}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['label_studio_sdk']"
+    assert printed_by_a_fresh_interpreter(code) == "['label_studio_sdk']"
 
 
 def test_the_worker_main_process_freezes_its_objects_before_the_pool_forks():
@@ -392,8 +396,7 @@ def test_the_worker_main_process_freezes_its_objects_before_the_pool_forks():
         "import gc, worker.worker_app; from celery.signals import worker_init; "
         "before = gc.get_freeze_count(); worker_init.send(sender=None); print(before, gc.get_freeze_count() > 0)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "0 True"
+    assert printed_by_a_fresh_interpreter(code) == "0 True"
 
 
 def test_version_strings_are_not_substrings_of_each_other():
