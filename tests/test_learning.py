@@ -153,16 +153,13 @@ def _answer(prediction: dict) -> tuple:
 def test_a_task_embedded_twice_keeps_its_first_features_and_is_predicted_from_them(rt):
     """Two chunks holding the same task (a lost message, a Redis restart) embed it in batches of other sizes,
     which differ in the last bits: what Label Studio holds must stay what the stored features give."""
-    from worker.ingest import _Chunk
-    from worker.pipeline import EmbedOutcome
-
     annotate(rt, ["Plankton", "Debris", "Not-plankton"])
     version = refit_project(rt, PID, force=False, reason="annotations")["version"]
     task = 2  # unannotated, in the first blob
     first = rt.store.embeddings(PID, [task])[task]
     elsewhere = rt.store.embeddings(PID, [2 * N_PER + 2])[2 * N_PER + 2]  # a task of the third blob
     rt.store.drop_predictions(PID, version)
-    _Chunk(rt, PID, None, 0.0, False).commit(EmbedOutcome(features={task: from_bytes([elsewhere])[0]}))
+    ingest._Chunk(rt, PID, None, 0.0, False).commit(EmbedOutcome(features={task: from_bytes([elsewhere])[0]}))
     assert rt.store.embeddings(PID, [task])[task] == first
     (staged,) = rt.store.predictions(PID, version, [task]).values()
     (expected,) = predict_from_features(rt, PID, version, {task: from_bytes([first])[0]}).values()
@@ -235,7 +232,7 @@ def test_per_bucket_scope_fits_one_model_per_image_collection(rt):
     assert shared["status"] == "fitted" and "collections" not in shared
 
 
-def test_a_chunk_keeps_its_tasks_queued_until_their_predictions_are_staged(rt):
+def test_a_chunk_keeps_its_tasks_queued_until_their_predictions_are_staged(rt, monkeypatch):
     """The deliverer holds a partial write while tasks are queued (worker/delivery.py `more_on_its_way`). Were a
     chunk's tasks unqueued before their predictions were staged, a deliverer looking in between would write
     without them, and they would cost Label Studio a request of their own (about 2 s in a project of 4,000
@@ -253,7 +250,7 @@ def test_a_chunk_keeps_its_tasks_queued_until_their_predictions_are_staged(rt):
         queued_while_staging.append(writing.store.pending_count(PID))
         return stage(*args, **kwargs)
 
-    writing.store.delivery.stage = observed_stage
+    monkeypatch.setattr(writing.store.delivery, "stage", observed_stage)
     ingest._Chunk(writing, PID, None, 0.0, False).commit(EmbedOutcome(features=new, refs={t: f"x{t}" for t in new}))
     assert queued_while_staging == [len(new)]
     assert writing.store.pending_count(PID) == 0
