@@ -241,7 +241,7 @@ class Store:
         return fresh
 
     def unmark_pending(self, pid: int, task_ids: Iterable[int]) -> None:
-        """Tasks no longer queued: their features are stored and their predictions staged (or not wanted)."""
+        """Tasks settled without new features (they had some already: a duplicate webhook, a message run again)."""
         ids = [str(t) for t in task_ids]
         if ids:
             self.r.hdel(keys.pending(pid), *ids)
@@ -266,10 +266,7 @@ class Store:
         """Store features; returns the tasks whose features this call stored. A task's features are written
         once: a task embedded twice (two chunks holding it after a lost message or a Redis restart) keeps the
         first, from which its predictions were made. A batch of another size gives features that differ in
-        the last bits, enough to turn an answer at a boundary: the second chunk predicts from the first's.
-
-        The tasks stay counted as queued: the caller clears that (`unmark_pending`) once their predictions
-        are staged, or a deliverer looking in between would see nothing more coming and write without them."""
+        the last bits, enough to turn an answer at a boundary: the second chunk predicts from the first's."""
         if not embeddings:
             return set()
         ids = [str(t) for t in embeddings]
@@ -278,6 +275,7 @@ class Store:
             pipe.hsetnx(keys.embeddings(pid, self.space), str(tid), blob)
         if refs:
             pipe.hset(keys.images(pid), mapping={str(t): u for t, u in refs.items()})
+        pipe.hdel(keys.pending(pid), *ids)
         pipe.hdel(keys.failed(pid), *ids)
         written = pipe.execute()[: len(ids)]
         return {tid for tid, new in zip(embeddings, written, strict=True) if new}

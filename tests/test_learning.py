@@ -4,7 +4,6 @@ host, config changes, and the ordering that leaves no task behind a new version.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -230,28 +229,3 @@ def test_per_bucket_scope_fits_one_model_per_image_collection(rt):
     rt.store.set_model_scope(PID, "project")
     shared = refit_project(rt, PID, force=True, reason="training")
     assert shared["status"] == "fitted" and "collections" not in shared
-
-
-def test_a_chunk_keeps_its_tasks_queued_until_their_predictions_are_staged(rt, monkeypatch):
-    """The deliverer holds a partial write while tasks are queued (worker/delivery.py `more_on_its_way`). Were a
-    chunk's tasks unqueued before their predictions were staged, a deliverer looking in between would write
-    without them, and they would cost Label Studio a request of their own (about 2 s in a project of 4,000
-    tasks, bench/RESULTS.md)."""
-    annotate(rt, ["Plankton", "Debris", "Not-plankton"])
-    version = refit_project(rt, PID, force=False, reason="annotations")["version"]
-    writing = Runtime(dataclasses.replace(rt.settings, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k"))
-    rng = np.random.default_rng(1)
-    new = {200 + i: rng.normal(0, 1, 1280).astype(np.float32) for i in range(5)}
-    writing.store.mark_pending(PID, list(new), stale_after=60)
-    queued_while_staging: list[int] = []
-    stage = writing.store.delivery.stage
-
-    def observed_stage(*args, **kwargs):
-        queued_while_staging.append(writing.store.pending_count(PID))
-        return stage(*args, **kwargs)
-
-    monkeypatch.setattr(writing.store.delivery, "stage", observed_stage)
-    ingest._Chunk(writing, PID, None, 0.0, False).commit(EmbedOutcome(features=new, refs={t: f"x{t}" for t in new}))
-    assert queued_while_staging == [len(new)]
-    assert writing.store.pending_count(PID) == 0
-    assert sorted(t for t, v in writing.store.delivery.due(PID, time.time() + 1, 100) if v == version) == sorted(new)

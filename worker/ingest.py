@@ -83,6 +83,7 @@ class _Chunk:
         store.note_ingest_progress()
         features = {**(known or {}), **outcome.features}
         stored = store.save_embeddings(self.pid, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
+        store.unmark_pending(self.pid, known or {})
         if raced := [t for t in outcome.features if t not in stored]:
             features.update(stored_features(self.rt, self.pid, raced))  # another chunk stored them first
         metrics.IMAGES.labels("embedded").inc(outcome.computed)
@@ -105,7 +106,6 @@ class _Chunk:
             store.jobs.progress(self.job_id, done=features)
             if outcome.features and store.annotations(self.pid, outcome.features):
                 self.annotated_embedded = True
-        store.unmark_pending(self.pid, features)  # only now: their predictions are in the outbox
         self.done += len(features)
         self.failed += len(permanent)
         self.computed += outcome.computed

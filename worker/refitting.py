@@ -141,7 +141,6 @@ def _embed_missing(rt: Runtime, pid: int, task_ids: list[int], image_key: str) -
         return
     outcome = rt.pipeline.run(tasks, image_key)
     rt.store.save_embeddings(pid, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
-    rt.store.unmark_pending(pid, outcome.features)  # annotated: nothing to stage
     rt.store.record_failures(pid, outcome.errors, outcome.transient)
     for tid, reason in outcome.errors.items():
         log.warning("project %s: annotated task %s cannot be learned from: %s", pid, tid, reason)
