@@ -116,6 +116,13 @@ def pending(pid: int) -> str:
     return _p(pid, "pending")
 
 
+def staging(pid: int) -> str:
+    """ZSET chunk token -> deadline: chunks that stored features (which unqueued their tasks) and have not yet
+    staged those tasks' predictions. The deliverer counts them as more on its way; a chunk that dies in
+    between is forgotten at its deadline."""
+    return _p(pid, "staging")
+
+
 def failed(pid: int) -> str:
     """HASH task -> JSON {reason, transient, at}: why the task has no features (its image failed)."""
     return _p(pid, "failed")

@@ -23,6 +23,7 @@ from common.jobs import Jobs
 from common.locks import leased
 
 CONTENT_CACHE_TTL = 30 * 24 * 3600
+STAGING_LEASE = 30.0  # seconds a chunk may take from storing features to staging their predictions
 KEEP_MODELS = 3  # model blobs kept per project: the current one, and two a chunk may still be using
 _BASE36 = string.digits + string.ascii_lowercase
 _VERSION = re.compile(r"-v(\d{4,})-[0-9a-z]+$")
@@ -262,23 +263,41 @@ class Store:
         """Messages waiting in a Celery queue (kombu's Redis transport keeps each queue as a list of its name)."""
         return int(self.r.llen(queue))
 
-    def save_embeddings(self, pid: int, embeddings: Mapping[int, bytes], refs: Mapping[int, str]) -> set[int]:
-        """Store features; returns the tasks whose features this call stored. A task's features are written
-        once: a task embedded twice (two chunks holding it after a lost message or a Redis restart) keeps the
-        first, from which its predictions were made. A batch of another size gives features that differ in
-        the last bits, enough to turn an answer at a boundary: the second chunk predicts from the first's."""
+    def save_embeddings(
+        self, pid: int, embeddings: Mapping[int, bytes], refs: Mapping[int, str], staging: str | None = None
+    ) -> set[int]:
+        """Store features and unqueue their tasks; returns the tasks whose features this call stored. A task's
+        features are written once: a task embedded twice (two chunks holding it after a lost message or a
+        Redis restart) keeps the first, from which its predictions were made. A batch of another size gives
+        features that differ in the last bits, enough to turn an answer at a boundary: the second chunk
+        predicts from the first's.
+
+        `staging`: the caller's token, counted as a chunk about to stage predictions (`staging_chunks`) until
+        `done_staging`, in the same transaction that unqueues the tasks: a deliverer looking in between must
+        not take them for settled and write without them."""
         if not embeddings:
             return set()
         ids = [str(t) for t in embeddings]
         pipe = self.r.pipeline()
+        if staging:
+            now = time.time()
+            pipe.zremrangebyscore(keys.staging(pid), "-inf", now)
+            pipe.zadd(keys.staging(pid), {staging: now + STAGING_LEASE})
         for tid, blob in embeddings.items():
             pipe.hsetnx(keys.embeddings(pid, self.space), str(tid), blob)
         if refs:
             pipe.hset(keys.images(pid), mapping={str(t): u for t, u in refs.items()})
         pipe.hdel(keys.pending(pid), *ids)
         pipe.hdel(keys.failed(pid), *ids)
-        written = pipe.execute()[: len(ids)]
+        written = pipe.execute()[2 if staging else 0 :][: len(ids)]
         return {tid for tid, new in zip(embeddings, written, strict=True) if new}
+
+    def done_staging(self, pid: int, staging: str) -> None:
+        self.r.zrem(keys.staging(pid), staging)
+
+    def staging_chunks(self, pid: int, now: float) -> int:
+        """Chunks between storing features and staging their predictions (`save_embeddings`)."""
+        return int(self.r.zcount(keys.staging(pid), now, "+inf"))
 
     def embeddings(self, pid: int, task_ids: Iterable[int] | None = None) -> dict[int, bytes]:
         key = keys.embeddings(pid, self.space)

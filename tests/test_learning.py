@@ -4,6 +4,7 @@ host, config changes, and the ordering that leaves no task behind a new version.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from common.settings import Settings
 from tests.helpers import LABEL_CONFIG
 from worker import ingest, refitting
+from worker.delivery import more_on_its_way
 from worker.pipeline import EmbedOutcome, from_bytes, to_bytes
 from worker.predicting import gaps, predict_from_features
 from worker.refitting import needs_refit, refit_project
@@ -229,3 +231,46 @@ def test_per_bucket_scope_fits_one_model_per_image_collection(rt):
     rt.store.set_model_scope(PID, "project")
     shared = refit_project(rt, PID, force=True, reason="training")
     assert shared["status"] == "fitted" and "collections" not in shared
+
+
+def test_a_deliverer_sees_a_chunk_coming_until_its_predictions_are_staged(rt):
+    """The deliverer holds a partial write while more is on its way (worker/delivery.py `more_on_its_way`).
+    A chunk's tasks are unqueued with their features, before their predictions are staged; had nothing else
+    said the chunk was still coming, a deliverer looking in between would write without them, and they would
+    cost Label Studio a request of their own (about 2 s in a project of 4,000 tasks, bench/RESULTS.md). Once
+    they are staged, the deliverer the chunk calls must see nothing more coming, or it would wait."""
+    annotate(rt, ["Plankton", "Debris", "Not-plankton"])
+    version = refit_project(rt, PID, force=False, reason="annotations")["version"]
+    writing = Runtime(dataclasses.replace(rt.settings, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k"))
+    rng = np.random.default_rng(1)
+    new = {200 + i: rng.normal(0, 1, 1280).astype(np.float32) for i in range(5)}
+    writing.store.mark_pending(PID, list(new), stale_after=60)
+    seen: dict[str, bool] = {}
+    stage, deliver = writing.store.delivery.stage, writing.dispatcher.deliver
+
+    def observed_stage(*args, **kwargs):
+        seen["while staging"] = more_on_its_way(writing, PID, time.time(), 30.0)
+        return stage(*args, **kwargs)
+
+    def observed_deliver(*args, **kwargs):
+        seen["when the deliverer is called"] = more_on_its_way(writing, PID, time.time(), 30.0)
+        return deliver(*args, **kwargs)
+
+    writing.store.delivery.stage, writing.dispatcher.deliver = observed_stage, observed_deliver
+    ingest._Chunk(writing, PID, None, 0.0, False).commit(EmbedOutcome(features=new, refs={t: f"x{t}" for t in new}))
+    assert seen == {"while staging": True, "when the deliverer is called": False}
+    assert writing.store.pending_count(PID) == 0 and writing.store.staging_chunks(PID, time.time()) == 0
+    assert sorted(t for t, v in writing.store.delivery.due(PID, time.time() + 1, 100) if v == version) == sorted(new)
+
+
+def test_a_chunk_whose_prediction_fails_leaves_no_mark_behind(rt, monkeypatch):
+    writing = Runtime(dataclasses.replace(rt.settings, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k"))
+    new = {300: np.ones(1280, np.float32)}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model store is away")
+
+    monkeypatch.setattr(ingest, "predict_current", broken)
+    with pytest.raises(RuntimeError):
+        ingest._Chunk(writing, PID, None, 0.0, False).commit(EmbedOutcome(features=new, refs={300: "x"}))
+    assert writing.store.staging_chunks(PID, time.time()) == 0 and writing.store.embeddings(PID, [300])

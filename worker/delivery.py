@@ -69,11 +69,12 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
     while True:
         version = store.current_version(pid)
         now = time.time()
+        coming = more_on_its_way(rt, pid, now, linger)  # first: what a chunk staged before it said so is read next
         entries = outbox.due(pid, now, batch)
         if not entries:
             return total, None
         oldest = outbox.next_due(pid) or now
-        if len(entries) < batch and now - oldest < linger and more_on_its_way(rt, pid, now, linger):
+        if len(entries) < batch and now - oldest < linger and coming:
             # A fuller write a moment later costs Label Studio less: its cost per request grows with the
             # project's size.
             return total, oldest + linger
@@ -123,9 +124,13 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
 
 
 def more_on_its_way(rt: Runtime, pid: int, now: float, linger: float) -> bool:
-    """Tasks of the project are queued for embedding and the workers are taking chunks. Tasks queued behind a
-    retry's backoff, or whose message is lost, are no reason to hold back what is ready."""
-    return rt.store.pending_count(pid) > 0 and now - rt.store.last_ingest_progress() < linger
+    """Tasks of the project are queued for embedding, or a chunk has stored features and not yet staged their
+    predictions, and the workers are taking chunks. Tasks queued behind a retry's backoff, or whose message
+    is lost, are no reason to hold back what is ready."""
+    store = rt.store
+    if now - store.last_ingest_progress() >= linger:
+        return False
+    return store.pending_count(pid) > 0 or store.staging_chunks(pid, now) > 0
 
 
 def _forget_deleted(rt: Runtime, api: LabelStudioApi, pid: int, version: str, tasks: list[int]) -> None:

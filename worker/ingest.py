@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -76,41 +77,51 @@ class _Chunk:
         self.retry: dict[int, str] = {}
         self.unstarted: list[Mapping[str, Any]] = []
         self.annotated_embedded = False
+        self.token = uuid.uuid4().hex  # counted as staging between storing features and staging predictions
 
     def commit(self, outcome: EmbedOutcome, known: Mapping[int, np.ndarray] | None = None) -> None:
         """Store what part of the chunk settled: features, failures, predictions, job progress."""
         store = self.rt.store
         store.note_ingest_progress()
         features = {**(known or {}), **outcome.features}
-        stored = store.save_embeddings(self.pid, {t: to_bytes(v) for t, v in outcome.features.items()}, outcome.refs)
+        blobs = {t: to_bytes(v) for t, v in outcome.features.items()}
+        stored = store.save_embeddings(self.pid, blobs, outcome.refs, staging=self.token)
         store.unmark_pending(self.pid, known or {})
-        if raced := [t for t in outcome.features if t not in stored]:
-            features.update(stored_features(self.rt, self.pid, raced))  # another chunk stored them first
-        metrics.IMAGES.labels("embedded").inc(outcome.computed)
-        metrics.IMAGES.labels("cached").inc(outcome.cache_hits + len(known or {}))
-        metrics.IMAGES.labels("failed").inc(len(outcome.errors))
-        for reason in outcome.errors.values():
-            metrics.IMAGE_FAILURES.labels(metrics.failure_reason(reason)).inc()
-        permanent = {t: e for t, e in outcome.errors.items() if t not in outcome.transient}
-        transient = {t: e for t, e in outcome.errors.items() if t in outcome.transient}
-        self.retry.update(transient)
-        store.jobs.progress(self.job_id, errors={t: f"{e} (trying again)" for t, e in transient.items()})
-        if permanent:
-            store.record_failures(self.pid, permanent, job_id=self.job_id)
-            store.jobs.progress(self.job_id, errors=permanent)
-            for tid, reason in permanent.items():
-                log.warning("project %s task %s failed: %s", self.pid, tid, reason)
-        if features:
-            predict_current(self.rt, self.pid, features, job_id=self.job_id, hold=self.hold,
-                            annotated_too=self.interactive)  # fmt: skip
-            store.jobs.progress(self.job_id, done=features)
-            if outcome.features and store.annotations(self.pid, outcome.features):
-                self.annotated_embedded = True
+        try:
+            if raced := [t for t in outcome.features if t not in stored]:
+                features.update(stored_features(self.rt, self.pid, raced))  # another chunk stored them first
+            self._count(outcome, len(known or {}))
+            permanent = {t: e for t, e in outcome.errors.items() if t not in outcome.transient}
+            transient = {t: e for t, e in outcome.errors.items() if t in outcome.transient}
+            self.retry.update(transient)
+            store.jobs.progress(self.job_id, errors={t: f"{e} (trying again)" for t, e in transient.items()})
+            if permanent:
+                store.record_failures(self.pid, permanent, job_id=self.job_id)
+                store.jobs.progress(self.job_id, errors=permanent)
+                for tid, reason in permanent.items():
+                    log.warning("project %s task %s failed: %s", self.pid, tid, reason)
+            if features:
+                predict_current(self.rt, self.pid, features, job_id=self.job_id, hold=self.hold,
+                                annotated_too=self.interactive, staging=self.token)  # fmt: skip
+                store.jobs.progress(self.job_id, done=features)
+                if outcome.features and store.annotations(self.pid, outcome.features):
+                    self.annotated_embedded = True
+        finally:
+            if blobs:
+                store.done_staging(self.pid, self.token)  # when nothing was staged (held back, all annotated)
         self.done += len(features)
         self.failed += len(permanent)
         self.computed += outcome.computed
         self.cache_hits += outcome.cache_hits + len(known or {})
         self.unstarted += outcome.unstarted
+
+    @staticmethod
+    def _count(outcome: EmbedOutcome, known: int) -> None:
+        metrics.IMAGES.labels("embedded").inc(outcome.computed)
+        metrics.IMAGES.labels("cached").inc(outcome.cache_hits + known)
+        metrics.IMAGES.labels("failed").inc(len(outcome.errors))
+        for reason in outcome.errors.values():
+            metrics.IMAGE_FAILURES.labels(metrics.failure_reason(reason)).inc()
 
 
 def _retry_later(

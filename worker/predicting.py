@@ -59,10 +59,13 @@ def stage(
     job_id: str | None = None,
     hold: float = 0.0,
     saved: bool = False,
+    staging: str | None = None,
 ) -> None:
     """Keep the predictions for /predict (unless `saved` already) and put them in the outbox for Label
     Studio. `hold`: how long the API may hand them over itself first (the annotator's open task), before a
-    worker writes them."""
+    worker writes them. `staging`: the chunk's token (`Store.save_embeddings`), cleared once the predictions
+    are in the outbox and before the deliverer is called, so that the deliverer sees them and nothing more
+    on its way from this chunk."""
     if not predictions:
         return
     if not saved:
@@ -70,6 +73,8 @@ def stage(
     if rt.label_studio is None or not rt.model_answers(pid, version):
         return
     rt.store.delivery.stage(pid, version, predictions, time.time() + hold, job_id)
+    if staging:
+        rt.store.done_staging(pid, staging)
     rt.dispatcher.deliver(pid, countdown=hold)
 
 
@@ -81,6 +86,7 @@ def predict_current(
     job_id: str | None = None,
     hold: float = 0.0,
     annotated_too: bool = False,
+    staging: str | None = None,
 ) -> str:
     """Predict these tasks with the version current NOW (call it after their features are stored) and stage
     the predictions; returns that version. Annotated tasks are left out, unless someone asked for them
@@ -90,7 +96,7 @@ def predict_current(
         return version  # written once the import settles and a refit has looked at it (`outgrown`)
     annotated = set() if annotated_too else rt.store.annotated_tasks(pid)
     todo = {t: v for t, v in features.items() if t not in annotated}
-    stage(rt, pid, version, predict_from_features(rt, pid, version, todo), job_id=job_id, hold=hold)
+    stage(rt, pid, version, predict_from_features(rt, pid, version, todo), job_id=job_id, hold=hold, staging=staging)
     return version
 
 
