@@ -279,17 +279,17 @@ class Store:
             return set()
         ids = [str(t) for t in embeddings]
         pipe = self.r.pipeline()
-        if staging:
-            now = time.time()
-            pipe.zremrangebyscore(keys.staging(pid), "-inf", now)
-            pipe.zadd(keys.staging(pid), {staging: now + STAGING_LEASE})
         for tid, blob in embeddings.items():
             pipe.hsetnx(keys.embeddings(pid, self.space), str(tid), blob)
         if refs:
             pipe.hset(keys.images(pid), mapping={str(t): u for t, u in refs.items()})
         pipe.hdel(keys.pending(pid), *ids)
         pipe.hdel(keys.failed(pid), *ids)
-        written = pipe.execute()[2 if staging else 0 :][: len(ids)]
+        if staging:
+            now = time.time()
+            pipe.zremrangebyscore(keys.staging(pid), "-inf", now)
+            pipe.zadd(keys.staging(pid), {staging: now + STAGING_LEASE})
+        written = pipe.execute()[: len(ids)]
         return {tid for tid, new in zip(embeddings, written, strict=True) if new}
 
     def done_staging(self, pid: int, staging: str) -> None:
