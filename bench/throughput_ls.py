@@ -12,7 +12,9 @@ On one machine, one run, side by side:
    timed; at the end, how many predictions Label Studio holds per task. The time splits in three phases:
    Label Studio's import until its webhook's tasks are queued, their embedding until none is queued, and
    what follows the last chunk (Label Studio storing the last write).
-4. The ratio: end to end / the slower of the model alone and Label Studio's prediction ingest.
+4. The ratio: end to end / the slower of the model alone and Label Studio's prediction ingest; and the
+   ratio the CPU the run's parts spent allows (`cpu_bound`): Label Studio, the API and the UI calls share
+   the cores with the model.
 
     .venv/bin/python bench/throughput_ls.py [--count 4000] [--reads direct,http] [--workers 1]
 """
@@ -299,6 +301,28 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
         }
 
 
+def cpu_bound(run: dict[str, Any], model_img_s: float, cores: int) -> dict[str, float]:
+    """What the CPU the run's parts spent allows: no run can be shorter than all their CPU seconds spread over
+    every core. `model_s` is what the model alone needs for the run's images (all cores busy at the
+    model-alone rate); the rest is everything not a worker (Label Studio importing, serving and storing, the
+    API answering the UI, this script's UI calls, Redis). Even a worker spending no CPU beyond the model's
+    cannot beat `model_rest_img_s`: the ratio the machine allows before any of our overhead."""
+    parts = run["cpu"]["parts"]
+    spent = {name: p["user_s"] + p["system_s"] for name, p in parts.items()}
+    workers = sum(s for name, s in spent.items() if name.startswith("worker "))
+    others = sum(spent.values()) - workers
+    model = cores * run["tasks"] / model_img_s
+    return {
+        "model_s": model,
+        "workers_s": workers,
+        "others_s": others,
+        "model_ms": 1000 * model / run["tasks"],
+        "worker_ms": 1000 * workers / run["tasks"],
+        "model_rest_img_s": cores * run["tasks"] / (model + others),
+        "workers_rest_img_s": cores * run["tasks"] / (workers + others),
+    }
+
+
 def model_only(count: int) -> float:
     settings = Settings.from_env()
     blobs = [p.read_bytes() for p in PARTICLES[: min(count, 2000)]]
@@ -387,6 +411,14 @@ def main() -> int:
                           for name, p in cpu["parts"].items())  # fmt: skip
         capacity = f"{cpu['capacity_s']:.0f} ({os.cpu_count()} cores x {cpu['wall_s']:.0f} s)"
         print(f"        CPU seconds of {capacity}: {spent}")
+        bound = r["cpu_bound"] = cpu_bound(r, results["model_only_s"], os.cpu_count() or 1)
+        print(f"        CPU bound: the model alone needs {bound['model_s']:.0f} CPU s for these {r['tasks']} images "
+              f"and the rest took {bound['others_s']:.0f}, so at most {bound['model_rest_img_s']:.1f} img/s "
+              f"({bound['model_rest_img_s'] / ceiling:.2f}) even if the workers spent only the model's CPU; with "
+              f"theirs ({bound['workers_s']:.0f}: {bound['worker_ms']:.1f} ms an image against "
+              f"{bound['model_ms']:.1f} alone), {bound['workers_rest_img_s']:.1f} img/s "
+              f"({bound['workers_rest_img_s'] / ceiling:.2f}); the import reached "
+              f"{r['img_s'] / bound['workers_rest_img_s']:.0%} of that")  # fmt: skip
     results["ceiling_img_s"] = ceiling
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
