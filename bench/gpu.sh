@@ -24,8 +24,9 @@ step() {  # step NAME SECONDS COMMAND...: its output in $OUT/NAME.txt
 }
 
 python3 -c "import torch, torchvision; torch.save(torchvision.models.resnet50(weights=None).state_dict(), '/tmp/r50.pth')"
-# The CUDA path: batch = one by one, CUDA = CPU, resized on the card = resized on the host; model-only rates.
-step gpu_check 75 python3 bench/gpu_check.py --sizes 224 --batches 128,256,512 --count 2048
+# The CUDA path: batch = one by one, CUDA = CPU, resized on the card = resized on the host; model-only rates,
+# for images already at 224 px and for particles at their own size (the worker's layout).
+step gpu_check 90 python3 bench/gpu_check.py --sizes 224 --batches 128,256,512 --count 2048
 # A steady-state import: 30,000 particles (the 4,000 shared ones, turned and mirrored: all new content) read
 # where they lie, as beside Label Studio with local-files storage. One worker process per two cores: each
 # process's Python (reads, decoding, padding, Redis) feeds the one GPU that all share. One TASKS_CREATED
@@ -36,5 +37,8 @@ step throughput-effnet-224 150 python3 bench/throughput.py --device cuda --image
 step throughput-resnet50-224 150 env WEIGHTS=/tmp/r50.pth python3 bench/throughput.py --backbone resnet50 \
   --device cuda --image-size 224 --count 30000 --reads direct --skip-baseline --model-passes 2 \
   --json "$OUT/resnet50-224.json"
-# Model-only images/s per input size (the GPU column of RESULTS.md "Input size"; quality is measured on CPU).
+# Half as many processes: fewer CUDA contexts taking turns on the card, less Python to feed it.
+step throughput-resnet50-224-half 130 env WEIGHTS=/tmp/r50.pth WORKER_CONCURRENCY=$(( $(nproc) / 4 )) \
+  python3 bench/throughput.py --backbone resnet50 --device cuda --image-size 224 --count 30000 --reads direct --skip-baseline --model-passes 2 --json "$OUT/resnet50-224-half.json"
+# Model-only images/s per input size (the GPU column of RESULTS.md "Input size"), when time is left.
 step input-size 45 python3 bench/input_size.py --device cuda --speed-only --json "$OUT/input-size.json"

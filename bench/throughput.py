@@ -80,6 +80,7 @@ UI_CALLS_PER_SECOND = 20.0
 PROBE_EVERY_SECONDS = 2.0
 RSS_EVERY_SECONDS = 0.2
 JOB_POLL_SECONDS = 0.2
+JOB_POLL_SECONDS_CUDA = 0.05  # an import of 30,000 lasts a few seconds on a GPU
 NOISY_CORES = 0.25  # other processes using more than this during a phase make its figures suspect
 
 
@@ -607,6 +608,17 @@ def image_url(args: argparse.Namespace, particles: Particles, server: ImageServe
     return server.particle(name)
 
 
+def crossing(timeline: list[tuple[float, int, int]], settled: float) -> float:
+    """When the job's settled count (done + failed) reached `settled`, between the two polls around it."""
+    before = (0.0, 0)
+    for t, done, failed in timeline:
+        if done + failed >= settled:
+            t0, n0 = before
+            return t0 + (t - t0) * (settled - n0) / max(1, done + failed - n0)
+        before = (t, done + failed)
+    return float("nan")
+
+
 def measure_service(
     args: argparse.Namespace,
     env: dict[str, str],
@@ -686,7 +698,7 @@ def measure_service(
             raise TimeoutError(f"import not done after {args.timeout} s: {status}")
         if worker.proc.poll() is not None:
             raise RuntimeError(f"the worker died:\n{worker.log_tail()}")
-        time.sleep(JOB_POLL_SECONDS)
+        time.sleep(JOB_POLL_SECONDS_CUDA if settings.device.startswith("cuda") else JOB_POLL_SECONDS)
     e2e_s = time.perf_counter() - t0
     cpu.__exit__()
     worker_rss_end = group_rss(worker.proc.pid)
@@ -704,6 +716,7 @@ def measure_service(
     log(f"import done in {e2e_s:.1f} s: {status['done']} done, {status['failed']} failed")
 
     first = next((t for t, d, f in timeline if d + f > 0), float("nan"))
+    t10, t90 = crossing(timeline, 0.1 * len(tasks)), crossing(timeline, 0.9 * len(tasks))
     wlog = worker_log_stats((tmp / "worker.log").read_bytes()[log_offset:].decode(errors="replace"))
     return {
         "images": len(tasks),
@@ -713,6 +726,8 @@ def measure_service(
         "failed": status["failed"],
         "webhook_reply_ms": 1000 * webhook_s,
         "first_task_done_s": first,
+        "steady_images_per_s": 0.8 * len(tasks) / (t90 - t10) if t90 > t10 else float("nan"),
+        "steady_window_s": [t10, t90],
         "content_cache_hits_before": cached_before,
         "write_back": False,
         "chunk_size": settings.chunk_size,
@@ -838,6 +853,12 @@ def table(results: dict[str, Any]) -> str:
     )
     row("   webhook reply", f"{e['webhook_reply_ms']:.0f} ms", "Label Studio waits 1 s")
     row("   first task done after", f"{e['first_task_done_s']:.2f} s", "")
+    t10, t90 = e["steady_window_s"]
+    row(
+        "   steady state: 10% to 90% done",
+        f"{e['steady_images_per_s']:.1f} img/s",
+        f"{t10:.2f} s to {t90:.2f} s; {e['steady_images_per_s'] / m['images_per_s']:.2f} of model-only",
+    )
     w = e["worker_log"]
     row(
         "   worker busy in predict tasks",

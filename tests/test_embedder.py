@@ -95,6 +95,8 @@ def test_resized_on_the_device_as_on_the_host(embedder: Embedder):
     assert cosine.min() > 0.995, cosine
     single = np.concatenate([on_device.embed([s]) for s in small])
     np.testing.assert_allclose(device, single, atol=1e-3, rtol=1e-3)
+    mixed = [6, 0, 4, 2, 5, 1, 3]  # each batch resized side by side, its rows given back in the caller's order
+    np.testing.assert_allclose(on_device.embed([small[i] for i in mixed]), device[mixed], atol=1e-3, rtol=1e-3)
     assert np.abs(device[0] - device[1]).max() > 1e-2
 
 
