@@ -14,6 +14,7 @@ import pytest
 
 from common.settings import Settings
 from tests.servers import Server, respond, running, settings
+from worker import images
 from worker.images import ImageError, ImageFetcher
 
 KEY = "secret-key-123"
@@ -33,6 +34,15 @@ class Layout:
 
     def asked(self) -> list[str]:
         return [path for _, path, _ in self.ls.requests]
+
+
+@pytest.fixture(autouse=True, params=["by handle", "by realpath"])
+def resolution(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways a path is resolved: an O_PATH handle and /proc (Linux), os.path.realpath (elsewhere)."""
+    if request.param == "by realpath":
+        monkeypatch.setattr(images, "_BY_HANDLE", False)
+    elif not images._BY_HANDLE:
+        pytest.skip("no O_PATH or /proc here")
 
 
 @pytest.fixture
