@@ -137,12 +137,10 @@ def read_under(root: str, rel: str, max_bytes: int) -> bytes | None:
     this process). `_OutsideRoot` when its real path leaves the root (a symbolic link out of it): nothing
     outside the root is opened for reading, and the file read is the one whose path was checked."""
     try:
-        fd, real = _resolve(os.path.join(root, rel))
+        fd = _open_under(root, os.path.join(root, rel))
     except OSError:
         return None
     try:
-        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
-            raise _OutsideRoot(real)
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ImageError(f"{rel} is not a regular file")
@@ -160,18 +158,26 @@ def read_under(root: str, rel: str, max_bytes: int) -> bytes | None:
     return data
 
 
-def _resolve(path: str) -> tuple[int, str]:
-    """A handle on what `path` leads to, and its real path. Linux: an O_PATH handle; elsewhere the real
+def _open_under(root: str, path: str) -> int:
+    """A handle on what `path` leads to, once its real path is known to lie under `root` (`_OutsideRoot`
+    otherwise). Linux: an O_PATH handle, opened by the kernel's one walk of the path; elsewhere the real
     path opened for reading (not following a link swapped in since)."""
     if not _BY_HANDLE:
         real = os.path.realpath(path, strict=True)
-        return os.open(real, _READ_FLAGS | os.O_NOFOLLOW), real
+        _check_under(root, real)
+        return os.open(real, _READ_FLAGS | os.O_NOFOLLOW)
     fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
-        return fd, os.readlink(f"/proc/self/fd/{fd}")
+        _check_under(root, os.readlink(f"/proc/self/fd/{fd}"))
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def _check_under(root: str, real: str) -> None:
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise _OutsideRoot(real)
 
 
 def _read_at_most(fd: int, limit: int, expected: int) -> bytes | None:
