@@ -43,7 +43,6 @@ class StandInModel:
     calls and a wait without the GIL, per batch of `batch_size`."""
 
     resize_on_device = True  # particles stay at their own size, as on a GPU
-    cuda = False
 
     def __init__(self, batch_size: int, image_size: int, launches: int, card_ms: float) -> None:
         self.batch_size, self.image_size, self.launches, self.card_ms = batch_size, image_size, launches, card_ms

@@ -2,7 +2,8 @@
 
 Checks: the embedder takes the CUDA path (bf16 autocast, channels_last, pinned memory); a batch's
 outputs equal one-by-one outputs, and CUDA outputs equal CPU outputs, within bf16 tolerance (cosine).
-Measures: model-only images/s per batch size at each input size, and the batch size the worker picks.
+Measures: model-only images/s per batch size at each input size, for images at that size and for particles
+at their own size resized on the card (the worker's layout), and the batch size the worker picks.
 
     python bench/gpu_check.py [--backbones efficientnet-lite0,resnet50] [--sizes 64,224] [--count 2048]
 
@@ -87,26 +88,18 @@ def main() -> None:
                   f"cosine min {cosine_min(on_card[:16], on_host):.4f}")  # fmt: skip
             assert cosine_min(on_card[:16], on_host) > 0.98
             data = images(args.count, size)
-            for batch in [int(b) for b in args.batches.split(",")]:
-                embedder.batch_size = batch
-                embedder.embed(data[: batch * 2])
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                embedder.embed(data)
-                torch.cuda.synchronize()
-                rate = len(data) / (time.perf_counter() - start)
-                print(f"  batch {batch:>4}: {rate:>9.0f} images/s model-only")
-            # The worker's layout: particles at their own size (48 sides here), resized on the card.
+            # and the worker's layout: particles at their own size (48 sides here), resized on the card
             mixed = [im[: 16 + i % 48, : 16 + i % 48] for i, im in enumerate(data)]
-            for batch in [int(b) for b in args.batches.split(",")]:
-                embedder.batch_size = batch
-                embedder.embed(mixed[: batch * 2])
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                embedder.embed(mixed)
-                torch.cuda.synchronize()
-                rate = len(mixed) / (time.perf_counter() - start)
-                print(f"  batch {batch:>4}: {rate:>9.0f} images/s, particles at their own size (16-63 px)")
+            for layout, batch_images in ((f"images at {size} px", data), ("particles at 16-63 px", mixed)):
+                for batch in [int(b) for b in args.batches.split(",")]:
+                    embedder.batch_size = batch
+                    embedder.embed(batch_images[: batch * 2])
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    embedder.embed(batch_images)
+                    torch.cuda.synchronize()
+                    rate = len(batch_images) / (time.perf_counter() - start)
+                    print(f"  batch {batch:>4}: {rate:>9.0f} images/s model-only, {layout}")
         del backbone
         torch.cuda.empty_cache()
 
