@@ -139,6 +139,12 @@ def annotation_tasks(pid: int) -> str:
     return _p(pid, "ann")
 
 
+def annotations_heard(pid: int) -> str:
+    """HASH task -> time (s): when a webhook last changed the task's annotations. A sweep that began reading
+    Label Studio before then leaves the task as the webhook left it."""
+    return _p(pid, "labels_heard")
+
+
 def label_changes(pid: int) -> str:
     """STRING int: annotation changes since the last fit began (the REFIT_EVERY counter)."""
     return _p(pid, "changes_since_fit")

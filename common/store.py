@@ -365,7 +365,8 @@ class Store:
         version = self.current_version(pid)
         pipe = self.r.pipeline()
         for key in (keys.embeddings(pid, self.space), keys.task_data(pid), keys.images(pid), keys.annotations(pid),
-                    keys.pending(pid), keys.failed(pid), keys.predictions(pid, version)):  # fmt: skip
+                    keys.annotations_heard(pid), keys.pending(pid), keys.failed(pid),
+                    keys.predictions(pid, version)):  # fmt: skip
             pipe.hdel(key, *ids)
         aids = [str(a) for anns in annotated.values() for a in anns]
         if aids:
@@ -393,29 +394,45 @@ class Store:
                 touched.append(int(tid))
         return touched
 
-    def replace_annotations(self, pid: int, by_task: Mapping[int, Mapping[int, Mapping[str, list[str]]]]) -> list[int]:
-        """Make the stored annotations those Label Studio holds (the sweep); returns the tasks that changed."""
-        stored = self.annotations(pid)
-        changed = []
-        for tid in set(stored) | set(by_task):
-            want = {aid: dict(labels) for aid, labels in by_task.get(tid, {}).items()}
-            if stored.get(tid, {}) != want:
-                changed.append(tid)
-        if changed:
-            pipe = self.r.pipeline()
-            for tid in changed:
-                want = by_task.get(tid, {})
-                gone = [str(a) for a in stored.get(tid, {}) if a not in want]
-                if gone:
-                    pipe.hdel(keys.annotation_tasks(pid), *gone)
-                if want:
-                    pipe.hset(keys.annotations(pid), str(tid), _encode_annotations(want))
-                    pipe.hset(keys.annotation_tasks(pid), mapping={str(a): str(tid) for a in want})
-                else:
-                    pipe.hdel(keys.annotations(pid), str(tid))
-            pipe.incrby(keys.label_changes(pid), len(changed))
-            pipe.execute()
-        return changed
+    def replace_annotations(
+        self, pid: int, by_task: Mapping[int, Mapping[int, Mapping[str, list[str]]]], since: float
+    ) -> list[int]:
+        """Make the stored annotations those Label Studio holds (the sweep, which began reading it at `since`);
+        returns the tasks that changed. A task whose annotations a webhook changed at `since` or later keeps
+        them: what the sweep read may predate the webhook, and replacing them lost an annotation made while
+        the sweep paged through the tasks until the next sweep (the next one reconciles the task)."""
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(keys.annotations(pid), keys.annotations_heard(pid))
+                    raw = pipe.hgetall(keys.annotations(pid))
+                    stored = {int(t): _decode_annotations(v) for t, v in raw.items()}
+                    heard = pipe.hgetall(keys.annotations_heard(pid))
+                    recent = {int(t) for t, at in heard.items() if float(at) >= since}
+                    changed = []
+                    for tid in (set(stored) | set(by_task)) - recent:
+                        want = {aid: dict(labels) for aid, labels in by_task.get(tid, {}).items()}
+                        if stored.get(tid, {}) != want:
+                            changed.append(tid)
+                    if not changed:
+                        pipe.unwatch()
+                        return []
+                    pipe.multi()
+                    for tid in changed:
+                        want = by_task.get(tid, {})
+                        gone = [str(a) for a in stored.get(tid, {}) if a not in want]
+                        if gone:
+                            pipe.hdel(keys.annotation_tasks(pid), *gone)
+                        if want:
+                            pipe.hset(keys.annotations(pid), str(tid), _encode_annotations(want))
+                            pipe.hset(keys.annotation_tasks(pid), mapping={str(a): str(tid) for a in want})
+                        else:
+                            pipe.hdel(keys.annotations(pid), str(tid))
+                    pipe.incrby(keys.label_changes(pid), len(changed))
+                    pipe.execute()
+                    return changed
+                except redis.WatchError:
+                    continue
 
     def _update_task_annotations(
         self, pid: int, tid: int, updates: Mapping[int, Mapping[str, list[str]] | None]
@@ -446,6 +463,7 @@ class Store:
                             pipe.hdel(keys.annotation_tasks(pid), str(aid))
                         else:
                             pipe.hset(keys.annotation_tasks(pid), str(aid), str(tid))
+                    pipe.hset(keys.annotations_heard(pid), str(tid), repr(time.time()))
                     pipe.incr(keys.label_changes(pid))
                     pipe.execute()
                     return True

@@ -76,6 +76,25 @@ def test_every_annotation_change_gets_a_new_version_and_a_retrain_without_one_ke
     assert not gaps(rt, PID, rt.store.current_version(PID))
 
 
+def test_a_sweep_keeps_an_annotation_whose_webhook_came_while_it_read_label_studio(rt):
+    """The sweep reads Label Studio's tasks, then makes the stored annotations those it read. An annotation
+    made meanwhile may be missing from what it read; its webhook's record stays, and the refit learns it
+    (replacing it lost the annotation until the next sweep: an annotation made during an import's sync
+    was never learned in the end-to-end test of annotating during an import)."""
+    store = rt.store
+    store.save_annotation(PID, 101, 1, {"organism_type": ["Plankton"]})
+    started = time.time()
+    store.save_annotation(PID, 106, 6, {"organism_type": ["Debris"]})  # its webhook, while the sweep reads
+    listed = {1: {101: {"organism_type": ["Plankton"]}}}  # what the sweep read: without annotation 106
+    assert store.replace_annotations(PID, listed, since=started) == []
+    assert store.annotations(PID) == {**listed, 6: {106: {"organism_type": ["Debris"]}}}
+    assert refit_project(rt, PID, force=False, reason="annotations")["status"] == "fitted"
+    assert set(store.fitted_labels(PID, store.current_version(PID))) == {1, 6}
+    # A sweep that began after the webhook makes the task what Label Studio holds (106 deleted there since).
+    assert store.replace_annotations(PID, listed, since=time.time()) == [6]
+    assert set(store.annotations(PID)) == {1}
+
+
 def test_nothing_to_do_without_changes_unless_forced(rt):
     assert refit_project(rt, PID, force=False, reason="annotations")["status"] == "nothing new"
     assert refit_project(rt, PID, force=True, reason="training")["status"] == "nothing to learn from"

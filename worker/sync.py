@@ -35,6 +35,9 @@ LOCK_LEASE = 60.0
 # A delivery Label Studio lacks is written again only if it was made this long before the listing began
 # (Label Studio stores a /predict reply a moment after we answer).
 DELIVERY_GRACE = 60.0
+# Webhooks are timed by the API's clock, the listing by this worker's: an annotation a webhook changed this
+# long before the listing began is still left as the webhook left it (the next sweep reconciles it).
+CLOCK_SKEW_SECONDS = 5.0
 
 
 def sync_project(rt: Runtime, pid: int, retrain: bool, reason: str) -> dict[str, Any]:
@@ -91,7 +94,7 @@ def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
             lacking.append(task.id)
     gone = (store.known_tasks(pid) | store.featured_tasks(pid)) - set(tasks)
     store.forget_tasks(pid, gone)
-    changed = store.replace_annotations(pid, annotations)
+    changed = store.replace_annotations(pid, annotations, since=started - CLOCK_SKEW_SECONDS)
     store.remember_tasks(pid, tasks.values())
     featured, failures = store.featured_tasks(pid), store.failures(pid)
     unfeatured = [t for t in tasks if t not in featured and failures.get(t, {}).get("transient", True)]
