@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify
 
-from api.errors import BadPayload
+from api.errors import BadPayload, TooLarge
 from api.payloads import MAX_DATA_DEPTH, json_object, known_project, nested_deeper_than, require_project, task_list
 from common.annotations import annotation_labels
 from common.dispatch import Dispatcher
@@ -68,9 +68,22 @@ def _objects(body: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 @handles("TASKS_CREATED")
 def tasks_created(pid: int, body: dict[str, Any]) -> dict[str, Any]:
-    tasks = task_list(body, limited=True)
+    settings = current_app.config["SETTINGS"]
+    try:
+        tasks = task_list(body, limited=True)
+    except TooLarge:
+        if not (settings.label_studio_url and settings.label_studio_api_key):
+            raise
+        tasks = None
     if isinstance(body.get("project"), dict) and body["project"].get("label_config") is not None:
         _config(pid, body)  # stored once it parses; a 400 if it does not
+    if tasks is None:
+        # Label Studio sends an import's tasks in one webhook, once. Over the limit, the workers list them
+        # from Label Studio instead (a sync, page by page): nothing is lost and the API stays quick.
+        n = len(body["tasks"])
+        log.warning("project %s: an import of %d tasks, over MAX_TASKS_PER_REQUEST: a sync queues them", pid, n)
+        job = _dispatcher().sync(pid, reason=f"an import of {n} tasks, over MAX_TASKS_PER_REQUEST")
+        return {"status": "sync queued", "tasks": n, "sync_job": job}
     if not tasks:
         return {"status": "ignored", "reason": "no tasks"}
     job = _dispatcher().ingest(pid, tasks, kind="import")

@@ -153,13 +153,24 @@ class Dispatcher:
             queues.DELIVER, kwargs={"project": pid}, queue=queues.CONTROL, countdown=countdown or None
         )
 
-    def sync(self, pid: int, *, retrain: bool = False, reason: str = "requested") -> str:
+    def sync(self, pid: int, *, retrain: bool = False, reason: str = "requested", periodic: bool = False) -> str:
         """Reconcile the project with what Label Studio holds (tasks, annotations, predictions, config), then
-        refit (always with `retrain`) and fill every gap; returns the job id."""
+        refit (always with `retrain`) and fill every gap; returns the job id. A sync asked for (not
+        `periodic`) is recorded first: it is done once a sync that began after it finishes, even if this
+        message finds another sync running or is lost (keys.sync_asked)."""
+        if not periodic:
+            self.store.ask_sync(pid, retrain)
+        return self._send_sync(pid, retrain, reason, asked=not periodic)
+
+    def sync_again(self, pid: int, reason: str) -> str:
+        """A message for a sync already asked for, whose own message found another sync running."""
+        return self._send_sync(pid, False, reason, asked=True)
+
+    def _send_sync(self, pid: int, retrain: bool, reason: str, asked: bool) -> str:
         job_id = self.store.jobs.create("sync", pid, 1)
         self.celery.send_task(
             queues.SYNC,
-            kwargs={"project": pid, "retrain": retrain, "reason": reason, "job_id": job_id},
+            kwargs={"project": pid, "retrain": retrain, "reason": reason, "job_id": job_id, "asked": asked},
             queue=queues.BULK,
         )
         return job_id

@@ -203,6 +203,13 @@ def lock(pid: int, name: str) -> str:
     return _p(pid, "lock", name)
 
 
+def sync_asked(pid: int) -> str:
+    """HASH: a sync asked for and not yet done (`token` of the last ask, `retrain` the token of an ask that
+    wanted a retrain, `at` the time of the last ask). A sync that finds its lock held leaves it here; the
+    holder, or the tick, sends another once the lock is free, and a sync clears it only when done."""
+    return _p(pid, "sync_asked")
+
+
 def last_sync(pid: int) -> str:
     """STRING JSON: the last reconciliation with Label Studio (when, and what it fixed)."""
     return _p(pid, "last_sync")

@@ -12,8 +12,9 @@ import json
 import re
 import string
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -77,6 +78,14 @@ def _encode_annotations(annotations: Mapping[int, Mapping[str, list[str]]]) -> s
     return json.dumps({str(aid): dict(labels) for aid, labels in sorted(annotations.items())}, sort_keys=True)
 
 
+class SyncAsk(NamedTuple):
+    """A sync asked for (keys.sync_asked): the last ask's token, the token of an ask that wanted a retrain."""
+
+    token: str
+    retrain: str | None
+    at: float
+
+
 class Store:
     def __init__(self, client: redis.Redis, space: str) -> None:
         self.r = client
@@ -91,6 +100,9 @@ class Store:
 
     def lock(self, pid: int, name: str, lease: float = 30.0, wait: float = 0.0):
         return leased(self.r, keys.lock(pid, name), lease, wait)
+
+    def locked(self, pid: int, name: str) -> bool:
+        return self.r.exists(keys.lock(pid, name)) > 0
 
     # -- project, config, versions -------------------------------------------------------------------
 
@@ -536,6 +548,41 @@ class Store:
         """Block until a worker stores a prediction for the task, or `timeout` passes."""
         if timeout > 0:
             self.r.blpop([keys.notify(pid, task_id)], timeout=timeout)
+
+    def ask_sync(self, pid: int, retrain: bool) -> None:
+        """Record that a sync of the project is wanted (keys.sync_asked); a retrain asked for stays asked
+        until a sync that saw it is done."""
+        token = uuid.uuid4().hex
+        fields = {"token": token, "at": time.time(), **({"retrain": token} if retrain else {})}
+        self.r.hset(keys.sync_asked(pid), mapping=fields)
+
+    def sync_asked(self, pid: int) -> SyncAsk | None:
+        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.sync_asked(pid)).items()}
+        if "token" not in raw:
+            return None
+        return SyncAsk(raw["token"], raw.get("retrain"), float(raw.get("at", 0)))
+
+    def sync_done(self, pid: int, seen: SyncAsk | None) -> bool:
+        """Clear what a finished sync saw when it began: the whole ask if none came since, else only the
+        retrain it did. True when another sync is still asked for."""
+        if seen is None:
+            return self.r.exists(keys.sync_asked(pid)) > 0
+        key = keys.sync_asked(pid)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    now = self.sync_asked(pid)
+                    pipe.multi()
+                    if now is not None and now.token == seen.token:
+                        pipe.delete(key)
+                        now = None
+                    elif now is not None and seen.retrain and now.retrain == seen.retrain:
+                        pipe.hdel(key, "retrain")
+                    pipe.execute()
+                    return now is not None
+                except redis.WatchError:
+                    continue
 
     def set_last_sync(self, pid: int, report: Mapping[str, Any]) -> None:
         self.r.set(keys.last_sync(pid), json.dumps(report))

@@ -168,7 +168,7 @@ KINDS: list[Kind] = [
          json={"action": "START_TRAINING", "project": {"id": UNKNOWN}}, stores_nothing_for=UNKNOWN),
     Kind("TASKS_CREATED with tasks not a list", "POST", "/webhook", 400, "'tasks' must be a list",
          json=webhook("TASKS_CREATED", tasks="1,2,3")),
-    Kind("TASKS_CREATED over MAX_TASKS_PER_REQUEST", "POST", "/webhook", 413, "MAX_TASKS_PER_REQUEST",
+    Kind("TASKS_CREATED over the limit, no LABEL_STUDIO_URL", "POST", "/webhook", 413, "MAX_TASKS_PER_REQUEST",
          json=webhook("TASKS_CREATED", tasks=[task(i) for i in range(1, MAX_TASKS + 2)])),
     Kind("TASKS_CREATED with a non-string label_config", "POST", "/webhook", 400, "label_config must be a string",
          json={"action": "TASKS_CREATED", "project": {"id": KNOWN, "label_config": {"xml": 1}},

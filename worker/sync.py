@@ -40,26 +40,37 @@ DELIVERY_GRACE = 60.0
 CLOCK_SKEW_SECONDS = 5.0
 
 
-def sync_project(rt: Runtime, pid: int, retrain: bool, reason: str) -> dict[str, Any]:
+def sync_project(rt: Runtime, pid: int, retrain: bool, reason: str, asked: bool = False) -> dict[str, Any]:
+    """One sync at a time per project. A sync `asked` for (keys.sync_asked) that finds another running is
+    done after it (the one running sends it again when it ends), and one whose ask a sync begun since has
+    done is not run twice."""
+    store = rt.store
     report: dict[str, Any] = {"project": pid, "reason": reason, "started": time.time()}
     api = rt.label_studio
-    if api is not None:
-        with rt.store.lock(pid, "sync", lease=LOCK_LEASE) as held:
-            if not held:
-                return {"status": "another sync of this project is running"}
+    with store.lock(pid, "sync", lease=LOCK_LEASE) as held:
+        if not held:
+            return {"status": "another sync of this project is running" + ("; this one follows it" if asked else "")}
+        seen = store.sync_asked(pid)
+        if asked and seen is None:
+            return {"status": "done by a sync that began after it was asked for"}
+        retrain = retrain or bool(seen and seen.retrain)
+        if api is not None:
             if not api.project_exists(pid):
-                rt.store.drop_project(pid)
+                store.drop_project(pid)
+                store.sync_done(pid, seen)
                 log.warning("project %s is gone from Label Studio: no more periodic work for it", pid)
                 return {"status": "project deleted in Label Studio"}
             report.update(_reconcile(rt, api, pid))
     if retrain or needs_refit(rt, pid):
         report["refit"] = refit_project(rt, pid, force=retrain, reason="training" if retrain else "annotations")
     report["predicted"] = fill_gaps(rt, pid)
-    if rt.store.delivery.size(pid):
+    if store.delivery.size(pid):
         rt.dispatcher.deliver(pid)
     report["seconds"] = round(time.time() - report["started"], 3)
-    rt.store.set_last_sync(pid, report)
+    store.set_last_sync(pid, report)
     log.info("project %s: sync (%s): %s", pid, reason, {k: v for k, v in report.items() if k != "started"})
+    if store.sync_done(pid, seen) and not store.locked(pid, "sync"):
+        rt.dispatcher.sync_again(pid, reason="asked for while a sync ran")
     return report
 
 
@@ -149,7 +160,7 @@ def sync_all(rt: Runtime) -> list[int]:
         return []
     projects = rt.store.projects()
     for pid in projects:
-        rt.dispatcher.sync(pid, reason="periodic")
+        rt.dispatcher.sync(pid, reason="periodic", periodic=True)
     return projects
 
 
@@ -182,6 +193,10 @@ def tick(rt: Runtime) -> dict[int, list[str]]:
         elif store.label_config(pid) and gaps(rt, pid, store.current_version(pid)):
             rt.dispatcher.fill_gaps(pid)
             actions.append("fill gaps")
+        ask = store.sync_asked(pid)
+        if ask and now - ask.at > rt.settings.visibility_timeout and not store.locked(pid, "sync"):
+            rt.dispatcher.sync(pid, reason="asked for, its message lost")  # renews the ask's time
+            actions.append("sync")
         stale = lost_in_queue(rt, pid, now)
         retry = [t for t, f in store.failures(pid).items()
                  if f.get("transient") and now - f.get("at", 0) > rt.settings.sync_interval_seconds]  # fmt: skip

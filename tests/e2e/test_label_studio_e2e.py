@@ -242,3 +242,37 @@ def test_with_a_webhook_secret_connecting_the_model_is_the_only_step(
     finally:
         api.stop()
         worker.stop()
+
+
+def test_an_import_over_max_tasks_per_request_is_predicted_all_the_same(
+    label_studio: LabelStudioServer, tmp_path: Path, label_config: str, data_dir: Path
+):
+    """Label Studio sends an import's tasks in one webhook, once. One over MAX_TASKS_PER_REQUEST is handed to
+    a sync that lists the tasks from Label Studio (here while the new project's own sync may still run): every
+    task is embedded, and every unannotated one ends with one prediction of the current version. No beat:
+    no periodic sync comes to the rescue."""
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    env = worker_env(tmp_path, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
+                     MAX_TASKS_PER_REQUEST="5", REFIT_EVERY="2")  # fmt: skip
+    api = ApiProcess(env, tmp_path / "api.log").start()
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        project = label_studio.create_project("import over the limit", label_config)
+        label_studio.connect_ml_backend(project, api.url)
+        crops = sorted((data_dir / "flowcam" / "crops").glob("*.tif"))[:12]
+        ids = label_studio.import_tasks(project, [{"image": f"/data/local-files/?d=flowcam/crops/{p.name}"}
+                                                 for p in crops])  # fmt: skip
+        store = Store.from_url(TEST_REDIS_URL, embedding_space(Settings()))
+        wait_until(lambda: store.embedding_count(project) == 12, 120, f"all 12 embedded ({worker.log_tail(20)})")
+        for task, label in zip(ids[:2], ("Plankton", "Debris"), strict=True):
+            label_studio.create_annotation(task, [choice("organism_type", label)])
+
+        def predicted() -> bool:
+            version = model_version(api, project)
+            return all(versions_per_task(label_studio.task_predictions(t))[version] == 1 for t in ids[2:])
+
+        wait_until(predicted, 120, f"predictions of every other task ({worker.log_tail(20)})", interval=2)
+        assert "an import of 12 tasks, over MAX_TASKS_PER_REQUEST" in api.log_path.read_text()
+    finally:
+        api.stop()
+        worker.stop()

@@ -22,9 +22,9 @@ def deliver(self: JobTask, project: int) -> dict[str, Any]:
 @limited_starts
 @retry_api_errors
 def sync(self: JobTask, project: int, retrain: bool = False, reason: str = "requested",
-         job_id: str | None = None) -> dict[str, Any]:  # fmt: skip
+         job_id: str | None = None, asked: bool = False) -> dict[str, Any]:  # fmt: skip
     rt = runtime()
-    report = sync_project(rt, project, retrain, reason)
+    report = sync_project(rt, project, retrain, reason, asked=asked)
     rt.store.jobs.progress(job_id, done=[project])
     return report
 
