@@ -118,6 +118,7 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
         if refused:
             _report_refused(rt, pid, version, refused)
         outbox.done(pid, [(t, version) for t in todo])
+        log.info("project %s: %d predictions of %s written to Label Studio in %.2f s", pid, len(stored), version, took)
         total += len(stored)
         metrics.WRITEBACK.labels("written").inc(len(stored))
         metrics.WRITEBACK.labels("refused").inc(len(refused))
