@@ -69,29 +69,33 @@ def _objects(body: dict[str, Any], key: str) -> list[dict[str, Any]]:
 @handles("TASKS_CREATED")
 def tasks_created(pid: int, body: dict[str, Any]) -> dict[str, Any]:
     settings = current_app.config["SETTINGS"]
+    over = 0
     try:
         tasks = task_list(body, limited=True)
     except TooLarge:
         if not (settings.label_studio_url and settings.label_studio_api_key):
             raise
-        tasks = None
+        # Label Studio sends an import's tasks in one webhook, once. Over the limit, the first
+        # MAX_TASKS_PER_REQUEST are queued now and a sync lists the rest from Label Studio, page by page.
+        over = len(body["tasks"]) - settings.max_tasks_per_request
+        tasks = task_list({"tasks": body["tasks"][: settings.max_tasks_per_request]})
     if isinstance(body.get("project"), dict) and body["project"].get("label_config") is not None:
         _config(pid, body)  # stored once it parses; a 400 if it does not
-    if tasks is None:
-        # Label Studio sends an import's tasks in one webhook, once. Over the limit, the workers list them
-        # from Label Studio instead (a sync, page by page): nothing is lost and the API stays quick.
-        n = len(body["tasks"])
-        log.warning("project %s: an import of %d tasks, over MAX_TASKS_PER_REQUEST: a sync queues them", pid, n)
-        job = _dispatcher().sync(pid, reason=f"an import of {n} tasks, over MAX_TASKS_PER_REQUEST")
-        return {"status": "sync queued", "tasks": n, "sync_job": job}
     if not tasks:
         return {"status": "ignored", "reason": "no tasks"}
     job = _dispatcher().ingest(pid, tasks, kind="import")
     # Tasks imported with their annotations come with a count but not the annotations, and no
     # ANNOTATIONS_CREATED follows: a sync reads them from Label Studio.
     counted = any(isinstance(t.get("total_annotations"), int) and t["total_annotations"] > 0 for t in tasks)
-    sync = _dispatcher().sync(pid, reason="imported annotations") if counted else None
-    return {"status": "queued" if job else "already queued", "job": job, "tasks": len(tasks), "sync_job": sync}
+    sync = None
+    if over:
+        log.warning("project %s: an import of %d tasks, %d over MAX_TASKS_PER_REQUEST: a sync queues those", pid,
+                    len(tasks) + over, over)  # fmt: skip
+        sync = _dispatcher().sync(pid, reason=f"{over} tasks of an import over MAX_TASKS_PER_REQUEST")
+    elif counted:
+        sync = _dispatcher().sync(pid, reason="imported annotations")
+    reply = {"status": "queued" if job else "already queued", "job": job, "tasks": len(tasks), "sync_job": sync}
+    return reply | ({"over_limit": over} if over else {})
 
 
 @handles("TASKS_DELETED")

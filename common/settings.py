@@ -445,8 +445,8 @@ class Settings:
     max_tasks_per_request: int = define(
         "MAX_TASKS_PER_REQUEST", 20_000, integer(1),
         "more tasks in one `/predict` are refused (JSON 413; the backend predicts every task itself, so *Retrieve "
-        "predictions* is never needed on more); a larger `TASKS_CREATED` is handed to a sync, which lists the "
-        "tasks from Label Studio (a 413 without `LABEL_STUDIO_URL`)",
+        "predictions* is never needed on more); of a larger `TASKS_CREATED`, this many are queued and a sync lists "
+        "the rest from Label Studio (a 413 without `LABEL_STUDIO_URL`)",
     )  # fmt: skip
     # -- launch (gunicorn.conf.py, scripts/flowerconfig.py, the Procfile) --
     api_address: str = define(

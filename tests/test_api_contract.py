@@ -415,22 +415,20 @@ def test_versions_are_never_reused_even_if_redis_loses_everything(client, clean_
     assert setup_project(client) != first
 
 
-def test_an_import_over_max_tasks_per_request_is_listed_from_label_studio_by_a_sync(clean_redis):
+def test_an_import_over_max_tasks_per_request_is_queued_up_to_it_and_the_rest_listed_by_a_sync(clean_redis):
     """Label Studio sends an import's tasks in one webhook, once: over the limit it is not refused (that
-    would leave the import unpredicted until the next periodic sync) but handed to a sync, which lists the
-    tasks from Label Studio. The tasks the webhook carried are not queued by the API."""
+    would leave the import unpredicted until the next periodic sync). The first MAX_TASKS_PER_REQUEST are
+    queued at once; a sync lists the others from Label Studio."""
     client, store = make_client(max_tasks_per_request=3, label_studio_url="http://127.0.0.1:1",
                                 label_studio_api_key="key")  # fmt: skip
     client.store = store
     setup_project(client)
-    tasks = [{"id": i, "data": {"image": f"/data/local-files/?d=p/{i}.png"}} for i in range(1, 5)]
+    tasks = [{"id": i, "data": {"image": f"/data/local-files/?d=p/{i}.png"}} for i in range(1, 6)]
     reply = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": tasks})
     assert reply.status_code == 200, reply.json
-    assert reply.json["status"] == "sync queued" and reply.json["tasks"] == 4
-    (message,) = queued(clean_redis, "bulk")
+    assert (reply.json["status"], reply.json["tasks"], reply.json["over_limit"]) == ("queued", 3, 2)
+    assert sorted(store.pending(3)) == [1, 2, 3]
+    (message,) = [m for m in queued(clean_redis, "bulk") if m["headers"]["task"] == "plankton.sync"]
     kwargs = json.loads(base64.b64decode(message["body"]))[1]
-    assert message["headers"]["task"] == "plankton.sync" and kwargs["asked"]
-    assert "MAX_TASKS_PER_REQUEST" in kwargs["reason"]
-    assert store.sync_asked(3) is not None and not store.pending(3)
-    within = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": tasks[:3]})
-    assert within.json["status"] == "queued" and sorted(store.pending(3)) == [1, 2, 3]
+    assert kwargs["asked"] and "2 tasks of an import over MAX_TASKS_PER_REQUEST" in kwargs["reason"]
+    assert store.sync_asked(3) is not None

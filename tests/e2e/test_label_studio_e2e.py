@@ -247,10 +247,10 @@ def test_with_a_webhook_secret_connecting_the_model_is_the_only_step(
 def test_an_import_over_max_tasks_per_request_is_predicted_all_the_same(
     label_studio: LabelStudioServer, tmp_path: Path, label_config: str, data_dir: Path
 ):
-    """Label Studio sends an import's tasks in one webhook, once. One over MAX_TASKS_PER_REQUEST is handed to
-    a sync that lists the tasks from Label Studio (here while the new project's own sync may still run): every
-    task is embedded, and every unannotated one ends with one prediction of the current version. No beat:
-    no periodic sync comes to the rescue."""
+    """Label Studio sends an import's tasks in one webhook, once. Over MAX_TASKS_PER_REQUEST, the first 5 are
+    queued at once and a sync lists the other 7 from Label Studio (here while the new project's own sync may
+    still run): every task is embedded, and every unannotated one ends with one prediction of the current
+    version. No beat: no periodic sync comes to the rescue."""
     redis.Redis.from_url(TEST_REDIS_URL).flushdb()
     env = worker_env(tmp_path, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
                      MAX_TASKS_PER_REQUEST="5", REFIT_EVERY="2")  # fmt: skip
@@ -272,7 +272,7 @@ def test_an_import_over_max_tasks_per_request_is_predicted_all_the_same(
             return all(versions_per_task(label_studio.task_predictions(t))[version] == 1 for t in ids[2:])
 
         wait_until(predicted, 120, f"predictions of every other task ({worker.log_tail(20)})", interval=2)
-        assert "an import of 12 tasks, over MAX_TASKS_PER_REQUEST" in api.log_path.read_text()
+        assert "an import of 12 tasks, 7 over MAX_TASKS_PER_REQUEST" in api.log_path.read_text()
     finally:
         api.stop()
         worker.stop()
