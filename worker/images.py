@@ -137,7 +137,7 @@ def read_under(root: str, rel: str, max_bytes: int) -> bytes | None:
     this process). `_OutsideRoot` when its real path leaves the root (a symbolic link out of it): nothing
     outside the root is opened for reading, and the file read is the one whose path was checked."""
     try:
-        fd = _open_under(root, os.path.join(root, rel))
+        fd, by_handle = _open_under(root, os.path.join(root, rel))
     except OSError:
         return None
     try:
@@ -146,7 +146,7 @@ def read_under(root: str, rel: str, max_bytes: int) -> bytes | None:
             raise ImageError(f"{rel} is not a regular file")
         if info.st_size > max_bytes:
             raise ImageError(f"{rel} is {info.st_size} bytes, over the {max_bytes}-byte limit (IMAGE_MAX_BYTES)")
-        data = _read_at_most(fd, max_bytes + 1, info.st_size + 1)
+        data = _read_at_most(fd, max_bytes + 1, info.st_size + 1, reopen=by_handle)
     except OSError as exc:
         raise ImageError(f"cannot read {rel}: {exc.strerror}") from None
     finally:
@@ -158,21 +158,22 @@ def read_under(root: str, rel: str, max_bytes: int) -> bytes | None:
     return data
 
 
-def _open_under(root: str, path: str) -> int:
+def _open_under(root: str, path: str) -> tuple[int, bool]:
     """A handle on what `path` leads to, once its real path is known to lie under `root` (`_OutsideRoot`
-    otherwise). Linux: an O_PATH handle, opened by the kernel's one walk of the path; elsewhere the real
-    path opened for reading (not following a link swapped in since)."""
+    otherwise), and whether it is an O_PATH handle (to be opened again for reading). Linux: an O_PATH
+    handle, opened by the kernel's one walk of the path; elsewhere the real path opened for reading (not
+    following a link swapped in since)."""
     if not _BY_HANDLE:
         real = os.path.realpath(path, strict=True)
         _check_under(root, real)
-        return os.open(real, _READ_FLAGS | os.O_NOFOLLOW)
+        return os.open(real, _READ_FLAGS | os.O_NOFOLLOW), False
     fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
         _check_under(root, os.readlink(f"/proc/self/fd/{fd}"))
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, True
 
 
 def _check_under(root: str, real: str) -> None:
@@ -180,12 +181,13 @@ def _check_under(root: str, real: str) -> None:
         raise _OutsideRoot(real)
 
 
-def _read_at_most(fd: int, limit: int, expected: int) -> bytes | None:
-    """Up to `limit` bytes of the file behind `fd` (None: this process may not read it). `expected`: the
-    size to ask for first. A read of `limit` (IMAGE_MAX_BYTES, 20 MiB) allocated that much for each small
-    particle, and cost a third of a worker process's CPU per particle outside the model, its download
-    threads contending for the memory map (bench/RESULTS.md)."""
-    if _BY_HANDLE:
+def _read_at_most(fd: int, limit: int, expected: int, *, reopen: bool) -> bytes | None:
+    """Up to `limit` bytes of the file behind `fd` (None: this process may not read it); `reopen`: `fd` is
+    an O_PATH handle, opened for reading here. `expected`: the size to ask for first. A read of `limit`
+    (IMAGE_MAX_BYTES, 20 MiB) allocated that much for each small particle, and cost a third of a worker
+    process's CPU per particle outside the model, its download threads contending for the memory map
+    (bench/RESULTS.md)."""
+    if reopen:
         try:
             fd = os.open(f"/proc/self/fd/{fd}", _READ_FLAGS)  # the same file, now opened for reading
         except PermissionError:
@@ -197,7 +199,7 @@ def _read_at_most(fd: int, limit: int, expected: int) -> bytes | None:
             limit -= len(part)
         return b"".join(parts)
     finally:
-        if _BY_HANDLE:
+        if reopen:
             os.close(fd)
 
 
