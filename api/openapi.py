@@ -183,7 +183,11 @@ RESPONSES: dict[str, Any] = {
     "BadRequest": _json(_ref("Error"), "the request is malformed: what is wrong, in `error`"),
     "Unauthorized": _json(_ref("Error"), "missing or wrong credentials (basic auth; on /webhook, or the secret)"),
     "NotFound": _json(_ref("Error"), "no such project (never connected through /setup), job or file"),
-    "TooLarge": _json(_ref("Error"), "a body over MAX_REQUEST_BYTES, or more tasks than MAX_TASKS_PER_REQUEST"),
+    "TooLarge": _json(
+        _ref("Error"),
+        "a body over MAX_REQUEST_BYTES, or more tasks than MAX_TASKS_PER_REQUEST (in TASKS_CREATED, only "
+        "without LABEL_STUDIO_URL: with it, the rest of the import is listed by a sync)",
+    ),
     "RedisUnavailable": _json(_ref("Error"), "Redis is away: try again"),
 }
 
