@@ -253,11 +253,23 @@ class Store:
             self.r.hset(keys.pending(pid), mapping=dict.fromkeys(map(str, fresh), f"{now:.3f}"))
         return fresh
 
-    def unmark_pending(self, pid: int, task_ids: Iterable[int]) -> None:
-        """Tasks settled without new features (they had some already: a duplicate webhook, a message run again)."""
+    def unmark_pending(self, pid: int, task_ids: Iterable[int], staging: str | None = None) -> None:
+        """Tasks settled without new features (they had some already: a duplicate webhook, a message run again).
+        `staging`: as for `save_embeddings`, the caller is counted as about to stage their predictions."""
         ids = [str(t) for t in task_ids]
-        if ids:
-            self.r.hdel(keys.pending(pid), *ids)
+        if not ids:
+            return
+        pipe = self.r.pipeline()
+        pipe.hdel(keys.pending(pid), *ids)
+        if staging:
+            self._mark_staging(pipe, pid, staging)
+        pipe.execute()
+
+    @staticmethod
+    def _mark_staging(pipe: redis.client.Pipeline, pid: int, staging: str) -> None:
+        now = time.time()
+        pipe.zremrangebyscore(keys.staging(pid), "-inf", now)
+        pipe.zadd(keys.staging(pid), {staging: now + STAGING_LEASE})
 
     def pending(self, pid: int) -> dict[int, float]:
         return {int(t): float(v) for t, v in self.r.hgetall(keys.pending(pid)).items()}
@@ -298,9 +310,7 @@ class Store:
         pipe.hdel(keys.pending(pid), *ids)
         pipe.hdel(keys.failed(pid), *ids)
         if staging:
-            now = time.time()
-            pipe.zremrangebyscore(keys.staging(pid), "-inf", now)
-            pipe.zadd(keys.staging(pid), {staging: now + STAGING_LEASE})
+            self._mark_staging(pipe, pid, staging)
         written = pipe.execute()[: len(ids)]
         return {tid for tid, new in zip(embeddings, written, strict=True) if new}
 

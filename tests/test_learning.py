@@ -252,12 +252,14 @@ def test_per_bucket_scope_fits_one_model_per_image_collection(rt):
     assert shared["status"] == "fitted" and "collections" not in shared
 
 
-def test_a_deliverer_sees_a_chunk_coming_until_its_predictions_are_staged(rt):
+@pytest.mark.parametrize("run", ["first", "again"])
+def test_a_deliverer_sees_a_chunk_coming_until_its_predictions_are_staged(rt, run):
     """The deliverer holds a partial write while more is on its way (worker/delivery.py `more_on_its_way`).
     A chunk's tasks are unqueued with their features, before their predictions are staged; had nothing else
     said the chunk was still coming, a deliverer looking in between would write without them, and they would
     cost Label Studio a request of their own (about 2 s in a project of 4,000 tasks, bench/RESULTS.md). Once
-    they are staged, the deliverer the chunk calls must see nothing more coming, or it would wait."""
+    they are staged, the deliverer the chunk calls must see nothing more coming, or it would wait. `again`:
+    a message run again after a crash, whose tasks' features were stored by its first run (`known`)."""
     annotate(rt, ["Plankton", "Debris", "Not-plankton"])
     version = refit_project(rt, PID, force=False, reason="annotations")["version"]
     writing = Runtime(dataclasses.replace(rt.settings, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k"))
@@ -276,7 +278,13 @@ def test_a_deliverer_sees_a_chunk_coming_until_its_predictions_are_staged(rt):
         return deliver(*args, **kwargs)
 
     writing.store.delivery.stage, writing.dispatcher.deliver = observed_stage, observed_deliver
-    ingest._Chunk(writing, PID, None, 0.0, False).commit(EmbedOutcome(features=new, refs={t: f"x{t}" for t in new}))
+    chunk = ingest._Chunk(writing, PID, None, 0.0, False)
+    if run == "first":
+        chunk.commit(EmbedOutcome(features=new, refs={t: f"x{t}" for t in new}))
+    else:
+        writing.store.save_embeddings(PID, {t: to_bytes(f) for t, f in new.items()}, {})
+        writing.store.mark_pending(PID, list(new), stale_after=0)
+        chunk.commit(EmbedOutcome(), known=new)
     assert seen == {"while staging": True, "when the deliverer is called": False}
     assert writing.store.pending_count(PID) == 0 and writing.store.staging_chunks(PID, time.time()) == 0
     assert sorted(t for t, v in writing.store.delivery.due(PID, time.time() + 1, 100) if v == version) == sorted(new)

@@ -86,7 +86,7 @@ class _Chunk:
         features = {**(known or {}), **outcome.features}
         blobs = {t: to_bytes(v) for t, v in outcome.features.items()}
         stored = store.save_embeddings(self.pid, blobs, outcome.refs, staging=self.token)
-        store.unmark_pending(self.pid, known or {})
+        store.unmark_pending(self.pid, known or {}, staging=self.token)
         try:
             if raced := [t for t in outcome.features if t not in stored]:
                 features.update(stored_features(self.rt, self.pid, raced))  # another chunk stored them first
@@ -107,7 +107,7 @@ class _Chunk:
                 if outcome.features and store.annotations(self.pid, outcome.features):
                     self.annotated_embedded = True
         finally:
-            if blobs:
+            if blobs or known:
                 store.done_staging(self.pid, self.token)  # when nothing was staged (held back, all annotated)
         self.done += len(features)
         self.failed += len(permanent)
