@@ -425,7 +425,8 @@ class Settings:
     )  # fmt: skip
     sync_interval_seconds: float = define(
         "SYNC_INTERVAL_SECONDS", 300.0, number(0),
-        "how often beat reconciles every project with Label Studio (0: only on *Start training* and `POST /sync`)",
+        "how often beat reconciles every project with Label Studio (0: only on *Start training* and `POST /sync`); "
+        "a project whose last listing took L seconds waits at least 10 L (large projects)",
     )  # fmt: skip
     deliver_batch_size: int = define(
         "DELIVER_BATCH_SIZE", 5000, integer(1),

@@ -38,6 +38,8 @@ DELIVERY_GRACE = 60.0
 # Webhooks are timed by the API's clock, the listing by this worker's: an annotation a webhook changed this
 # long before the listing began is still left as the webhook left it (the next sweep reconciles it).
 CLOCK_SKEW_SECONDS = 5.0
+# The periodic sync's listings take at most this share of Label Studio's time, however large the project.
+LISTING_SHARE = 0.1
 
 
 def sync_project(rt: Runtime, pid: int, retrain: bool, reason: str, asked: bool = False) -> dict[str, Any]:
@@ -89,6 +91,7 @@ def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
     tasks: dict[int, dict[str, Any]] = {}
     annotations: dict[int, dict[int, dict[str, list[str]]]] = {}
     holding, lacking, duplicates = [], [], []
+    listing = time.time()
     for task in api.project_tasks(pid):
         tasks[task.id] = {"id": task.id, "data": task.data}
         anns = {int(a["id"]): annotation_labels(a, config) for a in task.annotations}
@@ -103,6 +106,7 @@ def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
             holding.append(task.id)
         elif not live:
             lacking.append(task.id)
+    listing_seconds = time.time() - listing
     gone = (store.known_tasks(pid) | store.featured_tasks(pid)) - set(tasks)
     store.forget_tasks(pid, gone)
     changed = store.replace_annotations(pid, annotations, since=started - CLOCK_SKEW_SECONDS)
@@ -129,6 +133,7 @@ def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
     return {
         "webhooks_secured": secured,
         "tasks": len(tasks),
+        "listing_seconds": round(listing_seconds, 3),
         "new": len(unfeatured),
         "ingest_job": job,
         "deleted_tasks": len(gone),
@@ -154,14 +159,21 @@ def _secure_webhooks(rt: Runtime, api: LabelStudioApi, pid: int) -> int:
 
 
 def sync_all(rt: Runtime) -> list[int]:
-    """Queue a sync of every project the backend knows; one run per interval however many beats run."""
+    """Queue a periodic sync of every project the backend knows (one run per interval however many beats
+    run), but of a large project not before its last listing has had LISTING_SHARE of the time since: Label
+    Studio lists about 400 tasks a second (bench/RESULTS.md), and a project of 30,000 tasks listed every
+    SYNC_INTERVAL_SECONDS would take a quarter of one of its cores, away from the annotators."""
     interval = max(1.0, rt.settings.sync_interval_seconds * 0.9)
     if not rt.store.r.set(keys.beat_lock("sync_all"), "1", nx=True, px=int(interval * 1000)):
         return []
-    projects = rt.store.projects()
-    for pid in projects:
+    queued, now = [], time.time()
+    for pid in rt.store.projects():
+        last = rt.store.last_sync(pid) or {}
+        if now - float(last.get("started", 0)) < float(last.get("listing_seconds", 0)) / LISTING_SHARE:
+            continue
         rt.dispatcher.sync(pid, reason="periodic", periodic=True)
-    return projects
+        queued.append(pid)
+    return queued
 
 
 def lost_in_queue(rt: Runtime, pid: int, now: float) -> list[int]:
