@@ -66,6 +66,22 @@ def versions_per_task(predictions: list[dict]) -> collections.Counter:
     return collections.Counter(p["model_version"] for p in predictions)
 
 
+def annotate_two_and_wait_for_the_rest(
+    label_studio: LabelStudioServer, api: ApiProcess, worker: WorkerProcess, project: int, ids: list[int]
+) -> None:
+    """Annotate the first two tasks (Plankton, Debris) in Label Studio; wait until each of the others holds
+    exactly one prediction of the version /setup returns."""
+    for task, label in zip(ids[:2], ("Plankton", "Debris"), strict=True):
+        label_studio.create_annotation(task, [choice("organism_type", label)])
+
+    def predicted() -> bool:
+        version = model_version(api, project)
+        return all(versions_per_task(label_studio.task_predictions(t))[version] == 1 for t in ids[2:])
+
+    wait_until(predicted, 120, f"one prediction of the current version on every other task ({worker.log_tail(20)})",
+               interval=2)  # fmt: skip
+
+
 def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
     label_studio: LabelStudioServer, backend, label_config: str, data_dir: Path
 ):
@@ -230,14 +246,7 @@ def test_with_a_webhook_secret_connecting_the_model_is_the_only_step(
         crops = sorted((data_dir / "flowcam" / "crops").glob("*.tif"))[:6]
         ids = label_studio.import_tasks(project, [{"image": f"/data/local-files/?d=flowcam/crops/{p.name}"}
                                                  for p in crops])  # fmt: skip
-        for task, label in zip(ids[:2], ("Plankton", "Debris"), strict=True):
-            label_studio.create_annotation(task, [choice("organism_type", label)])
-
-        def predicted() -> bool:
-            version = model_version(api, project)
-            return all(versions_per_task(label_studio.task_predictions(t))[version] == 1 for t in ids[2:])
-
-        wait_until(predicted, 120, f"predictions through the secured webhook ({worker.log_tail(20)})", interval=2)
+        annotate_two_and_wait_for_the_rest(label_studio, api, worker, project, ids)
         assert "refused a webhook" not in api.log_path.read_text()
     finally:
         api.stop()
@@ -264,14 +273,7 @@ def test_an_import_over_max_tasks_per_request_is_predicted_all_the_same(
                                                  for p in crops])  # fmt: skip
         store = Store.from_url(TEST_REDIS_URL, embedding_space(Settings()))
         wait_until(lambda: store.embedding_count(project) == 12, 120, f"all 12 embedded ({worker.log_tail(20)})")
-        for task, label in zip(ids[:2], ("Plankton", "Debris"), strict=True):
-            label_studio.create_annotation(task, [choice("organism_type", label)])
-
-        def predicted() -> bool:
-            version = model_version(api, project)
-            return all(versions_per_task(label_studio.task_predictions(t))[version] == 1 for t in ids[2:])
-
-        wait_until(predicted, 120, f"predictions of every other task ({worker.log_tail(20)})", interval=2)
+        annotate_two_and_wait_for_the_rest(label_studio, api, worker, project, ids)
         assert "an import of 12 tasks, 7 over MAX_TASKS_PER_REQUEST" in api.log_path.read_text()
     finally:
         api.stop()
