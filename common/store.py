@@ -86,6 +86,13 @@ class SyncAsk(NamedTuple):
     at: float
 
 
+def _sync_ask(raw: Mapping[bytes, bytes]) -> SyncAsk | None:
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    if "token" not in fields:
+        return None
+    return SyncAsk(fields["token"], fields.get("retrain"), float(fields.get("at", 0)))
+
+
 class Store:
     def __init__(self, client: redis.Redis, space: str) -> None:
         self.r = client
@@ -423,74 +430,67 @@ class Store:
         returns the tasks that changed. A task whose annotations a webhook changed at `since` or later keeps
         them: what the sweep read may predate the webhook, and replacing them lost an annotation made while
         the sweep paged through the tasks until the next sweep (the next one reconciles the task)."""
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(keys.annotations(pid), keys.annotations_heard(pid))
-                    raw = pipe.hgetall(keys.annotations(pid))
-                    stored = {int(t): _decode_annotations(v) for t, v in raw.items()}
-                    heard = pipe.hgetall(keys.annotations_heard(pid))
-                    recent = {int(t) for t, at in heard.items() if float(at) >= since}
-                    changed = []
-                    for tid in (set(stored) | set(by_task)) - recent:
-                        want = {aid: dict(labels) for aid, labels in by_task.get(tid, {}).items()}
-                        if stored.get(tid, {}) != want:
-                            changed.append(tid)
-                    if not changed:
-                        pipe.unwatch()
-                        return []
-                    pipe.multi()
-                    for tid in changed:
-                        want = by_task.get(tid, {})
-                        gone = [str(a) for a in stored.get(tid, {}) if a not in want]
-                        if gone:
-                            pipe.hdel(keys.annotation_tasks(pid), *gone)
-                        if want:
-                            pipe.hset(keys.annotations(pid), str(tid), _encode_annotations(want))
-                            pipe.hset(keys.annotation_tasks(pid), mapping={str(a): str(tid) for a in want})
-                        else:
-                            pipe.hdel(keys.annotations(pid), str(tid))
-                    pipe.incrby(keys.label_changes(pid), len(changed))
-                    pipe.execute()
-                    return changed
-                except redis.WatchError:
-                    continue
+
+        def replace(pipe: redis.client.Pipeline) -> list[int]:
+            stored = {int(t): _decode_annotations(v) for t, v in pipe.hgetall(keys.annotations(pid)).items()}
+            heard = pipe.hgetall(keys.annotations_heard(pid))
+            recent = {int(t) for t, at in heard.items() if float(at) >= since}
+            changed = []
+            for tid in (set(stored) | set(by_task)) - recent:
+                want = {aid: dict(labels) for aid, labels in by_task.get(tid, {}).items()}
+                if stored.get(tid, {}) != want:
+                    changed.append(tid)
+            if not changed:
+                pipe.unwatch()
+                return []
+            pipe.multi()
+            for tid in changed:
+                want = by_task.get(tid, {})
+                gone = [str(a) for a in stored.get(tid, {}) if a not in want]
+                if gone:
+                    pipe.hdel(keys.annotation_tasks(pid), *gone)
+                if want:
+                    pipe.hset(keys.annotations(pid), str(tid), _encode_annotations(want))
+                    pipe.hset(keys.annotation_tasks(pid), mapping={str(a): str(tid) for a in want})
+                else:
+                    pipe.hdel(keys.annotations(pid), str(tid))
+            pipe.incrby(keys.label_changes(pid), len(changed))
+            return changed
+
+        return self.r.transaction(replace, keys.annotations(pid), keys.annotations_heard(pid), value_from_callable=True)
 
     def _update_task_annotations(
         self, pid: int, tid: int, updates: Mapping[int, Mapping[str, list[str]] | None]
     ) -> bool:
         key = keys.annotations(pid)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.hget(key, str(tid))
-                    current = _decode_annotations(raw) if raw else {}
-                    wanted = dict(current)
-                    for aid, labels in updates.items():
-                        if labels is None:
-                            wanted.pop(aid, None)
-                        else:
-                            wanted[aid] = {tag: sorted(chosen) for tag, chosen in labels.items()}
-                    if wanted == current:
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    if wanted:
-                        pipe.hset(key, str(tid), _encode_annotations(wanted))
-                    else:
-                        pipe.hdel(key, str(tid))
-                    for aid, labels in updates.items():
-                        if labels is None:
-                            pipe.hdel(keys.annotation_tasks(pid), str(aid))
-                        else:
-                            pipe.hset(keys.annotation_tasks(pid), str(aid), str(tid))
-                    pipe.hset(keys.annotations_heard(pid), str(tid), repr(time.time()))
-                    pipe.incr(keys.label_changes(pid))
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+
+        def update(pipe: redis.client.Pipeline) -> bool:
+            raw = pipe.hget(key, str(tid))
+            current = _decode_annotations(raw) if raw else {}
+            wanted = dict(current)
+            for aid, labels in updates.items():
+                if labels is None:
+                    wanted.pop(aid, None)
+                else:
+                    wanted[aid] = {tag: sorted(chosen) for tag, chosen in labels.items()}
+            if wanted == current:
+                pipe.unwatch()
+                return False
+            pipe.multi()
+            if wanted:
+                pipe.hset(key, str(tid), _encode_annotations(wanted))
+            else:
+                pipe.hdel(key, str(tid))
+            for aid, labels in updates.items():
+                if labels is None:
+                    pipe.hdel(keys.annotation_tasks(pid), str(aid))
+                else:
+                    pipe.hset(keys.annotation_tasks(pid), str(aid), str(tid))
+            pipe.hset(keys.annotations_heard(pid), str(tid), repr(time.time()))
+            pipe.incr(keys.label_changes(pid))
+            return True
+
+        return self.r.transaction(update, key, value_from_callable=True)
 
     def annotations(self, pid: int, task_ids: Iterable[int] | None = None) -> dict[int, Annotations]:
         """Annotated tasks: task -> {annotation id: labels}."""
@@ -567,10 +567,7 @@ class Store:
         self.r.hset(keys.sync_asked(pid), mapping=fields)
 
     def sync_asked(self, pid: int) -> SyncAsk | None:
-        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(keys.sync_asked(pid)).items()}
-        if "token" not in raw:
-            return None
-        return SyncAsk(raw["token"], raw.get("retrain"), float(raw.get("at", 0)))
+        return _sync_ask(self.r.hgetall(keys.sync_asked(pid)))
 
     def sync_done(self, pid: int, seen: SyncAsk | None) -> bool:
         """Clear what a finished sync saw when it began: the whole ask if none came since, else only the
@@ -578,21 +575,18 @@ class Store:
         if seen is None:
             return self.r.exists(keys.sync_asked(pid)) > 0
         key = keys.sync_asked(pid)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    now = self.sync_asked(pid)
-                    pipe.multi()
-                    if now is not None and now.token == seen.token:
-                        pipe.delete(key)
-                        now = None
-                    elif now is not None and seen.retrain and now.retrain == seen.retrain:
-                        pipe.hdel(key, "retrain")
-                    pipe.execute()
-                    return now is not None
-                except redis.WatchError:
-                    continue
+
+        def clear(pipe: redis.client.Pipeline) -> bool:
+            now = _sync_ask(pipe.hgetall(key))
+            pipe.multi()
+            if now is not None and now.token == seen.token:
+                pipe.delete(key)
+                return False
+            if now is not None and seen.retrain and now.retrain == seen.retrain:
+                pipe.hdel(key, "retrain")
+            return now is not None
+
+        return self.r.transaction(clear, key, value_from_callable=True)
 
     def set_last_sync(self, pid: int, report: Mapping[str, Any]) -> None:
         self.r.set(keys.last_sync(pid), json.dumps(report))
