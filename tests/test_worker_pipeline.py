@@ -15,6 +15,7 @@ from api.app import create_app
 from common.settings import Settings
 from common.store import version_number
 from tests.helpers import DATA, LABEL_CONFIG, png_bytes, synthetic_particle, wait_until
+from worker.celery_app import app as celery_app
 
 PID = 5
 CROPS = sorted((DATA / "flowcam" / "crops").glob("*.tif"))
@@ -212,8 +213,10 @@ def test_a_bulk_chunk_gives_way_only_to_interactive_work_its_worker_serves(clean
 
 
 def test_a_big_bulk_chunk_gives_way_to_the_interactive_lane(clean_redis, image_server, start_worker):
-    """One 60-task chunk (CHUNK_SIZE 64): the lone task does not wait for the chunk. The chunk stops after
-    its batch in progress, sends its unstarted tasks back to the bulk queue, and they all finish later."""
+    """One 60-task chunk: the lone task does not wait for the chunk. The chunk stops after its batch in
+    progress, sends its unstarted tasks back to the bulk queue, and they all finish later. The chunk is sent
+    as one message: an import of 60 is cut into chunks of 15 and fewer (`chunk_sizes`), which may be wholly
+    downloaded before the lone task comes, and then has nothing left to give back."""
     settings = dataclasses.replace(Settings.from_env(), predict_wait_seconds=20, chunk_size=64)
     api = create_app(settings).test_client()
     assert api.post("/setup", json={"project": f"{PID}.1", "schema": LABEL_CONFIG}).status_code == 200
@@ -221,8 +224,10 @@ def test_a_big_bulk_chunk_gives_way_to_the_interactive_lane(clean_redis, image_s
 
     image_server.routes["/slowish.png"] = slow_particle_route("rod", 0.3)
     bulk = [{"id": i, "data": {"image": f"{image_server.url}/slowish.png?s={i}"}} for i in range(1, 61)]
-    job = api.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": PID}, "tasks": bulk}).json["job"]
     store = api.application.extensions["store"]
+    job = store.jobs.create("import", PID, len(bulk))
+    celery_app.send_task("plankton.predict_tasks", kwargs={"project": PID, "tasks": bulk, "job_id": job},
+                         queue="bulk")  # fmt: skip
     wait_until(lambda: store.embedding_count(PID) >= 4 or api.get(f"/jobs/{job}").json["done"], 60, "the import")
     lone = {"id": 999, "data": {"image": f"{image_server.url}/slowish.png?s=999"}}
     api.post("/predict", json={"project": f"{PID}.1", "tasks": [lone]})
