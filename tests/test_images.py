@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from common.settings import Settings
 from tests.helpers import DATA, ImageServer, free_port, png_bytes, synthetic_particle
@@ -166,6 +166,22 @@ def test_model_input_keeps_aspect_ratio():
     assert len(dark_cols) >= 60  # still the full width
     # The padding takes the image's own border colour (white here), not black.
     assert (arr[:10] > 245).all() and (arr[-10:] > 245).all()
+
+
+@pytest.mark.parametrize("height, width", [(5, 8), (8, 5), (6, 9), (9, 6), (1, 4), (3, 2), (17, 40), (40, 17)])
+def test_model_input_pads_as_pillow_pads(height: int, width: int):
+    """The padding is numpy's, for speed; its pixels are those of Pillow's `ImageOps.pad` with the border's
+    median colour (odd and even margins, an odd and even count of border pixels)."""
+    rng = np.random.default_rng(height * 100 + width)
+    arr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    border = np.concatenate([arr[[0, -1]].reshape(-1, 3), arr[:, [0, -1]].reshape(-1, 3)])
+    fill = tuple(int(v) for v in np.median(border, axis=0))
+    side = max(height, width)
+    expected = np.asarray(ImageOps.pad(img, (side, side), color=fill, centering=(0.5, 0.5)))
+    assert np.array_equal(to_model_input(img, 64, resize=False), expected)
+    resized = np.asarray(Image.fromarray(expected).resize((64, 64), Image.Resampling.BILINEAR, reducing_gap=None))
+    assert np.array_equal(to_model_input(img, 64), resized)
 
 
 def test_model_input_square_at_size_is_unchanged():

@@ -514,12 +514,33 @@ def to_model_input(img: Image.Image, size: int, *, resize: bool = True) -> np.nd
     if max(width, height) > limit:
         img = img.reduce(-(-max(width, height) // limit))
         width, height = img.size
-    side = max(width, height)
+    arr = np.asarray(img, dtype=np.uint8)
     if width != height:
-        arr = np.asarray(img)
-        border = np.concatenate([arr[[0, -1], :, :].reshape(-1, 3), arr[:, [0, -1], :].reshape(-1, 3)])
-        fill = tuple(int(v) for v in np.median(border, axis=0))
-        img = ImageOps.pad(img, (side, side), color=fill, centering=(0.5, 0.5))
+        arr = _pad_to_square(arr)
+    side = arr.shape[0]
     if side > size or (side < size and resize):
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(img, dtype=np.uint8)
+        resized = Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+        return np.asarray(resized, dtype=np.uint8)
+    return arr
+
+
+def _pad_to_square(arr: np.ndarray) -> np.ndarray:
+    """`arr` (HxWx3) centred on a square of the median colour of its border, placed as `ImageOps.pad` places
+    it (the same pixels), in numpy: `to_model_input` took 73 us a particle with Pillow's pad, 43 this way, and a GPU
+    worker's download threads pad every particle (bench/RESULTS.md, *The host side of a GPU worker*)."""
+    height, width = arr.shape[:2]
+    side = max(height, width)
+    border = np.concatenate((arr[0], arr[-1], arr[:, 0], arr[:, -1]))
+    square = np.empty((side, side, 3), np.uint8)
+    square.reshape(side, 3 * side)[:] = np.tile(_median_colour(border), side)  # by rows: 3 values broadcast slowly
+    top, left = round((side - height) / 2), round((side - width) / 2)
+    square[top : top + height, left : left + width] = arr
+    return square
+
+
+def _median_colour(pixels: np.ndarray) -> np.ndarray:
+    """The per-channel median of N x 3 uint8 pixels, rounded down: what `np.median` gives, truncated, in a
+    quarter of its time on a particle's border."""
+    ordered = np.sort(pixels, axis=0)
+    n = len(ordered)
+    return ((ordered[(n - 1) // 2].astype(np.uint16) + ordered[n // 2]) // 2).astype(np.uint8)
