@@ -7,7 +7,9 @@ process (`EmbeddingPipeline`: reads as Label Studio local files under LOCAL_FILE
 decoding, padding to a square at the particle's own size as for a GPU, the content cache in Redis) in
 front of a stand-in for the model: each batch gives the GIL back `--launches` times (a CUDA forward pass
 launches a kernel per operator, and takes the GIL back after each) and then waits `--card-ms` with the GIL
-released, as for the card. Nothing is written back; only the pipeline is timed.
+released, as for the card. Nothing is written back; only the pipeline is timed. Local files have one
+read thread of their own in each process: `--download-workers` (DOWNLOAD_WORKERS) sizes only the pool for
+network downloads, which these reads no longer use.
 
     .venv/bin/python bench/feed.py                                   # 4000 particles, 4 download threads
     .venv/bin/python bench/feed.py --download-workers 2,4,8,32 --launches 400 --card-ms 25
@@ -87,7 +89,7 @@ def main() -> int:
             wall, process = time.perf_counter(), time.process_time()
             out = pipeline.run(tasks, "image")
             wall, process = time.perf_counter() - wall, time.process_time() - process
-            pipeline.pool.shutdown()
+            pipeline.close()
             if out.errors:
                 raise SystemExit(f"{len(out.errors)} particles failed, e.g. {next(iter(out.errors.values()))}")
             rates.append(len(out.features) / wall)

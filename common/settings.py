@@ -357,8 +357,8 @@ class Settings:
     )  # fmt: skip
     download_workers: int = define(
         "DOWNLOAD_WORKERS", Computed(lambda: max(4, 2 * available_cores()), "2 per core, at least 4"), integer(1),
-        "concurrent image downloads per worker process: enough to hide the network's latency, few enough not to "
-        "starve the model; files read from disk need only 2-4",
+        "concurrent image downloads over the network per worker process: enough to hide its latency, few enough "
+        "not to starve the model (files read from disk have one thread of their own in each process)",
     )  # fmt: skip
     download_timeout: float = define(
         "DOWNLOAD_TIMEOUT", 10.0, number(0, above=True),

@@ -366,7 +366,7 @@ def test_one_batch_with_every_bad_kind_fails_only_the_bad_tasks(hostile: tuple[S
     start = time.monotonic()
     out = pipeline.run(tasks, "image")
     elapsed = time.monotonic() - start
-    pipeline.pool.shutdown()
+    pipeline.close()
 
     assert set(out.features) == {i for i in range(6)} | {n for n, e in expected.items() if e is None}
     assert set(out.errors) == {n for n, e in expected.items() if e is not None}

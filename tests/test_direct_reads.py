@@ -6,16 +6,20 @@ the roots is ever read."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.settings import Settings
+from tests.helpers import png_bytes, synthetic_particle
 from tests.servers import Server, respond, running, settings
 from worker import images
 from worker.images import ImageError, ImageFetcher
+from worker.pipeline import EmbeddingPipeline
 
 KEY = "secret-key-123"
 
@@ -162,3 +166,62 @@ def test_settings_use_label_studios_own_variable_names(monkeypatch: pytest.Monke
     monkeypatch.delenv("LOCAL_FILES_DOCUMENT_ROOT")
     monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "/srv/prefixed")
     assert Settings.from_env().local_files_document_root == "/srv/prefixed"
+
+
+class MeanColour:
+    """Stands in for the model (the pipeline's threads are what is tested): features from the mean colour."""
+
+    batch_size = 8
+    image_size = 32
+    resize_on_device = True
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.stack([img.reshape(-1, 3).mean(axis=0) for img in images]).astype(np.float32)
+
+
+class NoCache:
+    def cached_embeddings(self, digests: list[str]) -> list[bytes | None]:
+        return [None] * len(digests)
+
+    def cache_embeddings(self, blobs: dict[str, bytes]) -> None:
+        pass
+
+
+def test_a_chunk_reads_local_files_in_one_thread_and_what_fails_fails_alone(layout: Layout):
+    """Local files (and a missing one's fetch over HTTP) are read by the pipeline's one read thread, in groups;
+    other references go to the download threads; a task whose read or decode fails fails alone in its group."""
+    for i in range(40):
+        (layout.root / f"p{i}.png").write_bytes(png_bytes(synthetic_particle("round", i, size=20 + i % 9)))
+    (layout.root / "corrupt.png").write_bytes(b"not an image")
+    layout.ls.routes["/data/local-files/"] = respond(png_bytes(synthetic_particle("rod", 99)))
+    (layout.base / "media" / "upload" / "3" / "up.png").write_bytes(png_bytes(synthetic_particle("rod", 7)))
+    refs = {i: f"/data/local-files/?d=p{i}.png" for i in range(40)}
+    refs |= {40: "/data/local-files/?d=corrupt.png", 41: "/data/local-files/?d=missing.png",
+             42: f"{layout.ls.url}/data/upload/3/up.png", 43: f"{layout.ls.url}/not-a-file-path.png"}  # fmt: skip
+    tasks = [{"id": i, "data": {"image": ref}} for i, ref in refs.items()] + [{"id": 44, "data": {}}]
+    fetcher = layout.fetcher()
+    threads: dict[str, str] = {}
+    fetch = fetcher.fetch
+
+    def recorded(ref: str) -> bytes:
+        threads[ref] = threading.current_thread().name
+        if ref == refs[7]:
+            raise RuntimeError("a bug in one task")
+        return fetch(ref)
+
+    fetcher.fetch = recorded  # type: ignore[method-assign]
+    pipeline = EmbeddingPipeline(MeanColour(), fetcher, NoCache(), 4, 10_000_000)  # type: ignore[arg-type]
+    try:
+        out = pipeline.run(tasks, "image")
+    finally:
+        pipeline.close()
+
+    assert set(out.features) == set(range(40)) - {7} | {41, 42}
+    assert set(out.errors) == {7, 40, 43, 44}
+    assert out.errors[7] == "unexpected error: RuntimeError: a bug in one task"
+    assert "cannot decode image" in out.errors[40]
+    assert "not a Label Studio image path" in out.errors[43] and "has no 'image'" in out.errors[44]
+    assert layout.asked() == ["/data/local-files/?d=missing.png"]
+    local = {refs[i] for i in range(43)}
+    assert {threads[r].split("_")[0] for r in local} == {"read"}, threads
+    assert threads[refs[43]].startswith("download")

@@ -35,7 +35,7 @@ def pipeline(embedder: Embedder, clean_redis) -> Iterator[EmbeddingPipeline]:
     settings = dataclasses.replace(Settings(), download_timeout=5.0, image_hosts="127.0.0.1")
     pipe = EmbeddingPipeline(embedder, ImageFetcher(settings), Store(clean_redis, "test-space"), 4, 10_000_000)
     yield pipe
-    pipe.pool.shutdown(wait=True)
+    pipe.close()
 
 
 @pytest.fixture

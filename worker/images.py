@@ -209,6 +209,7 @@ def _folder(path: str) -> str | None:
     real = os.path.realpath(path)
     if not os.path.isdir(real):
         log.warning("%s is not a folder this worker can see: its files are fetched over HTTP", path)
+        return None
     return real
 
 
@@ -319,6 +320,17 @@ class ImageFetcher:
             return self._fetch_label_studio(ref, ref)
         raise ImageError(f"unsupported image reference {redact_url(ref)[:200]!r} (expected http(s)://, /data/... "
                          "or s3://)")  # fmt: skip
+
+    def reads_locally(self, ref: str) -> bool:
+        """Whether `ref` looks like a Label Studio file that this worker reads from its own disk (a guess from
+        its form, for the pipeline's choice of thread: a file not there is still fetched over HTTP)."""
+        ref = ref.strip()
+        if "://" in ref:
+            ref = self._under_label_studio(ref) or ""
+        path = ref.lstrip("/")
+        if path.startswith("data/local-files"):
+            return self.local_root is not None
+        return path.startswith("data/upload/") and self.upload_root is not None
 
     def _under_label_studio(self, url: str) -> str | None:
         """The path and query of `url` relative to LABEL_STUDIO_URL when it is on Label Studio's origin and
