@@ -125,7 +125,7 @@ def predict():
         dispatcher.ingest(pid, missing, kind="predict", interactive=True)
         deadline = time.monotonic() + settings.predict_wait_seconds
         while not stored and (left := deadline - time.monotonic()) > 0:
-            store.wait_for_prediction(pid, ids[0], left)
+            store.wait_for_prediction(pid, version, ids[0], left)
             stored = store.predictions(pid, version, ids)
     elif missing:
         dispatcher.ingest(pid, missing, kind="predict")

@@ -198,6 +198,12 @@ def notify(pid: int, task: int) -> str:
     return _p(pid, "notify", task)
 
 
+def waiters(pid: int) -> str:
+    """HASH task -> how many /predict calls wait for its prediction now (renewed by each wait, 60 s): a
+    worker storing predictions pushes to `notify` only for these tasks, not for every task of an import."""
+    return _p(pid, "waiters")
+
+
 def lock(pid: int, name: str) -> str:
     """STRING lock with a lease that its holder keeps extending (`refit`, `deliver`, `gaps`, `sync`)."""
     return _p(pid, "lock", name)

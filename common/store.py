@@ -24,6 +24,7 @@ from common.jobs import Jobs
 from common.locks import leased
 
 CONTENT_CACHE_TTL = 30 * 24 * 3600
+WAITERS_TTL = 60  # seconds the record of /predict calls waiting lives after the last one began
 STAGING_LEASE = 30.0  # seconds a chunk may take from storing features to staging their predictions
 KEEP_MODELS = 3  # model blobs kept per project: the current one, and two a chunk may still be using
 _BASE36 = string.digits + string.ascii_lowercase
@@ -535,10 +536,14 @@ class Store:
             return
         pipe = self.r.pipeline()
         pipe.hset(keys.predictions(pid, version), mapping={str(t): json.dumps(p) for t, p in predictions.items()})
-        for tid in predictions:
-            pipe.lpush(keys.notify(pid, tid), version)
-            pipe.expire(keys.notify(pid, tid), 30)
-        pipe.execute()
+        pipe.hgetall(keys.waiters(pid))
+        waiting = {int(t) for t, n in pipe.execute()[1].items() if int(n) > 0}
+        if woken := waiting.intersection(predictions):
+            pipe = self.r.pipeline()
+            for tid in woken:
+                pipe.lpush(keys.notify(pid, tid), version)
+                pipe.expire(keys.notify(pid, tid), 30)
+            pipe.execute()
 
     def predictions(self, pid: int, version: str, task_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
         ids = list(task_ids)
@@ -554,10 +559,23 @@ class Store:
         """A superseded version's predictions are no longer served."""
         self.r.delete(keys.predictions(pid, version))
 
-    def wait_for_prediction(self, pid: int, task_id: int, timeout: float) -> None:
-        """Block until a worker stores a prediction for the task, or `timeout` passes."""
-        if timeout > 0:
-            self.r.blpop([keys.notify(pid, task_id)], timeout=timeout)
+    def wait_for_prediction(self, pid: int, version: str, task_id: int, timeout: float) -> None:
+        """Block until a worker stores a prediction for the task, or `timeout` passes; at once if one of
+        `version` is already stored. The wait is recorded before that check, in one transaction, and
+        `save_predictions` stores and reads the record in one: either the worker sees the waiter and wakes
+        it, or the waiter sees the prediction."""
+        if timeout <= 0:
+            return
+        field = str(task_id)
+        pipe = self.r.pipeline()
+        pipe.hincrby(keys.waiters(pid), field, 1)
+        pipe.expire(keys.waiters(pid), WAITERS_TTL)
+        pipe.hexists(keys.predictions(pid, version), field)
+        try:
+            if not pipe.execute()[2]:
+                self.r.blpop([keys.notify(pid, task_id)], timeout=timeout)
+        finally:
+            self.r.hincrby(keys.waiters(pid), field, -1)  # a count at 0 is no waiter; the hash expires
 
     def ask_sync(self, pid: int, retrain: bool) -> None:
         """Record that a sync of the project is wanted (keys.sync_asked); a retrain asked for stays asked
