@@ -358,7 +358,13 @@ class Settings:
     download_workers: int = define(
         "DOWNLOAD_WORKERS", Computed(lambda: max(4, 2 * available_cores()), "2 per core, at least 4"), integer(1),
         "concurrent image downloads over the network per worker process: enough to hide its latency, few enough "
-        "not to starve the model (files read from disk have one thread of their own in each process)",
+        "not to starve the model (files read from disk have threads of their own: `READ_WORKERS`)",
+    )  # fmt: skip
+    read_workers: int = define(
+        "READ_WORKERS", 1, integer(1),
+        "threads per worker process that read images from this host's disk (Label Studio local files and "
+        "uploads), 16 at a time: 1 for a local disk, where more only take turns with the GIL; more when that "
+        "folder is a network mount whose reads wait",
     )  # fmt: skip
     download_timeout: float = define(
         "DOWNLOAD_TIMEOUT", 10.0, number(0, above=True),

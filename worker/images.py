@@ -538,8 +538,8 @@ def to_model_input(img: Image.Image, size: int, *, resize: bool = True) -> np.nd
 
 def _pad_to_square(arr: np.ndarray) -> np.ndarray:
     """`arr` (HxWx3) centred on a square of the median colour of its border, placed as `ImageOps.pad` places
-    it (the same pixels), in numpy: `to_model_input` took 73 us a particle with Pillow's pad, 43 this way, and a GPU
-    worker's download threads pad every particle (bench/RESULTS.md, *The host side of a GPU worker*)."""
+    it (the same pixels), in numpy: `to_model_input` took 68-73 us a particle with Pillow's pad, 30 this way,
+    and a GPU worker pads every particle (bench/RESULTS.md, *The host side of a GPU worker*)."""
     height, width = arr.shape[:2]
     side = max(height, width)
     border = np.concatenate((arr[0], arr[-1], arr[:, 0], arr[:, -1]))

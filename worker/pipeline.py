@@ -24,12 +24,12 @@ log = logging.getLogger(__name__)
 
 FEATURE_DTYPE = np.float16
 
-# Images read from this host's disk are prepared by one thread, this many in a row, handed back as one
-# future. Reading, decoding and padding a particle is Python that holds the GIL: one future a particle woke the
-# model's thread for nearly every particle, and more threads only took turns with the GIL at each system
-# call (one process: 0.50 ms of CPU a particle with one download thread and 0.70 with four, against 0.21 ms
-# for the same steps in a plain loop; bench/RESULTS.md, *The host side of a GPU worker*). Downloads over the
-# network, which wait, run DOWNLOAD_WORKERS at a time, one a future.
+# Images read from this host's disk are prepared by one thread (READ_WORKERS), this many in a row, handed
+# back as one future. Reading, decoding and padding a particle is Python that holds the GIL: one future a
+# particle woke the model's thread for nearly every particle, and more threads only took turns with the GIL
+# at each system call (one process: 0.50 ms of CPU a particle with one download thread and 0.70 with four,
+# against 0.21 ms for the same steps in a plain loop; bench/RESULTS.md, *The host side of a GPU worker*).
+# Downloads over the network, which wait, run DOWNLOAD_WORKERS at a time, one a future.
 LOCAL_GROUP = 16
 
 
@@ -77,7 +77,7 @@ class EmbedOutcome:
 class EmbeddingPipeline:
     """Downloads and decodes in threads, a few batches ahead of the model, so that the forward pass
     never waits for the network once the first batch is in; the model runs in the calling thread. Local
-    files (`ImageFetcher.reads_locally`) go to one thread of their own, the rest to `workers` threads."""
+    files (`ImageFetcher.reads_locally`) go to `read_workers` threads of their own, the rest to `workers`."""
 
     def __init__(
         self,
@@ -87,6 +87,7 @@ class EmbeddingPipeline:
         workers: int,
         max_pixels: int,
         lookahead_batches: int = 3,
+        read_workers: int = 1,
     ) -> None:
         self.embedder = embedder
         self.fetcher = fetcher
@@ -94,7 +95,7 @@ class EmbeddingPipeline:
         self.max_pixels = max_pixels
         self.lookahead = max(1, lookahead_batches) * embedder.batch_size
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="download")
-        self.local_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read")
+        self.local_pool = ThreadPoolExecutor(max_workers=max(1, read_workers), thread_name_prefix="read")
 
     def close(self) -> None:
         self.pool.shutdown()

@@ -64,8 +64,9 @@ class Runtime:
 
     @cached_property
     def pipeline(self) -> EmbeddingPipeline:
+        s = self.settings
         return EmbeddingPipeline(
-            self.embedder, self.fetcher, self.store, self.settings.download_workers, self.settings.image_max_pixels
+            self.embedder, self.fetcher, self.store, s.download_workers, s.image_max_pixels, read_workers=s.read_workers
         )
 
     @cached_property
