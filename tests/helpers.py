@@ -232,3 +232,30 @@ class ApiProcess(ChildProcess):
 
         wait_until(up, timeout, "the API to answer /health", interval=0.3)
         return self
+
+
+class MeanColourEmbedder:
+    """Stands in for the model where the pipeline around it is what is tested (its threads, its failures):
+    a feature vector from the pixels' mean colour."""
+
+    batch_size = 8
+    resize_on_device = False
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.stack([img.reshape(-1, 3).mean(axis=0) for img in images]).astype(np.float32)
+
+
+class MemoryContentCache:
+    """The content cache's two calls on a dict, for a pipeline tested without Redis."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, bytes] = {}
+
+    def cached_embeddings(self, digests: list[str]) -> list[bytes | None]:
+        return [self.cache.get(d) for d in digests]
+
+    def cache_embeddings(self, blobs: dict[str, bytes]) -> None:
+        self.cache.update(blobs)

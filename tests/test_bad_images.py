@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import MeanColourEmbedder, MemoryContentCache
 from tests.servers import Handler, Server, redirect, respond, running, settings
 from worker.images import ImageError, ImageFetcher, decode_image, to_model_input
 from worker.pipeline import EmbeddingPipeline
@@ -280,28 +281,6 @@ print(img.size, arr.shape, hwm // 1024)
 # -- one batch over HTTP: good images, the corpus, and hostile servers -------------------------------
 
 
-class FakeEmbedder:
-    """Stands in for the model (not for any network): a feature vector from the pixels' mean colour."""
-
-    batch_size = 8
-    image_size = SIZE
-    resize_on_device = False
-
-    def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        return np.stack([img.reshape(-1, 3).mean(axis=0) for img in images]).astype(np.float32)
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.cache: dict[str, bytes] = {}
-
-    def cached_embeddings(self, digests: list[str]) -> list[bytes | None]:
-        return [self.cache.get(d) for d in digests]
-
-    def cache_embeddings(self, blobs: dict[str, bytes]) -> None:
-        self.cache.update(blobs)
-
-
 @pytest.fixture
 def hostile() -> Iterator[tuple[Server, threading.Event]]:
     stop = threading.Event()
@@ -362,7 +341,7 @@ def test_one_batch_with_every_bad_kind_fails_only_the_bad_tasks(hostile: tuple[S
     expected[300] = "has no 'image'"
 
     fetcher = ImageFetcher(settings(image_hosts="127.0.0.1", download_timeout=2.0, image_max_bytes=1_000_000))
-    pipeline = EmbeddingPipeline(FakeEmbedder(), fetcher, MemoryStore(), 8, MAX_PIXELS)
+    pipeline = EmbeddingPipeline(MeanColourEmbedder(SIZE), fetcher, MemoryContentCache(), 8, MAX_PIXELS)  # type: ignore[arg-type]
     start = time.monotonic()
     out = pipeline.run(tasks, "image")
     elapsed = time.monotonic() - start

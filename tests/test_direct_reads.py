@@ -11,11 +11,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from common.settings import Settings
-from tests.helpers import png_bytes, synthetic_particle
+from tests.helpers import MeanColourEmbedder, MemoryContentCache, png_bytes, synthetic_particle
 from tests.servers import Server, respond, running, settings
 from worker import images
 from worker.images import ImageError, ImageFetcher
@@ -168,25 +167,6 @@ def test_settings_use_label_studios_own_variable_names(monkeypatch: pytest.Monke
     assert Settings.from_env().local_files_document_root == "/srv/prefixed"
 
 
-class MeanColour:
-    """Stands in for the model (the pipeline's threads are what is tested): features from the mean colour."""
-
-    batch_size = 8
-    image_size = 32
-    resize_on_device = True
-
-    def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        return np.stack([img.reshape(-1, 3).mean(axis=0) for img in images]).astype(np.float32)
-
-
-class NoCache:
-    def cached_embeddings(self, digests: list[str]) -> list[bytes | None]:
-        return [None] * len(digests)
-
-    def cache_embeddings(self, blobs: dict[str, bytes]) -> None:
-        pass
-
-
 @pytest.mark.parametrize("read_workers", [1, 3])
 def test_a_chunk_reads_local_files_in_read_threads_and_what_fails_fails_alone(layout: Layout, read_workers: int):
     """Local files (and a missing one's fetch over HTTP) are read by the pipeline's read threads (READ_WORKERS,
@@ -212,7 +192,8 @@ def test_a_chunk_reads_local_files_in_read_threads_and_what_fails_fails_alone(la
         return fetch(ref)
 
     fetcher.fetch = recorded  # type: ignore[method-assign]
-    pipeline = EmbeddingPipeline(MeanColour(), fetcher, NoCache(), 4, 10_000_000, read_workers=read_workers)  # type: ignore[arg-type]
+    model, cache = MeanColourEmbedder(32), MemoryContentCache()
+    pipeline = EmbeddingPipeline(model, fetcher, cache, 4, 10_000_000, read_workers=read_workers)  # type: ignore[arg-type]
     try:
         out = pipeline.run(tasks, "image")
     finally:
