@@ -292,9 +292,12 @@ class ImageFetcher:
         self.http = HttpClient(self.guard, settings.download_timeout, settings.image_max_bytes)
         self.ls_url = settings.label_studio_url.rstrip("/")
         self.ls_auth = LabelStudioAuth(self.ls_url, settings.label_studio_api_key, self.http)
-        self.local_root = _folder(getattr(settings, "local_files_document_root", ""))
         base = getattr(settings, "label_studio_base_data_dir", "")
-        self.upload_root = _folder(os.path.join(base, "media", "upload")) if base else None
+        # The folder each kind of Label Studio file path (`LabelStudioTarget.kind`) is read from; None: HTTP.
+        self.roots: dict[str, str | None] = {
+            "local-files": _folder(getattr(settings, "local_files_document_root", "")),
+            "upload": _folder(os.path.join(base, "media", "upload")) if base else None,
+        }
         self._s3: Any = None
         self._s3_lock = threading.Lock()
 
@@ -329,8 +332,8 @@ class ImageFetcher:
             ref = self._under_label_studio(ref) or ""
         path = ref.lstrip("/")
         if path.startswith("data/local-files"):
-            return self.local_root is not None
-        return path.startswith("data/upload/") and self.upload_root is not None
+            return self.roots["local-files"] is not None
+        return path.startswith("data/upload/") and self.roots["upload"] is not None
 
     def _under_label_studio(self, url: str) -> str | None:
         """The path and query of `url` relative to LABEL_STUDIO_URL when it is on Label Studio's origin and
@@ -349,7 +352,7 @@ class ImageFetcher:
 
     def _fetch_label_studio(self, ref: str, shown: str) -> bytes:
         target = label_studio_target(ref)
-        root = {"local-files": self.local_root, "upload": self.upload_root}.get(target.kind)
+        root = self.roots.get(target.kind)
         outside = False
         if root is not None and target.rel:
             try:
