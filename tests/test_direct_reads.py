@@ -132,6 +132,21 @@ def test_a_symlink_out_of_the_root_is_never_read_from_disk(layout: Layout, ref: 
     assert "SECRET" not in str(exc.value) and not exc.value.transient
 
 
+def test_a_read_from_disk_never_asks_label_studio(layout: Layout):
+    """What the pipeline's read threads call: the file, or None where `fetch` would go to Label Studio."""
+    fetcher = layout.fetcher()
+    assert fetcher.read_from_disk("/data/local-files/?d=flowcam/a.png") == b"local bytes"
+    assert fetcher.read_from_disk(f"{layout.ls.url}/data/upload/3/x.png") == b"uploaded bytes"
+    for ref in ["/data/local-files/?d=flowcam/missing.png", "/data/upload/3/missing.png",
+                "/data/local-files/?d=link.png", "/data/upload/3/out.png", "/tasks/3/presign/?fileuri=czM6Ly9i",
+                "http://elsewhere.example/data/upload/3/x.png"]:  # fmt: skip
+        assert fetcher.read_from_disk(ref) is None, ref
+    with pytest.raises(ImageError, match="escapes"):
+        fetcher.read_from_disk("/data/local-files/?d=../outside/secret.png")
+    assert layout.fetcher(local_files_document_root="").read_from_disk("/data/local-files/?d=flowcam/a.png") is None
+    assert layout.asked() == []
+
+
 def test_a_fifo_a_folder_and_a_large_file_fail_without_blocking(layout: Layout):
     os.mkfifo(layout.root / "fifo.png")
     (layout.root / "big.png").write_bytes(b"x" * 2000)
@@ -169,9 +184,9 @@ def test_settings_use_label_studios_own_variable_names(monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("read_workers", [1, 3])
 def test_a_chunk_reads_local_files_in_read_threads_and_what_fails_fails_alone(layout: Layout, read_workers: int):
-    """Local files (and a missing one's fetch over HTTP) are read by the pipeline's read threads (READ_WORKERS,
-    one by default), in groups; other references go to the download threads; a task whose read or decode
-    fails fails alone in its group."""
+    """Local files are read by the pipeline's read threads (READ_WORKERS, one by default), in groups; other
+    references, and a local file not on this disk, go to the download threads (a read thread never waits on
+    Label Studio); a task whose read or decode fails fails alone in its group."""
     for i in range(40):
         (layout.root / f"p{i}.png").write_bytes(png_bytes(synthetic_particle("round", i, size=20 + i % 9)))
     (layout.root / "corrupt.png").write_bytes(b"not an image")
@@ -182,16 +197,20 @@ def test_a_chunk_reads_local_files_in_read_threads_and_what_fails_fails_alone(la
              42: f"{layout.ls.url}/data/upload/3/up.png", 43: f"{layout.ls.url}/not-a-file-path.png"}  # fmt: skip
     tasks = [{"id": i, "data": {"image": ref}} for i, ref in refs.items()] + [{"id": 44, "data": {}}]
     fetcher = layout.fetcher()
-    threads: dict[str, str] = {}
-    fetch = fetcher.fetch
+    calls: dict[tuple[str, str], str] = {}  # (method, ref) -> the thread that called it
+    read, fetch = fetcher.read_from_disk, fetcher.fetch
 
-    def recorded(ref: str) -> bytes:
-        threads[ref] = threading.current_thread().name
+    def recorded_read(ref: str) -> bytes | None:
+        calls["read", ref] = threading.current_thread().name
         if ref == refs[7]:
             raise RuntimeError("a bug in one task")
+        return read(ref)
+
+    def recorded_fetch(ref: str) -> bytes:
+        calls["fetch", ref] = threading.current_thread().name
         return fetch(ref)
 
-    fetcher.fetch = recorded  # type: ignore[method-assign]
+    fetcher.read_from_disk, fetcher.fetch = recorded_read, recorded_fetch  # type: ignore[method-assign]
     model, cache = MeanColourEmbedder(32), MemoryContentCache()
     pipeline = EmbeddingPipeline(model, fetcher, cache, 4, 10_000_000, read_workers=read_workers)  # type: ignore[arg-type]
     try:
@@ -205,7 +224,9 @@ def test_a_chunk_reads_local_files_in_read_threads_and_what_fails_fails_alone(la
     assert "cannot decode image" in out.errors[40]
     assert "not a Label Studio image path" in out.errors[43] and "has no 'image'" in out.errors[44]
     assert layout.asked() == ["/data/local-files/?d=missing.png"]
-    local = {refs[i] for i in range(43)}
-    assert {threads[r] for r in local} <= {f"read_{i}" for i in range(read_workers)}, threads
-    assert read_workers > 1 or {threads[r] for r in local} == {"read_0"}
-    assert threads[refs[43]].startswith("download")
+    local = {("read", refs[i]) for i in range(43)}
+    assert {k for k in calls if k[0] == "read"} == local
+    assert {calls[k] for k in local} <= {f"read_{i}" for i in range(read_workers)}, calls
+    assert read_workers > 1 or {calls[k] for k in local} == {"read_0"}
+    assert {k for k in calls if k[0] == "fetch"} == {("fetch", refs[41]), ("fetch", refs[43])}
+    assert calls["fetch", refs[41]].startswith("download") and calls["fetch", refs[43]].startswith("download")

@@ -18,9 +18,9 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import numpy as np
@@ -278,6 +278,9 @@ def _jwt_lifetime(token: str) -> float:
 # -- the fetcher -----------------------------------------------------------------------------------
 
 
+_Read = TypeVar("_Read", bound=bytes | None)
+
+
 class ImageFetcher:
     """Thread-safe: one per worker process, used from the download threads.
 
@@ -302,8 +305,17 @@ class ImageFetcher:
         self._s3_lock = threading.Lock()
 
     def fetch(self, ref: str) -> bytes:
+        return self._guarded(self._fetch, ref)
+
+    def read_from_disk(self, ref: str) -> bytes | None:
+        """The Label Studio file `ref` names, read from this host's disk; None when it is not there (a folder
+        this worker does not see, no such file, a real path outside the folder): `fetch` then says why and
+        asks Label Studio. Never a network call, so the pipeline's read threads never wait on one."""
+        return self._guarded(self._read_from_disk, ref)
+
+    def _guarded(self, fetch: Callable[[str], _Read], ref: str) -> _Read:
         try:
-            return self._fetch(ref.strip())
+            return fetch(ref.strip())
         except ValueError as exc:  # urlsplit's own complaints (an unclosed [, a bad port)
             raise ImageError(f"{redact_url(ref)[:200]!r} is not a valid URL ({exc})") from None
         except ImageError as exc:
@@ -326,7 +338,7 @@ class ImageFetcher:
 
     def reads_locally(self, ref: str) -> bool:
         """Whether `ref` looks like a Label Studio file that this worker reads from its own disk (a guess from
-        its form, for the pipeline's choice of thread: a file not there is still fetched over HTTP)."""
+        its form, for the pipeline's choice of thread: a file `read_from_disk` does not find is then fetched)."""
         ref = ref.strip()
         if "://" in ref:
             ref = self._under_label_studio(ref) or ""
@@ -334,6 +346,22 @@ class ImageFetcher:
         if path.startswith("data/local-files"):
             return self.roots["local-files"] is not None
         return path.startswith("data/upload/") and self.roots["upload"] is not None
+
+    def _read_from_disk(self, ref: str) -> bytes | None:
+        if "://" in ref:
+            ref = self._under_label_studio(ref) or ""
+            if not ref:
+                return None
+        try:
+            return self._from_disk(label_studio_target(ref))
+        except _OutsideRoot:
+            return None
+
+    def _from_disk(self, target: LabelStudioTarget) -> bytes | None:
+        root = self.roots.get(target.kind)
+        if root is None or not target.rel:
+            return None
+        return read_under(root, target.rel, self.settings.image_max_bytes)
 
     def _under_label_studio(self, url: str) -> str | None:
         """The path and query of `url` relative to LABEL_STUDIO_URL when it is on Label Studio's origin and
@@ -352,18 +380,16 @@ class ImageFetcher:
 
     def _fetch_label_studio(self, ref: str, shown: str) -> bytes:
         target = label_studio_target(ref)
-        root = self.roots.get(target.kind)
         outside = False
-        if root is not None and target.rel:
-            try:
-                data = read_under(root, target.rel, self.settings.image_max_bytes)
-            except _OutsideRoot:
-                # Never read by this process; Label Studio decides, over HTTP, with its own rules.
-                log.warning("%s leads out of %s: not read from disk", redact_url(shown), root)
-                outside = True
-            else:
-                if data is not None:
-                    return data
+        try:
+            data = self._from_disk(target)
+        except _OutsideRoot:
+            # Never read by this process; Label Studio decides, over HTTP, with its own rules.
+            log.warning("%s leads out of %s: not read from disk", redact_url(shown), self.roots[target.kind])
+            outside = True
+        else:
+            if data is not None:
+                return data
         if not self.ls_url:
             where = " (its real path is outside the folder it names: not read)" if outside else ""
             raise ImageError(f"{redact_url(shown)} is a Label Studio path{where} but LABEL_STUDIO_URL is not set")

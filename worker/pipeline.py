@@ -29,7 +29,8 @@ FEATURE_DTYPE = np.float16
 # particle woke the model's thread for nearly every particle, and more threads only took turns with the GIL
 # at each system call (one process: 0.50 ms of CPU a particle with one download thread and 0.70 with four,
 # against 0.21 ms for the same steps in a plain loop; bench/RESULTS.md, *The host side of a GPU worker*).
-# Downloads over the network, which wait, run DOWNLOAD_WORKERS at a time, one a future.
+# Downloads over the network, which wait, run DOWNLOAD_WORKERS at a time, one a future; so does a file the
+# read thread did not find on this disk (fetched from Label Studio then, as on a host without the folder).
 LOCAL_GROUP = 16
 
 
@@ -107,23 +108,28 @@ class EmbeddingPipeline:
         except ImageError:
             return False  # fails in a download thread like any other
 
-    def _prepare_group(self, tasks: Sequence[Mapping[str, Any]], image_key: str) -> list[Prepared | Exception]:
-        """Each task's image prepared, or the exception that stopped it (the others go on)."""
-        out: list[Prepared | Exception] = []
+    def _prepare_group(
+        self, tasks: Sequence[Mapping[str, Any]], image_key: str, disk_only: bool
+    ) -> list[Prepared | Exception | None]:
+        """Each task's image prepared, or the exception that stopped it (the others go on); with `disk_only`,
+        None for a file not on this disk."""
+        out: list[Prepared | Exception | None] = []
         for task in tasks:
             try:
-                out.append(self._prepare(task, image_key))
+                out.append(self._prepare(task, image_key, disk_only))
             except Exception as exc:
                 out.append(exc)
         return out
 
-    def _prepare(self, task: Mapping[str, Any], image_key: str) -> Prepared:
-        """Download, hash, decode and preprocess, in a download thread. The content cache is asked later,
-        once per batch: most images of an import are new, and one Redis call per image cost more than
-        decoding the few that turn out to be cached."""
+    def _prepare(self, task: Mapping[str, Any], image_key: str, disk_only: bool) -> Prepared | None:
+        """Read or download, hash, decode and preprocess, in a read or download thread. The content cache is
+        asked later, once per batch: most images of an import are new, and one Redis call per image cost
+        more than decoding the few that turn out to be cached."""
         ref = image_reference(task, image_key)
         with metrics.DOWNLOAD_SECONDS.time():
-            data = self.fetcher.fetch(ref)
+            data = self.fetcher.read_from_disk(ref) if disk_only else self.fetcher.fetch(ref)
+        if data is None:
+            return None
         digest = hashlib.sha256(data).hexdigest()
         limits = self.fetcher.settings  # IMAGE_MAX_SIDE, IMAGE_MAX_ASPECT (IMAGE_MAX_PIXELS is max_pixels)
         img = decode_image(data, self.max_pixels, max_side=limits.image_max_side, max_aspect=limits.image_max_aspect)
@@ -148,7 +154,7 @@ class EmbeddingPipeline:
         batch = self.embedder.batch_size
 
         def submit(pool: ThreadPoolExecutor, group: list[Mapping[str, Any]]) -> None:
-            fut = pool.submit(self._prepare_group, group, image_key)
+            fut = pool.submit(self._prepare_group, group, image_key, pool is self.local_pool)
             run.in_flight[fut] = [t["id"] for t in group]
             run.flying += len(group)
             fut.add_done_callback(run.completed.put)
@@ -172,7 +178,8 @@ class EmbeddingPipeline:
         top_up()
         while run.in_flight or run.fresh or run.ready:
             if run.in_flight and len(run.fresh) + len(run.ready) < batch:
-                run.settle_completed()
+                for task in run.settle_completed():
+                    submit(self.pool, [task])
                 top_up()
                 continue
             run.check_cache()
@@ -208,9 +215,9 @@ class _Run:
         self.store = store
         self.todo = iter(tasks)
         self.by_id = {t["id"]: t for t in tasks}
-        self.in_flight: dict[Future[list[Prepared | Exception]], list[int]] = {}  # a group's future -> its tasks
+        self.in_flight: dict[Future[list[Prepared | Exception | None]], list[int]] = {}  # a group -> its tasks
         self.flying = 0  # tasks in `in_flight`
-        self.completed: queue.SimpleQueue[Future[list[Prepared | Exception]]] = queue.SimpleQueue()
+        self.completed: queue.SimpleQueue[Future[list[Prepared | Exception | None]]] = queue.SimpleQueue()
         self.fresh: list[Prepared] = []  # decoded, not yet looked up in the content cache
         self.ready: list[Prepared] = []  # not in the cache: for the model
         self.first_with: dict[str, int] = {}  # content digest -> the task embedded for it in this run
@@ -218,19 +225,25 @@ class _Run:
         self.copies: dict[str, list[tuple[int, str]]] = {}  # digest -> (task, ref) waiting for its first
         self.part = EmbedOutcome()
 
-    def settle_completed(self) -> None:
-        """Wait for one group of downloads to finish, then take every other finished one too."""
+    def settle_completed(self) -> list[Mapping[str, Any]]:
+        """Wait for one group of downloads to finish, then take every other finished one too. Returns the
+        tasks whose files a read thread did not find on this disk: to be downloaded."""
         futures = [self.completed.get()]
         while True:
             try:
                 futures.append(self.completed.get_nowait())
             except queue.Empty:
                 break
+        elsewhere = []
         for fut in futures:
             tids = self.in_flight.pop(fut)
             self.flying -= len(tids)
             for tid, result in zip(tids, fut.result(), strict=True):
-                self.settle(tid, result)
+                if result is None:
+                    elsewhere.append(self.by_id[tid])
+                else:
+                    self.settle(tid, result)
+        return elsewhere
 
     def settle(self, tid: int, prepared: Prepared | Exception) -> None:
         part = self.part
