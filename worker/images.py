@@ -339,21 +339,21 @@ class ImageFetcher:
     def reads_locally(self, ref: str) -> bool:
         """Whether `ref` looks like a Label Studio file that this worker reads from its own disk (a guess from
         its form, for the pipeline's choice of thread: a file `read_from_disk` does not find is then fetched)."""
-        ref = ref.strip()
-        if "://" in ref:
-            ref = self._under_label_studio(ref) or ""
-        path = ref.lstrip("/")
+        path = (self._as_label_studio_path(ref.strip()) or "").lstrip("/")
         if path.startswith("data/local-files"):
             return self.roots["local-files"] is not None
         return path.startswith("data/upload/") and self.roots["upload"] is not None
 
+    def _as_label_studio_path(self, ref: str) -> str | None:
+        """`ref` as a path on Label Studio: a URL under LABEL_STUDIO_URL made relative, a path as it is; None
+        for a URL anywhere else."""
+        return self._under_label_studio(ref) if "://" in ref else ref
+
     def _read_from_disk(self, ref: str) -> bytes | None:
-        if "://" in ref:
-            ref = self._under_label_studio(ref) or ""
-            if not ref:
-                return None
+        if not (path := self._as_label_studio_path(ref)):
+            return None
         try:
-            return self._from_disk(label_studio_target(ref))
+            return self._from_disk(label_studio_target(path))
         except _OutsideRoot:
             return None
 
