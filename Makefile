@@ -1,18 +1,37 @@
 # The two commands a newcomer needs: `make run` and `make test` (and `make test-fast` without Label Studio).
+# Every environment installs from the locks in requirements/ (README "Dependencies"); `make lock` remakes them.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# `make lock UPGRADE=--upgrade` moves every pin to the newest release allowed; `UPGRADE="--upgrade-package celery"`
+# one package. Without it, `make lock` keeps each pin that still fits.
+UPGRADE ?=
+LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet --custom-compile-command "make lock" $(UPGRADE)
 
-.PHONY: install run demo test test-fast lint bench clean
+.PHONY: install lock run demo test test-fast lint bench clean
 
-$(BIN)/python:
+# Keyed on pip, the last thing `python -m venv` writes: a creation cut short (Ctrl-C) is started over.
+$(BIN)/pip:
+	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[worker,dev,run]'
+# Exact versions and hashes from the lock, then the project itself, built by the locked setuptools.
+$(VENV)/.installed: pyproject.toml requirements/dev.txt | $(BIN)/pip
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
+
+## Re-resolve every lock from pyproject.toml and requirements/*.in (uv, from the project's venv; needs the index).
+lock: install
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra worker --extra run --extra dev \
+		-c requirements/holds.in $(LOCK_FLAGS) -o requirements/dev.txt
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in -c requirements/dev.txt $(LOCK_FLAGS) \
+		-o requirements/api.txt
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra worker -c requirements/dev.txt \
+		--override requirements/worker-image.in $(LOCK_FLAGS) -o requirements/worker.txt
+	$(BIN)/uv pip compile requirements/label-studio.in $(LOCK_FLAGS) -o requirements/label-studio.txt
 
 ## The Procfile (API, worker, beat, Flower) under honcho, in the foreground, with Redis started if absent.
 run: install

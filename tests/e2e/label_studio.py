@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -40,6 +41,8 @@ import requests
 LABEL_STUDIO_VERSION = "1.23.2"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VENV = REPO_ROOT / ".venv-label-studio"
+# Every package of that venv, exact versions and hashes (`make lock` remakes it from label-studio.in).
+LABEL_STUDIO_LOCK = REPO_ROOT / "requirements" / "label-studio.txt"
 DEFAULT_USERNAME = "e2e@example.com"
 DEFAULT_PASSWORD = "e2e-password-123"
 # Every webhook action Label Studio 1.23 knows (used when the ML webhook must be created by hand).
@@ -87,29 +90,41 @@ def default_venv_path() -> Path:
 
 
 def ensure_label_studio_venv(path: str | os.PathLike[str] | None = None) -> Path:
-    """Return a virtualenv holding ``label-studio==1.23.2``, creating it if ``bin/label-studio`` is missing.
+    """Return a virtualenv holding Label Studio exactly as ``requirements/label-studio.txt`` locks it.
 
-    The install takes minutes on a fresh machine; pip's output goes to stderr. A lock file in the
-    virtualenv's folder keeps two processes from installing at once. Raises :class:`LabelStudioError` on failure.
+    The venv records the digest of the lock it was installed from; a venv made from another lock (or before
+    there was one) is brought to this one, and a creation cut short (no ``bin/pip``) is made again. The first
+    install takes minutes; pip's output goes to stderr. A lock file in the virtualenv's folder keeps two
+    processes from installing at once. Raises :class:`LabelStudioError` on failure.
     """
     venv = Path(path) if path is not None else default_venv_path()
     venv = venv.absolute()
     executable = venv / "bin" / "label-studio"
-    if executable.exists():
+    installed_from = venv / ".installed-lock-sha256"
+    wanted = hashlib.sha256(LABEL_STUDIO_LOCK.read_bytes()).hexdigest()
+
+    def current() -> bool:
+        return executable.exists() and installed_from.exists() and installed_from.read_text().strip() == wanted
+
+    if current():
         return venv
-    with _file_lock(venv / ".e2e-install.lock"):  # inside the (gitignored) venv dir; venv accepts it
-        if executable.exists():  # another process installed it while we waited
+    # Beside the venv, not in it: `venv --clear` empties the folder. `.venv-label-studio.install-lock` is gitignored.
+    with _file_lock(venv.with_name(venv.name + ".install-lock")):
+        if current():  # another process installed it while we waited
             return venv
         started = time.monotonic()
         python = venv / "bin" / "python"
-        if not python.exists():
+        if not (venv / "bin" / "pip").exists():
             _log(f"creating virtualenv {venv}")
-            _run_checked([_base_python(), "-m", "venv", str(venv)])
-        _log(f"installing label-studio=={LABEL_STUDIO_VERSION} into {venv} (takes several minutes)")
-        _run_checked([str(python), "-m", "pip", "install", "--upgrade", "pip"])
-        _run_checked([str(python), "-m", "pip", "install", f"label-studio=={LABEL_STUDIO_VERSION}"])
+            _run_checked([_base_python(), "-m", "venv", "--clear", str(venv)])
+        _log(f"installing label-studio=={LABEL_STUDIO_VERSION} from {LABEL_STUDIO_LOCK.name} (minutes the first time)")
+        _run_checked(
+            [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--require-hashes",
+             "-r", str(LABEL_STUDIO_LOCK)]
+        )  # fmt: skip
         if not executable.exists():
             raise LabelStudioError(f"pip finished but {executable} does not exist")
+        installed_from.write_text(wanted + "\n")
         _log(f"label-studio installed in {time.monotonic() - started:.0f} s")
     return venv
 
