@@ -57,6 +57,8 @@ bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/throughput_ls.py
 	$(BIN)/python bench/chaos.py
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/ls_prediction_api.py
 	$(BIN)/python bench/input_size.py
 	$(BIN)/python bench/quality.py --image-sizes 224,48 --order
 

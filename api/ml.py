@@ -12,9 +12,10 @@ from flask import Blueprint, current_app, jsonify, request
 from api.errors import BadPayload
 from api.payloads import json_object, known_project, require_project, task_list
 from common.collections import SCOPES
-from common.delivery import BY_API, WRITTEN
+from common.delivery import BY_API, WRITING, WRITTEN
 from common.label_config import LabelConfigError, parse_label_config
 from common.redact import deployment_secrets, redact
+from common.revisions import shown_as
 from common.store import Store
 from common.webhook_secret import MODEL_CLASS, instance_id
 
@@ -69,11 +70,11 @@ def setup():
         store.set_label_config(pid, schema)
     if scope is not None:
         store.set_model_scope(pid, scope)
-    version = store.current_version(pid)
     if new:
+        store.current_version(pid)  # the project's version 0: it is known from now on
         # A project just connected: secure its webhook, and learn what it already holds.
         current_app.extensions["dispatcher"].sync(pid, reason="new project")
-    return jsonify(model_version=version)
+    return jsonify(model_version=store.live_version())
 
 
 def _project_of(body: dict[str, Any], tasks: list[dict[str, Any]]) -> int:
@@ -85,14 +86,22 @@ def _project_of(body: dict[str, Any], tasks: list[dict[str, Any]]) -> int:
 
 
 def _deliverable(store: Store, pid: int, version: str, tid: int, prediction: dict | None) -> Any:
-    """Hand over a stored prediction unless a worker is writing it through the SDK right now (which
-    would make two). A task Label Studio asks for again after we delivered it lacks it: send it again."""
+    """A stored prediction of the current version, as Label Studio will store it (the live version name).
+
+    Label Studio asks only for a task that lacks the live version, and stores what we answer. The hand-over
+    is claimed, so the deliverer does not write it too; if the deliverer is writing it right now, it is
+    handed over all the same (a blank task is worse than two copies) and the claim says so: the deliverer
+    removes the second copy when its write ends (worker/delivery.py)."""
     if not prediction or not prediction.get("result"):
         return []
-    if store.delivery.claim(pid, version, tid, BY_API):
-        return prediction
-    state, _ = store.delivery.claims(pid, version, [tid]).get(tid, ("", 0.0))
-    return prediction if state in (BY_API, WRITTEN) else []
+    if not store.delivery.claim(pid, version, tid, BY_API):
+        state, _ = store.delivery.claims(pid, version, [tid]).get(tid, ("", 0.0))
+        if state == WRITING:
+            store.delivery.set(pid, version, [tid], BY_API)
+        elif state not in (BY_API, WRITTEN):
+            return []
+    store.set_shown(pid, {tid: shown_as(version, prediction)})
+    return {**prediction, "model_version": store.live_version()}
 
 
 @bp.post("/predict")
@@ -130,7 +139,7 @@ def predict():
     elif missing:
         dispatcher.ingest(pid, missing, kind="predict")
     results = [_deliverable(store, pid, version, tid, stored.get(tid)) for tid in ids]
-    return jsonify(results=results, model_version=version)
+    return jsonify(results=results, model_version=store.live_version())
 
 
 @bp.post("/train")
@@ -158,12 +167,14 @@ def sync():
 
 @bp.get("/versions")
 def versions():
-    """`?project=<id>` lists that project's versions; without it, every project's."""
+    """`versions`: what Label Studio's model-version list offers, the live version (the only name its
+    predictions carry). `projects`: each project's model versions, the answers the live version has carried
+    (`?project=<id>` for one)."""
     store = _store()
     raw = request.args.get("project")
     pids = [require_project(raw)] if raw else store.projects()
     details = {str(pid): store.versions(pid) for pid in pids}
-    return jsonify(versions=[v["version"] for pid in pids for v in details[str(pid)]], projects=details)
+    return jsonify(versions=[store.live_version()], projects=details)
 
 
 @bp.get("/jobs/<job_id>")

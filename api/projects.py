@@ -43,7 +43,8 @@ def project_status(store: Store, pid: int) -> dict[str, Any]:
     featured, annotated = store.featured_tasks(pid), store.annotated_tasks(pid)
     predicted = store.predicted_tasks(pid, version)
     failures = store.failures(pid)
-    shown = sorted(failures.items(), key=lambda item: -item[1].get("at", 0))[:MAX_FAILURES_SHOWN]
+    latest = sorted(failures.items(), key=lambda item: -item[1].get("at", 0))[:MAX_FAILURES_SHOWN]
+    in_label_studio = {t: s for t, s in store.shown(pid).items() if t not in annotated}
     return {
         "project": pid,
         "model_version": version,
@@ -58,8 +59,14 @@ def project_status(store: Store, pid: int) -> dict[str, Any]:
             "awaiting_prediction": len(featured - annotated - predicted),
         },
         "outbox": store.delivery.size(pid),
+        "label_studio": {
+            "live_version": store.live_version(),
+            "shows": len(in_label_studio),
+            "shows_current": sum(1 for s in in_label_studio.values() if s.version == version),
+            "project_model_version": store.switched_to(pid) == store.live_version(),
+        },
         "last_sync": store.last_sync(pid),
-        "failures": [{"task": t, **f} for t, f in shown],
+        "failures": [{"task": t, **f} for t, f in latest],
         "failure_reasons": failure_reasons(failures),
     }
 

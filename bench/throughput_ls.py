@@ -47,6 +47,7 @@ import throughput  # noqa: E402
 
 from common import keys, queues  # noqa: E402
 from common.models import embedding_space  # noqa: E402
+from common.revisions import behind  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.store import Store  # noqa: E402
 from tests.e2e.label_studio import LabelStudioServer  # noqa: E402
@@ -260,17 +261,13 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
         ids = ls.import_tasks(project, [{"image": ref(p)} for p in chosen])
         imported = time.perf_counter() - t0
 
-        def written() -> int:
-            version = store.current_version(project)
-            claims = store.r.hvals(keys.delivery(project, version))
-            return sum(c.startswith((b"written", b"api")) for c in claims)
-
         def settled() -> bool:
-            """Every task written with the current version, and nothing more to come: no refit running or
-            scheduled, nothing queued, nothing in the outbox."""
+            """Every task shows the current version's answer in Label Studio, and nothing more is to come: no
+            refit running or scheduled, nothing queued, nothing in the outbox."""
             busy = store.r.exists(keys.lock(project, "refit"), keys.refit_scheduled(project))
             return (not busy and not store.pending_count(project) and store.delivery.size(project) == 0
-                    and store.queue_length(queues.BULK) == 0 and written() >= len(ids) + 1)  # fmt: skip
+                    and store.queue_length(queues.BULK) == 0 and store.embedding_count(project) >= len(ids) + 1
+                    and not behind(store, project))  # fmt: skip
 
         wait_until(settled, 3600, "every task written, and the backend idle", interval=0.2)
         took = time.perf_counter() - t0
@@ -278,7 +275,7 @@ def end_to_end(ls: LabelStudioServer, tmp: Path, args: argparse.Namespace, reads
         ui.stopping.set()
         watch.stopping.set()
         ui.join()
-        version = store.current_version(project)
+        version = store.live_version()
         tasks = ls.list_tasks(project, page_size=1000)
         per_task = Counter(len(t["predictions"]) for t in tasks if t["id"] in set(ids))
         current = sum(any(p["model_version"] == version for p in t["predictions"]) for t in tasks)

@@ -96,14 +96,15 @@ class Delivery:
     # -- the outbox --------------------------------------------------------------------------------------
 
     def stage(self, pid: int, version: str, tasks: Iterable[int], due: float, job_id: str | None = None) -> None:
-        """Put entries in the outbox, due at `due`. An entry already there keeps its time: the periodic sync
-        staging it again must neither cut a backoff short nor restart the deliverer's wait for a fuller write
-        (each restart would let a sync that runs more often than that wait hold the write back for ever)."""
+        """Put entries in the outbox, due at `due`, in the order given (a microsecond apart: the deliverer takes
+        the first due first). An entry already there keeps its time: the periodic sync staging it again must
+        neither cut a backoff short nor restart the deliverer's wait for a fuller write (each restart would let
+        a sync that runs more often than that wait hold the write back for ever)."""
         members = [member(t, version) for t in tasks]
         if not members:
             return
         pipe = self.r.pipeline()
-        pipe.zadd(keys.outbox(pid), dict.fromkeys(members, due), nx=True)
+        pipe.zadd(keys.outbox(pid), {m: due + i * 1e-6 for i, m in enumerate(members)}, nx=True)
         if job_id:
             pipe.hset(keys.outbox_jobs(pid), mapping=dict.fromkeys(members, job_id))
         pipe.execute()

@@ -182,6 +182,20 @@ def outbox_jobs(pid: int) -> str:
     return _p(pid, "outbox_jobs")
 
 
+def shown(pid: int) -> str:
+    """HASH task -> `<version>\t<score>\t<labels digest>`: what Label Studio holds for the task under the live
+    version name (common/store.py `live_version`), the answer of which model version. A refit writes only
+    the tasks whose answer differs from this (common/revisions.py)."""
+    return _p(pid, "shown")
+
+
+def switched(pid: int) -> str:
+    """STRING: the live version name this backend set as the project's `model_version` in Label Studio, so that
+    Label Studio shows it without calling /setup and /predict for each task opened; `-` when someone else
+    chose the project's model version (then left alone)."""
+    return _p(pid, "switched")
+
+
 def write_seconds(pid: int) -> str:
     """STRING float: how long the project's last successful write to Label Studio took (its cost per request
     grows with the project's size; the deliverer lingers longer for fuller writes when it is high)."""

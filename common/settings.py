@@ -444,6 +444,12 @@ class Settings:
         "how long predictions may wait in the outbox for a fuller write while an import is still being embedded: at "
         "least this, or 10 times Label Studio's last write, up to 60 s (0: write at once)",
     )  # fmt: skip
+    set_project_model_version: bool = define(
+        "SET_PROJECT_MODEL_VERSION", True, BOOLEAN,
+        "once every task holds the live version, make it the project's model version in Label Studio, which then "
+        "shows it without calling `/setup` and `/predict` for each task opened (and its uncertainty sampling works); "
+        "a version chosen in Label Studio by hand is left alone",
+    )  # fmt: skip
     # -- what one request may ask of the API (README "Security") --
     max_request_bytes: int = define(
         "MAX_REQUEST_BYTES", 100 * MIB, integer(1, unit=MIB, unit_name="MiB"),

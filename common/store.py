@@ -29,6 +29,7 @@ STAGING_LEASE = 30.0  # seconds a chunk may take from storing features to stagin
 KEEP_MODELS = 3  # model blobs kept per project: the current one, and two a chunk may still be using
 _BASE36 = string.digits + string.ascii_lowercase
 _VERSION = re.compile(r"-v(\d{4,})-[0-9a-z]+$")
+_OURS = re.compile(r"[a-z0-9][a-z0-9._-]*-\d+px-(?:v\d{4,}|live)-[0-9a-z]+")
 
 Annotations = dict[int, dict[str, list[str]]]  # annotation id -> {tag: labels}
 
@@ -37,6 +38,17 @@ def version_string(space: str, number: int, epoch: str) -> str:
     """`<space>-v<NNNN>-<epoch>`. Fixed-width numbers and the trailing epoch keep versions from being
     substrings of each other (Label Studio's `predictions_model_versions` filter matches substrings)."""
     return f"{space}-v{number:04d}-{epoch}"
+
+
+def live_version_string(space: str, epoch: str) -> str:
+    """`<space>-live-<epoch>`: the one name every prediction written to Label Studio carries, whichever model
+    version computed it (README "Every task, exactly once"). Not a substring of any `-vNNNN-` name."""
+    return f"{space}-live-{epoch}"
+
+
+def ours(version: str) -> bool:
+    """A name this backend makes: a model version or a live version, of any embedding space."""
+    return bool(_OURS.fullmatch(version))
 
 
 def version_number(version: str) -> int | None:
@@ -77,6 +89,25 @@ def _decode_annotations(raw: bytes | str) -> Annotations:
 
 def _encode_annotations(annotations: Mapping[int, Mapping[str, list[str]]]) -> str:
     return json.dumps({str(aid): dict(labels) for aid, labels in sorted(annotations.items())}, sort_keys=True)
+
+
+class Shown(NamedTuple):
+    """What Label Studio holds for a task under the live version: the answer of `version` (keys.shown)."""
+
+    version: str
+    score: float
+    digest: str
+
+    def encode(self) -> str:
+        return f"{self.version}\t{self.score:.4f}\t{self.digest}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Shown:
+        version, score, digest = (raw.decode() if isinstance(raw, bytes) else raw).split("\t")
+        return cls(version, float(score), digest)
+
+
+STALE = Shown("", -1.0, "")  # Label Studio holds copies to clean up: the task is written again (worker/sync.py)
 
 
 class SyncAsk(NamedTuple):
@@ -171,6 +202,11 @@ class Store:
             self.add_project(pid)
             return first
         return self.r.get(keys.version(pid)).decode()
+
+    def live_version(self) -> str:
+        """The name Label Studio knows the backend's predictions by (what /setup returns, every written
+        prediction carries, and the project's `model_version` is set to once every task holds it)."""
+        return live_version_string(self.space, self.epoch())
 
     def next_version(self, pid: int) -> str:
         number = int(self.r.incr(keys.version_counter(pid)))
@@ -396,7 +432,7 @@ class Store:
         pipe = self.r.pipeline()
         for key in (keys.embeddings(pid, self.space), keys.task_data(pid), keys.images(pid), keys.annotations(pid),
                     keys.annotations_heard(pid), keys.pending(pid), keys.failed(pid),
-                    keys.predictions(pid, version)):  # fmt: skip
+                    keys.predictions(pid, version), keys.shown(pid)):  # fmt: skip
             pipe.hdel(key, *ids)
         aids = [str(a) for anns in annotated.values() for a in anns]
         if aids:
@@ -558,6 +594,35 @@ class Store:
     def drop_predictions(self, pid: int, version: str) -> None:
         """A superseded version's predictions are no longer served."""
         self.r.delete(keys.predictions(pid, version))
+
+    # -- what Label Studio shows ----------------------------------------------------------------------
+
+    def shown(self, pid: int, task_ids: Iterable[int] | None = None) -> dict[int, Shown]:
+        """What Label Studio holds under the live version, per task (all tasks when `task_ids` is None)."""
+        if task_ids is None:
+            return {int(t): Shown.decode(v) for t, v in self.r.hgetall(keys.shown(pid)).items()}
+        ids = list(task_ids)
+        if not ids:
+            return {}
+        raw = self.r.hmget(keys.shown(pid), [str(t) for t in ids])
+        return {t: Shown.decode(v) for t, v in zip(ids, raw, strict=True) if v is not None}
+
+    def set_shown(self, pid: int, entries: Mapping[int, Shown]) -> None:
+        if entries:
+            self.r.hset(keys.shown(pid), mapping={str(t): e.encode() for t, e in entries.items()})
+
+    def forget_shown(self, pid: int, task_ids: Iterable[int]) -> None:
+        """Label Studio lacks these tasks' live predictions (the sweep saw it): they are written again."""
+        ids = [str(t) for t in task_ids]
+        if ids:
+            self.r.hdel(keys.shown(pid), *ids)
+
+    def switched_to(self, pid: int) -> str | None:
+        raw = self.r.get(keys.switched(pid))
+        return raw.decode() if raw else None
+
+    def set_switched(self, pid: int, name: str) -> None:
+        self.r.set(keys.switched(pid), name)
 
     def wait_for_prediction(self, pid: int, version: str, task_id: int, timeout: float) -> None:
         """Block until a worker stores a prediction for the task, or `timeout` passes; at once if one of

@@ -12,8 +12,9 @@ import pytest
 import redis
 
 from api.app import create_app
+from common.revisions import shown_as
 from common.settings import Settings
-from common.store import version_number, version_string
+from common.store import live_version_string, ours, version_number, version_string
 from tests.helpers import LABEL_CONFIG, REPO
 
 
@@ -64,11 +65,14 @@ def test_health_and_root_answer_up(client):
         assert reply.json["status"] == "UP"
 
 
-def test_setup_returns_a_stable_model_version_kept_in_redis(client, clean_redis):
+def test_setup_returns_the_live_version_whatever_model_version_is_current(client, clean_redis):
+    """Label Studio filters predictions by the name /setup returns: it stays the same across refits (each
+    prediction written under it carries the current model's answer), and differs from every model version."""
     first = setup_project(client)
-    assert first == setup_project(client)
-    assert clean_redis.get("plk:p:3:version").decode() == first
+    assert first == setup_project(client) == client.store.live_version()
+    assert "-live-" in first and version_number(clean_redis.get("plk:p:3:version").decode()) == 0
     assert client.store.label_config(3) == LABEL_CONFIG
+    clean_redis.set("plk:p:3:version", version_string(client.store.space, 7, client.store.epoch()))
     other, _ = make_client()
     assert other.post("/setup", json={"project": "3.1"}).json["model_version"] == first
 
@@ -122,7 +126,8 @@ def test_predict_lone_task_uses_the_interactive_lane(client, clean_redis):
 
 
 def test_predict_returns_stored_predictions_in_order_and_claims_them(client):
-    version = setup_project(client)
+    live = setup_project(client)
+    version = client.store.current_version(3)
     pred = {
         "result": [
             {
@@ -139,17 +144,24 @@ def test_predict_returns_stored_predictions_in_order_and_claims_them(client):
     }
     client.store.save_predictions(3, version, {2: pred, 3: {**pred, "result": []}})
     tasks = [{"id": 1}, {"id": 2}, {"id": 3}]
-    results = client.post("/predict", json={"project": "3.1", "tasks": tasks}).json["results"]
-    assert results == [[], pred, []]
+    reply = client.post("/predict", json={"project": "3.1", "tasks": tasks}).json
+    assert reply["results"] == [[], {**pred, "model_version": live}, []] and reply["model_version"] == live
     assert client.store.delivery.claims(3, version, [2])[2][0] == "api"
+    assert client.store.shown(3) == {2: shown_as(version, pred)}  # what Label Studio stores from the reply
 
 
-def test_predict_does_not_hand_over_a_prediction_a_worker_is_writing(client):
-    version = setup_project(client)
-    pred = {"result": [{"id": "x", "type": "choices"}], "score": 0.5, "model_version": version}
-    client.store.save_predictions(3, version, {7: pred})
+def test_predict_hands_over_a_prediction_a_worker_is_writing_and_says_so(client):
+    """A blank labelling screen is worse than a second copy, which the worker removes when its write ends."""
+    setup_project(client)
+    version = client.store.current_version(3)
+    pred = {"result": [{"id": "x", "from_name": "t", "type": "choices", "value": {"choices": ["A"]}}],
+            "score": 0.5, "model_version": version}  # fmt: skip
+    client.store.save_predictions(3, version, {7: pred, 8: pred})
     assert client.store.delivery.claim(3, version, 7, "writing")
-    assert client.post("/predict", json={"project": "3.1", "tasks": [{"id": 7}]}).json["results"] == [[]]
+    assert client.store.delivery.claim(3, version, 8, "refused")
+    reply = client.post("/predict", json={"project": "3.1", "tasks": [{"id": 7}, {"id": 8}]}).json["results"]
+    assert reply[0]["result"] == pred["result"] and reply[1] == []
+    assert client.store.delivery.claims(3, version, [7])[7][0] == "api"
 
 
 @pytest.mark.parametrize(
@@ -303,7 +315,10 @@ def test_webhook_malformed_bodies_get_a_json_400(client, body):
 def test_versions_and_jobs(client):
     first = setup_project(client)
     assert client.get("/versions").json["versions"] == [first]
-    assert client.get("/versions?project=3").json["versions"] == [first]
+    reply = client.get("/versions?project=3").json
+    assert reply["versions"] == [first] and [v["version"] for v in reply["projects"]["3"]] == [
+        client.store.current_version(3)
+    ]
     assert client.get("/jobs/nope").status_code == 404
     assert client.get("/jobs/" + "a" * 32 + ":failed").status_code == 404
     assert client.get("/jobs/" + "a" * 32).status_code == 404
@@ -402,10 +417,13 @@ def test_the_worker_main_process_freezes_its_objects_before_the_pool_forks():
 def test_version_strings_are_not_substrings_of_each_other():
     versions = [version_string("efficientnet-lite0-64px", n, e) for n in (0, 1, 10, 100, 1000, 10000)
                 for e in ("t4l2qk", "t4l2ql")]  # fmt: skip
-    assert len(set(versions)) == len(versions)
-    for a in versions:
-        assert not any(a != b and a in b for b in versions)
-        assert version_number(a) is not None
+    lives = [live_version_string("efficientnet-lite0-64px", e) for e in ("t4l2qk", "t4l2ql")]
+    assert len(set(versions + lives)) == len(versions + lives)
+    for a in versions + lives:
+        assert not any(a != b and a in b for b in versions + lives)
+        assert ours(a)
+        assert (version_number(a) is not None) == (a in versions)
+    assert not ours("plankton-ml-backend") and not ours("my-model-v0001-x") and not ours(lives[0] + "-copy")
 
 
 def test_versions_are_never_reused_even_if_redis_loses_everything(client, clean_redis):

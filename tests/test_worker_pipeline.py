@@ -122,14 +122,16 @@ def test_annotations_refit_a_new_version_that_predicts_the_other_tasks(api, imag
     start_worker(KMEANS_CLUSTERS="3", REFIT_EVERY="100", REFIT_DELAY_SECONDS="600")
     tasks, truth = _synthetic_project(image_server)
     import_tasks(api, tasks)
-    v0 = api.post("/setup", json={"project": f"{PID}.1"}).json["model_version"]
+    live = api.post("/setup", json={"project": f"{PID}.1"}).json["model_version"]
+    v0 = api.get(f"/projects/{PID}").json["model_version"]
     annotated = [t for t in tasks if (t["id"] - 1) % 12 < 3]
     for t in annotated:
         annotate(api, 1000 + t["id"], t, {"organism_type": [truth[t["id"]]]})
     assert api.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PID}}).status_code == 200
-    v1 = wait_until(lambda: (v := api.post("/setup", json={"project": f"{PID}.1"}).json["model_version"]) != v0 and v,
+    v1 = wait_until(lambda: (v := api.get(f"/projects/{PID}").json["model_version"]) != v0 and v,
                     60, "a new model version")  # fmt: skip
     assert version_number(v1) == 1
+    assert api.post("/setup", json={"project": f"{PID}.1"}).json["model_version"] == live
     others = [t for t in tasks if t not in annotated]
     results = wait_until(
         lambda: all(r := api.post("/predict", json={"project": f"{PID}.1", "tasks": others}).json["results"]) and r,
@@ -137,12 +139,13 @@ def test_annotations_refit_a_new_version_that_predicts_the_other_tasks(api, imag
     )  # fmt: skip
     correct = 0
     for task, pred in zip(others, results, strict=True):
-        assert pred["model_version"] == v1
+        assert pred["model_version"] == live
         (item,) = pred["result"]
         assert item["from_name"] == "organism_type" and item["type"] == "choices"
         correct += item["value"]["choices"] == [truth[task["id"]]]
     assert correct / len(others) >= 0.9
-    assert api.get("/versions").json["versions"] == [v0, v1]
+    assert api.get("/versions").json["versions"] == [live]
+    assert [v["version"] for v in api.get(f"/versions?project={PID}").json["projects"][str(PID)]] == [v0, v1]
 
 
 def test_tasks_imported_again_are_not_left_queued(api, image_server, start_worker):
@@ -164,8 +167,7 @@ def test_a_lone_task_waits_for_its_prediction(api, image_server, start_worker):
     for t in tasks[::2]:
         annotate(api, 2000 + t["id"], t, {"organism_type": [truth[t["id"]]], "shape": ["Round", "Spiky"]})
     api.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PID}})
-    wait_until(lambda: version_number(api.post("/setup", json={"project": f"{PID}.1"}).json["model_version"]) == 1,
-               60, "the refit")  # fmt: skip
+    wait_until(lambda: version_number(api.get(f"/projects/{PID}").json["model_version"]) == 1, 60, "the refit")
     new = {"id": 500, "data": {"image": put(image_server, "new-rod.png", png_bytes(synthetic_particle("rod", 999)))}}
     (result,) = api.post("/predict", json={"project": f"{PID}.1", "tasks": [new]}).json["results"]
     assert result, "the lone task's prediction arrived within the wait"
@@ -268,7 +270,7 @@ def test_annotations_trigger_debounced_refits(clean_redis, image_server, start_w
     start_worker(KMEANS_CLUSTERS="3")
     tasks, truth = _synthetic_project(image_server, n_per_class=4)
     import_tasks(api, tasks)
-    version = lambda: api.post("/setup", json={"project": f"{PID}.1"}).json["model_version"]  # noqa: E731
+    version = lambda: api.get(f"/projects/{PID}").json["model_version"]  # noqa: E731
 
     def annotate_and_reply(ann_id: int, task: dict) -> dict:
         result = [{"from_name": "organism_type", "to_name": "image", "type": "choices",

@@ -1,11 +1,14 @@
-"""The deliverer: writes a project's outbox to Label Studio in bulk, exactly once per task and version.
+"""The deliverer: makes Label Studio hold, for every task, exactly one prediction of the live version, with the
+current model's answer, in bulk.
 
 One deliverer per project runs at a time (a leased lock). For each due entry of the current version it
 claims the task (HSETNX `writing`), writes the batch with one request, and marks what Label Studio stored
-as `written`. A write whose outcome is unknown (a timeout, a worker killed mid-request) leaves `writing`
-claims behind; the next attempt first asks Label Studio which of those tasks hold the version, and writes
-only the others. While Label Studio fails, the entries stay in the outbox and are retried with backoff,
-however long it takes; entries of a superseded version are dropped (its successor's are staged).
+as `written` (and, in `keys.shown`, whose answer it now shows). A task that already shows an older answer is
+revised: its prediction is replaced (common/revisions.py decides which tasks need it). A write whose outcome
+is unknown (a timeout, a worker killed mid-request) leaves `writing` claims behind; the next attempt first
+lists those tasks in Label Studio and writes only where the answer is not there. While Label Studio fails,
+the entries stay in the outbox and are retried with backoff, however long it takes; entries of a superseded
+version are dropped (its successor stages what it changes).
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ import time
 from typing import Any
 
 from common.delivery import BY_API, REFUSED, WRITING, WRITTEN
+from common.revisions import labels_digest, misleads, shown_as
+from common.store import ours
 from worker import metrics
-from worker.label_studio import LabelStudioApi, is_transient, missing_task_error
+from worker.label_studio import LabelStudioApi, Row, is_transient, missing_task_error
+from worker.predicting import restage
 from worker.runtime import Runtime
+from worker.showing import switch_when_complete
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,12 @@ BACKOFF_CAP = 60.0
 # most about a tenth of the import on the fixed cost of our requests, whatever the project's size.
 LINGER_PER_WRITE_SECOND = 10.0
 MAX_LINGER = 60.0
+# Revisions (tasks whose answer changed) per request, and the share of Label Studio's time they may take while
+# more are due: after a revision write of T seconds, the next waits T (1 - share) / share. Deleting a
+# prediction costs Label Studio about 10 ms (bench/RESULTS.md), and on SQLite its delete holds the database's
+# write lock throughout: 50 keep that near half a second, well under the 5 s other writers wait before failing.
+REVISION_BATCH = 50
+REVISION_SHARE = 0.5
 
 
 def linger_for(settings_linger: float, last_write: float) -> float:
@@ -56,15 +69,18 @@ def deliver_outbox(rt: Runtime, pid: int) -> dict[str, Any]:
             break
     if later is not None:
         rt.dispatcher.deliver(pid, countdown=max(0.5, later - time.time()))
-    return {"status": "again later" if later else "done", "written": written}
+        return {"status": "again later", "written": written}
+    return {"status": "done", "written": written, "live_version_shown": switch_when_complete(rt, api, pid)}
 
 
 def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | None]:
     """Write due entries until none is left; returns how many were written, and when to come back: Label
-    Studio failed (backoff), or too few are due for a full write yet (DELIVER_LINGER_SECONDS)."""
+    Studio failed (backoff), too few are due for a full write yet (DELIVER_LINGER_SECONDS), or a revision was
+    written and Label Studio gets a pause as long as it took before the next (REVISION_SHARE)."""
     store, outbox = rt.store, rt.store.delivery
     batch = rt.settings.deliver_batch_size
     linger = linger_for(rt.settings.deliver_linger_seconds, outbox.last_write_seconds(pid))
+    live = store.live_version()
     total = 0
     while True:
         version = store.current_version(pid)
@@ -81,25 +97,24 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
         tasks = outbox.drop_versions_except(pid, version, entries)
         annotated = store.annotated_tasks(pid)
         predictions = store.predictions(pid, version, [t for t in tasks if t not in annotated])
+        shown = store.shown(pid, predictions)
         claims = outbox.claims(pid, version, predictions)
-        settled = [t for t in tasks if t not in predictions or claims.get(t, ("",))[0] in (WRITTEN, BY_API, REFUSED)]
+        settled = [
+            t
+            for t in tasks
+            if t not in predictions
+            or claims.get(t, ("",))[0] in (WRITTEN, BY_API, REFUSED)
+            or (t not in claims and not misleads(predictions[t], shown.get(t)))
+        ]
         outbox.done(pid, [(t, version) for t in settled])
-        todo: dict[int, dict[str, Any]] = {}
+        todo = _within_revision_batch([t for t in tasks if t not in settled], shown)
+        if not todo:
+            continue
         try:
-            unsure = [t for t, (state, _) in claims.items() if state == WRITING]
-            held = api.tasks_holding(pid, version, unsure) if unsure else set()
-            outbox.set(pid, version, held, WRITTEN)
-            outbox.done(pid, [(t, version) for t in held])
-            fresh = outbox.claim_many(pid, version, [t for t in predictions if t not in claims], WRITING)
-            todo = {t: predictions[t] for t in [*fresh, *(set(unsure) - held)]}
-            if not todo:
-                continue
-            started = time.perf_counter()
-            created = api.import_predictions(pid, version, todo)
-            took = time.perf_counter() - started
+            took, stored = _write(rt, api, pid, version, live, {t: predictions[t] for t in todo}, shown, claims)
         except Exception as exc:
             if missing_task_error(exc):
-                _forget_deleted(rt, api, pid, version, list(todo))
+                _forget_deleted(rt, api, pid, version, todo)
                 continue
             attempt = outbox.failed_attempt(pid)
             wait = backoff(attempt)
@@ -111,17 +126,102 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
             log.log(level, "project %s: writing %d predictions to Label Studio failed (attempt %d, again in %.0f s): "
                     "%s: %s", pid, len(pending), attempt, wait, type(exc).__name__, str(exc)[:300])  # fmt: skip
             return total, time.time() + wait
-        outbox.succeeded(pid, took)
-        stored = set(todo) if created == len(todo) else api.tasks_holding(pid, version, todo)
-        outbox.set(pid, version, stored, WRITTEN)
         refused = [t for t in todo if t not in stored]
         if refused:
             _report_refused(rt, pid, version, refused)
         outbox.done(pid, [(t, version) for t in todo])
-        log.info("project %s: %d predictions of %s written to Label Studio in %.2f s", pid, len(stored), version, took)
+        revised = sum(1 for t in stored if t in shown)
+        log.info("project %s: %d predictions of %s written to Label Studio as %s (%d revised) in %.2f s", pid,
+                 len(stored), version, live, revised, took)  # fmt: skip
         total += len(stored)
-        metrics.WRITEBACK.labels("written").inc(len(stored))
+        metrics.WRITEBACK.labels("written").inc(len(stored) - revised)
+        metrics.WRITEBACK.labels("revised").inc(revised)
         metrics.WRITEBACK.labels("refused").inc(len(refused))
+        if store.current_version(pid) != version:
+            # A version published while this one was written may have compared itself with what Label Studio
+            # showed before: compare again for what was written.
+            restage(rt, pid, stored)
+        if revised and outbox.due(pid, time.time(), 1):
+            return total, time.time() + took * (1 - REVISION_SHARE) / REVISION_SHARE
+
+
+def _within_revision_batch(todo: list[int], shown: dict[int, Any]) -> list[int]:
+    """The entries to write now, in order: every new one, and at most REVISION_BATCH revisions (each costs
+    Label Studio a listing, a delete and a write: a smaller request leaves its other users a turn sooner)."""
+    kept, revisions = [], 0
+    for task in todo:
+        if task in shown:
+            if revisions == REVISION_BATCH:
+                continue
+            revisions += 1
+        kept.append(task)
+    return kept
+
+
+def _write(
+    rt: Runtime,
+    api: LabelStudioApi,
+    pid: int,
+    version: str,
+    live: str,
+    predictions: dict[int, dict[str, Any]],
+    shown: dict[int, Any],
+    claims: dict[int, tuple[str, float]],
+) -> tuple[float, set[int]]:
+    """Make Label Studio hold exactly one prediction of `live` per task, with `version`'s answer; returns the
+    request's time and the tasks that now hold it.
+
+    A task that shows an older answer (or whose last write's outcome is unknown) is listed first: a
+    prediction of `live` already matching is kept; otherwise its predictions go (all of them in one
+    request, when every one is ours; one by one, ours only, when another model's or a person's is there) and
+    the new one is written with the others in one request."""
+    outbox = rt.store.delivery
+    unsure = {t for t, (state, _) in claims.items() if state == WRITING}
+    listed = api.rows(pid, [t for t in predictions if t in shown or t in unsure])
+    already = {t for t in unsure if _holds(listed.get(t, []), live, predictions[t])}
+    outbox.set(pid, version, already, WRITTEN)
+    rt.store.set_shown(pid, {t: shown_as(version, predictions[t]) for t in already})
+    fresh = outbox.claim_many(pid, version, [t for t in predictions if t not in claims], WRITING)
+    todo = {t: predictions[t] for t in [*fresh, *(unsure - already)]}
+    if not todo:
+        return 0.0, already
+    whole = [t for t in todo if listed.get(t) and all(ours(row.model_version) for row in listed[t])]
+    partly = [row.id for t in todo if t not in whole for row in listed.get(t, []) if ours(row.model_version)]
+    started = time.perf_counter()
+    api.delete_task_predictions(pid, whole)
+    for row_id in partly:
+        api.delete_prediction(row_id)
+    created = api.import_predictions(pid, live, todo)
+    took = time.perf_counter() - started
+    rt.store.delivery.succeeded(pid, took)
+    if created == len(todo):
+        stored = set(todo)
+    else:
+        held = api.rows(pid, todo)
+        stored = {t for t in todo if _holds(held.get(t, []), live, todo[t])}
+    handed = [t for t, (state, _) in outbox.claims(pid, version, stored).items() if state == BY_API]
+    if handed:
+        _remove_second_copies(api, pid, live, handed)
+    outbox.set(pid, version, stored, WRITTEN)
+    rt.store.set_shown(pid, {t: shown_as(version, todo[t]) for t in stored})
+    return took, stored | already
+
+
+def _remove_second_copies(api: LabelStudioApi, pid: int, live: str, tasks: list[int]) -> None:
+    """/predict handed these tasks over while this write was under way: Label Studio may hold two copies."""
+    for rows in api.rows(pid, tasks).values():
+        for row in sorted((r for r in rows if r.model_version == live), key=lambda r: r.id)[1:]:
+            api.delete_prediction(row.id)
+
+
+def _holds(rows: list[Row], live: str, prediction: dict[str, Any]) -> bool:
+    """Exactly one prediction of `live`, and it is this one (its labels, its score)."""
+    mine = [row for row in rows if row.model_version == live]
+    return (
+        len(mine) == 1
+        and labels_digest({"result": mine[0].result}) == labels_digest(prediction)
+        and abs(mine[0].score - float(prediction["score"])) < 1e-3
+    )
 
 
 def more_on_its_way(rt: Runtime, pid: int, now: float, linger: float) -> bool:

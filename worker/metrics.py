@@ -37,7 +37,7 @@ BATCH_SECONDS = Histogram("plankton_batch_seconds", "One batch: its forward pass
 CHUNK_SECONDS = Histogram("plankton_chunk_seconds", "One chunk of tasks (a Celery message), start to end",
                           buckets=LATENCY)  # fmt: skip
 WRITEBACK = Counter("plankton_writeback_predictions_total", "Predictions written to Label Studio, by outcome "
-                    "(written, refused as invalid)", ["outcome"])  # fmt: skip
+                    "(written, revised: replacing an older answer, refused as invalid)", ["outcome"])  # fmt: skip
 WRITEBACK_FAILURES = Counter("plankton_writeback_failures_total", "Write requests to Label Studio that failed "
                              "(each is retried later)", ["kind"])  # fmt: skip
 WRITEBACK_RETRIES = Counter("plankton_writeback_retries_total", "Predictions whose write was postponed after a "

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.collections import collection_of
+from common.revisions import to_write
 from worker.pipeline import from_bytes
 from worker.project_model import Model
 from worker.results import build_prediction
@@ -61,21 +62,39 @@ def stage(
     saved: bool = False,
     staging: str | None = None,
 ) -> None:
-    """Keep the predictions for /predict (unless `saved` already) and put them in the outbox for Label
-    Studio. `hold`: how long the API may hand them over itself first (the annotator's open task), before a
-    worker writes them. `staging`: the chunk's token (`Store.save_embeddings`), cleared once the predictions
-    are in the outbox and before the deliverer is called, so that the deliverer sees them and nothing more
-    on its way from this chunk."""
+    """Keep the predictions for /predict (unless `saved` already) and put in the outbox for Label Studio those
+    that change what it shows (common/revisions.py), most urgent first. `hold`: how long the API may hand them
+    over itself first (the annotator's open task), before a worker writes them. `staging`: the chunk's token
+    (`Store.save_embeddings`), cleared once the predictions are in the outbox and before the deliverer is
+    called, so that the deliverer sees them and nothing more on its way from this chunk."""
     if not predictions:
         return
     if not saved:
         rt.store.save_predictions(pid, version, predictions)
     if rt.label_studio is None or not rt.model_answers(pid, version):
         return
-    rt.store.delivery.stage(pid, version, predictions, time.time() + hold, job_id)
+    order = to_write(predictions, rt.store.shown(pid, predictions))
+    rt.store.delivery.stage(pid, version, order, time.time() + hold, job_id)
     if staging:
         rt.store.done_staging(pid, staging)
-    rt.dispatcher.deliver(pid, countdown=hold)
+    if order:
+        rt.dispatcher.deliver(pid, countdown=hold)
+
+
+def restage(rt: Runtime, pid: int, task_ids: Iterable[int]) -> int:
+    """Stage what the current version answers for these tasks wherever Label Studio shows something else (a
+    write of an older version that ended after a newer one compared itself with what Label Studio showed, or
+    a sweep that found Label Studio lacking a prediction); returns how many were staged."""
+    version = rt.store.current_version(pid)
+    if rt.label_studio is None or not rt.model_answers(pid, version):
+        return 0
+    annotated = rt.store.annotated_tasks(pid)
+    predictions = rt.store.predictions(pid, version, [t for t in task_ids if t not in annotated])
+    order = to_write(predictions, rt.store.shown(pid, predictions))
+    rt.store.delivery.stage(pid, version, order, time.time())
+    if order:
+        rt.dispatcher.deliver(pid)
+    return len(order)
 
 
 def predict_current(

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from typing import Any
 
 from common import keys, queues
 from common.annotations import annotation_labels
 from common.celery_app import TICK_SECONDS
-from common.delivery import WRITING, WRITTEN
-from common.store import version_number
-from worker.label_studio import LabelStudioApi
-from worker.predicting import fill_gaps, gaps
+from common.delivery import WRITING
+from common.store import STALE, ours
+from worker.label_studio import LabelStudioApi, Row
+from worker.predicting import fill_gaps, gaps, restage
 from worker.refitting import needs_refit, refit_project
 from worker.runtime import Runtime
+from worker.showing import check_switch
 
 log = logging.getLogger(__name__)
 
@@ -76,72 +76,81 @@ def sync_project(rt: Runtime, pid: int, retrain: bool, reason: str, asked: bool 
     return report
 
 
-def _ours(rt: Runtime, version: str) -> bool:
-    return version.startswith(f"{rt.store.space}-v") and version_number(version) is not None
-
-
 def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
+    """Find, with filtered listings whose cost grows with what changed and with the annotations, not with the
+    project: tasks created or deleted without our hearing of it, the annotations, unannotated tasks lacking
+    the live version, and tasks holding two copies of it. Every task's id is listed only when the project's
+    task count disagrees with what the backend knows."""
     store, outbox = rt.store, rt.store.delivery
     started = time.time()
     secured = _secure_webhooks(rt, api, pid)
     xml = api.label_config(pid)
     config_changed = bool(xml) and store.set_label_config(pid, xml)
     config = rt.label_config(pid)
-    version = store.current_version(pid)
-    tasks: dict[int, dict[str, Any]] = {}
-    annotations: dict[int, dict[int, dict[str, list[str]]]] = {}
-    holding, lacking, duplicates = [], [], []
+    live, version = store.live_version(), store.current_version(pid)
+    known = store.known_tasks(pid) | store.featured_tasks(pid)
     listing = time.time()
-    for task in api.project_tasks(pid):
-        tasks[task.id] = {"id": task.id, "data": task.data}
-        anns = {int(a["id"]): annotation_labels(a, config) for a in task.annotations}
-        live = {aid: labels for aid, labels in anns.items() if labels is not None}
-        if live:
-            annotations[task.id] = live
-        by_version: dict[str, list[int]] = defaultdict(list)
-        for p in task.predictions:
-            by_version[p["model_version"]].append(p["id"])
-        duplicates += [pid_ for v, ids in by_version.items() if _ours(rt, v) for pid_ in sorted(ids)[1:]]
-        if version in by_version:
-            holding.append(task.id)
-        elif not live:
-            lacking.append(task.id)
+    heard = {t.id: t for t in api.tasks_after(pid, max(known, default=0))}
+    annotated = {t.id: t for t in api.annotated_tasks(pid)}
+    gone: set[int] = set()
+    if api.task_count(pid) != len(known | set(heard)):
+        ids = api.task_ids(pid)
+        gone = known - ids
+        heard |= {t.id: t for t in api.tasks(pid, ids - known - set(heard))}
+    lacking = {t: versions for t, versions in api.tasks_lacking(pid, live).items() if t not in gone}
+    crowded_rows = api.crowded_tasks(pid)
     listing_seconds = time.time() - listing
-    gone = (store.known_tasks(pid) | store.featured_tasks(pid)) - set(tasks)
     store.forget_tasks(pid, gone)
+    listed = {**heard, **annotated}
+    annotations: dict[int, dict[int, dict[str, list[str]]]] = {}
+    for task in listed.values():
+        anns = {int(a["id"]): annotation_labels(a, config) for a in task.annotations}
+        live_anns = {aid: labels for aid, labels in anns.items() if labels is not None}
+        if live_anns:
+            annotations[task.id] = live_anns
     changed = store.replace_annotations(pid, annotations, since=started - CLOCK_SKEW_SECONDS)
-    store.remember_tasks(pid, tasks.values())
-    featured, failures = store.featured_tasks(pid), store.failures(pid)
-    unfeatured = [t for t in tasks if t not in featured and failures.get(t, {}).get("transient", True)]
-    job = rt.dispatcher.ingest(pid, [tasks[t] for t in unfeatured], kind="sync") if unfeatured else None
-    # What Label Studio holds is written, whatever Redis remembers (it may have lost a claim).
-    claims = outbox.claims(pid, version, holding)
-    outbox.set(pid, version, [t for t in holding if claims.get(t, (WRITING,))[0] == WRITING], WRITTEN)
-    restage = [t for t in lacking if outbox.forget_if_older(pid, version, t, started - DELIVERY_GRACE)]
-    claims = outbox.claims(pid, version, lacking)
-    # No claim: never written. A `writing` claim this old: a write whose outbox entry was lost (Redis
-    # restarted between the two); the deliverer asks Label Studio before writing it again.
-    restage += [
-        t for t in lacking if t not in claims or (claims[t][0] == WRITING and claims[t][1] < started - DELIVERY_GRACE)
-    ]
-    stored = set(store.predictions(pid, version, restage)) if rt.model_answers(pid, version) else set()
-    outbox.stage(pid, version, stored, time.time())
-    for prediction_id in duplicates:
-        api.delete_prediction(prediction_id)
-    if duplicates:
-        log.warning("project %s: deleted %d duplicate predictions", pid, len(duplicates))
+    store.remember_tasks(pid, [{"id": t.id, "data": t.data} for t in listed.values()])
+    featured, failures, queued = store.featured_tasks(pid), store.failures(pid), set(store.pending(pid))
+    unfeatured = [
+        t for t in (known - gone) | set(listed)
+        if t not in featured and t not in queued and failures.get(t, {}).get("transient", True)
+    ]  # fmt: skip
+    job = rt.dispatcher.ingest(pid, store.tasks(pid, unfeatured), kind="sync") if unfeatured else None
+    # Tasks Label Studio shows no live prediction for, or more than one, or another of our versions: written
+    # again (all of a task's predictions go first when every one is ours: worker/delivery.py). A write may have
+    # landed after the listing began: only a claim older than that is forgotten.
+    crowded = {t for t, rows in crowded_rows.items() if _stale_copies(rows, live)}
+    stale = crowded | {t for t, versions in lacking.items() if any(ours(v) for v in versions)}
+    suspects = (set(lacking) | crowded) - store.annotated_tasks(pid)
+    claims = outbox.claims(pid, version, suspects)
+    redo = {t for t in suspects if outbox.forget_if_older(pid, version, t, started - DELIVERY_GRACE)}
+    redo |= {
+        t for t in suspects if t not in claims or (claims[t][0] == WRITING and claims[t][1] < started - DELIVERY_GRACE)
+    }
+    store.forget_shown(pid, redo - stale)
+    store.set_shown(pid, dict.fromkeys(redo & stale, STALE))
+    rewritten = restage(rt, pid, redo)
+    check_switch(rt, api, pid)
     return {
         "webhooks_secured": secured,
-        "tasks": len(tasks),
+        "tasks": len(known - gone | set(listed)),
+        "listed": len(listed) + len(lacking) + len(crowded_rows),
         "listing_seconds": round(listing_seconds, 3),
         "new": len(unfeatured),
         "ingest_job": job,
         "deleted_tasks": len(gone),
         "annotations_changed": len(changed),
         "config_changed": config_changed,
-        "rewritten": len(stored),
-        "duplicates_deleted": len(duplicates),
+        "rewritten": rewritten,
+        "cleaned": len(stale & redo),
     }
+
+
+def _stale_copies(rows: list[Row], live: str) -> bool:
+    """Two live predictions, or one of our superseded versions beside it."""
+    return sum(r.model_version == live for r in rows) > 1 or any(
+        ours(r.model_version) and r.model_version != live for r in rows
+    )
 
 
 def _secure_webhooks(rt: Runtime, api: LabelStudioApi, pid: int) -> int:

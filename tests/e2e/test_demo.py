@@ -13,6 +13,7 @@ from common.models import embedding_space
 from common.settings import Settings
 from common.store import Store
 from tests.conftest import TEST_REDIS_URL, worker_env
+from tests.e2e.showing import current_answers_shown
 from tests.helpers import DATA, REPO, ApiProcess, BeatProcess, WorkerProcess, wait_until
 
 from .label_studio import LabelStudioServer
@@ -39,10 +40,9 @@ def test_the_demo_project_shows_predictions(label_studio: LabelStudioServer, tmp
         store = Store.from_url(TEST_REDIS_URL, embedding_space(Settings()))
 
         def shown() -> bool:
-            version = store.current_version(project)
-            current = [t for t in label_studio.list_tasks(project)
-                       if any(p["model_version"] == version for p in t["predictions"])]  # fmt: skip
-            return len(fitted := store.fitted_labels(project, version)) == 3 and len(current) == 57 and bool(fitted)
+            others = [t for t in task_ids if t not in annotated]
+            fitted = store.fitted_labels(project, store.current_version(project))
+            return len(fitted) == 3 and bool(current_answers_shown(label_studio, store, project, others))
 
         wait_until(shown, 180, f"predictions of a model of the 3 seeds ({worker.log_tail(20)})", interval=2)
         assert demo.predicted(label_studio, project) >= 57

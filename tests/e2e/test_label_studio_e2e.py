@@ -25,6 +25,7 @@ from tests.helpers import ApiProcess, BeatProcess, WorkerProcess, wait_until
 from worker.celery_app import app as celery_app
 
 from .label_studio import LabelStudioServer
+from .showing import current_answers_shown
 
 pytestmark = pytest.mark.e2e
 
@@ -74,11 +75,14 @@ def annotate_two_and_wait_for_the_rest(
     for task, label in zip(ids[:2], ("Plankton", "Debris"), strict=True):
         label_studio.create_annotation(task, [choice("organism_type", label)])
 
-    def predicted() -> bool:
-        version = model_version(api, project)
-        return all(versions_per_task(label_studio.task_predictions(t))[version] == 1 for t in ids[2:])
+    store = Store.from_url(TEST_REDIS_URL, embedding_space(Settings()))
 
-    wait_until(predicted, 120, f"one prediction of the current version on every other task ({worker.log_tail(20)})",
+    def predicted() -> bool:
+        return len(store.fitted_labels(project, store.current_version(project))) == 2 and bool(
+            current_answers_shown(label_studio, store, project, ids[2:])
+        )
+
+    wait_until(predicted, 120, f"the current model's answer on every other task ({worker.log_tail(20)})",
                interval=2)  # fmt: skip
 
 
@@ -95,7 +99,8 @@ def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
     assert len(task_ids) == 20
     store = Store.from_url(TEST_REDIS_URL, embedding_space(Settings()))
     wait_until(lambda: store.embedding_count(project) == 20, 180, f"all 20 tasks embedded ({worker.log_tail(20)})")
-    v0 = model_version(api, project)
+    v0 = store.current_version(project)
+    live = model_version(api, project)
 
     annotation_ids = {
         i: label_studio.create_annotation(task_ids[i], [choice("organism_type", label), choice("shape", "Round")])
@@ -105,20 +110,17 @@ def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
     others = [t for i, t in enumerate(task_ids) if i not in ANNOTATED]
 
     def predicted(previous: str) -> dict[int, list[dict]] | None:
-        version = model_version(api, project)
-        if version == previous:
+        if store.current_version(project) == previous:
             return None
-        found = {t: label_studio.task_predictions(t) for t in others}
-        ready = all(any(p["model_version"] == version for p in preds) for preds in found.values())
-        return found if ready else None
+        return current_answers_shown(label_studio, store, project, others)
 
     found = wait_until(lambda: predicted(v0), 240, f"predictions written back ({worker.log_tail(30)})", interval=2)
-    version = model_version(api, project)
-    assert version != v0
+    version = store.current_version(project)
+    assert model_version(api, project) == live != version
     interface = LabelInterface(label_config)
     for task, predictions in found.items():
         assert max(versions_per_task(predictions).values()) == 1, f"task {task} has duplicate predictions"
-        (mine,) = [p for p in predictions if p["model_version"] == version]
+        (mine,) = [p for p in predictions if p["model_version"] == live]
         assert interface.validate_prediction({"result": mine["result"]}), mine
         assert 0.0 <= mine["score"] <= 1.0
         tags = {item["from_name"] for item in mine["result"]}
@@ -129,7 +131,7 @@ def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
             assert item["type"] == "choices" and item["to_name"] == "image"
             assert set(item["value"]["choices"]) <= set(interface.get_control(item["from_name"]).labels)
     for i in ANNOTATED:
-        assert not any(p["model_version"] == version for p in label_studio.task_predictions(task_ids[i]))
+        assert not any(p["model_version"] == live for p in label_studio.task_predictions(task_ids[i]))
 
     # "Retrieve predictions" over every task, and a job sent twice, still write no second copy.
     label_studio.retrieve_predictions(project, task_ids)
@@ -155,11 +157,10 @@ def test_annotations_in_label_studio_make_the_backend_predict_the_other_tasks(
             label_studio.request("PATCH", f"/api/annotations/{annotation_ids[i]}", json={"result": changed})
     label_studio.start_training(backend_id)
     relearned = wait_until(lambda: predicted(version), 240, f"re-predictions ({worker.log_tail(30)})", interval=2)
-    newest = model_version(api, project)
     organism = collections.Counter()
     for task, predictions in relearned.items():
         assert max(versions_per_task(predictions).values()) == 1, f"task {task} has duplicate predictions"
-        (mine,) = [p for p in predictions if p["model_version"] == newest]
+        (mine,) = [p for p in predictions if p["model_version"] == live]
         organism.update(c for item in mine["result"] if item["from_name"] == "organism_type"
                         for c in item["value"]["choices"])  # fmt: skip
     assert "Plankton" not in organism and organism, organism
@@ -206,13 +207,10 @@ def test_annotating_while_the_import_runs_leaves_no_task_behind(
     others = [t for t in task_ids if t not in labels]
 
     def settled() -> str | None:
-        version = model_version(api, project)
-        fitted = store.fitted_labels(project, version)
+        fitted = store.fitted_labels(project, store.current_version(project))
         if {t: v["organism_type"] for t, v in fitted.items()} != {t: [label] for t, label in labels.items()}:
             return None
-        tasks = {t["id"]: t for t in label_studio.list_tasks(project)}
-        ok = all(versions_per_task(tasks[t]["predictions"])[version] == 1 for t in others)
-        return version if ok else None
+        return model_version(api, project) if current_answers_shown(label_studio, store, project, others) else None
 
     version = wait_until(settled, 180, f"every task predicted by a model of all 6 annotations ({worker.log_tail(30)})",
                          interval=2)  # fmt: skip

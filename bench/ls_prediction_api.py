@@ -1,0 +1,144 @@
+"""What Label Studio pays to store, find, replace and delete predictions, in a project of N tasks.
+
+One real Label Studio 1.23 run as compose runs it (sqlite, the memory-efficient prediction import flag), one
+project of N tasks holding one prediction each (as the backend leaves it), then each way Label Studio's API
+offers to replace or delete predictions, on K tasks at a time: its process tree's CPU seconds and the
+request's wall time. The figures chose how the backend revises a suggestion (common/revisions.py) and
+prunes superseded versions; bench/RESULTS.md has them.
+
+    .venv/bin/python bench/ls_prediction_api.py [--tasks 20000] [--batch 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import throughput  # noqa: E402
+
+from tests.e2e.label_studio import LabelStudioServer  # noqa: E402
+from tests.helpers import DATA  # noqa: E402
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Choices name="organism_type" toName="image">
+    <Choice value="Plankton"/><Choice value="Debris"/>
+  </Choices>
+</View>"""
+# compose.yml's Label Studio settings that change what storing predictions costs.
+LABEL_STUDIO_ENV = {"fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short": "true"}
+
+
+def prediction(task: int, label: str, score: float, version: str) -> dict[str, Any]:
+    item = {"id": f"r{task}", "from_name": "organism_type", "to_name": "image", "type": "choices",
+            "value": {"choices": [label]}}  # fmt: skip
+    return {"task": task, "result": [item], "score": score, "model_version": version}
+
+
+class Meter:
+    """Label Studio's CPU seconds and the wall time of one step."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.rows: list[tuple[str, int, float, float]] = []
+
+    def measure(self, name: str, count: int, step: Callable[[], Any]) -> Any:
+        cpu, wall = throughput.tree_cpu_seconds(self.pid), time.perf_counter()
+        result = step()
+        wall = time.perf_counter() - wall
+        time.sleep(0.3)  # Label Studio's work after the reply (counters, signals) is counted too
+        self.rows.append((name, count, throughput.tree_cpu_seconds(self.pid) - cpu, wall))
+        print(f"  {name}: {count} in {wall:.2f} s, Label Studio {self.rows[-1][2]:.2f} CPU s", flush=True)
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=300, help="tasks per replace or delete measured")
+    args = parser.parse_args()
+    n, k = args.tasks, args.batch
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LabelStudioServer(DATA, log_path=Path(tmp) / "ls.log", extra_env=LABEL_STUDIO_ENV) as ls,
+    ):
+        assert ls.process is not None
+        meter = Meter(ls.process.pid)
+        pid = ls.create_project("api costs", CONFIG)
+        ids: list[int] = []
+        for start in range(0, n, 5000):
+            ids += ls.import_tasks(
+                pid, [{"image": f"https://example.org/p{i}.png"} for i in range(start, min(n, start + 5000))]
+            )
+        print(f"project {pid}: {len(ids)} tasks", flush=True)
+
+        def import_rows(tasks: list[int], version: str, label: str = "Plankton") -> Any:
+            return ls.post(f"/api/projects/{pid}/import/predictions",
+                           [prediction(t, label, 0.7, version) for t in tasks])  # fmt: skip
+
+        for start in range(0, n, 5000):
+            meter.measure(
+                "import 5,000 predictions (one request)", 5000, lambda s=start: import_rows(ids[s : s + 5000], "gen-a")
+            )
+        batches = [ids[i * k : (i + 1) * k] for i in range(8)]
+
+        def listing(tasks: list[int], include: str) -> list[dict[str, Any]]:
+            query = json.dumps({"selectedItems": {"all": False, "included": tasks}})
+            params = {"project": pid, "page_size": len(tasks), "fields": "all", "include": include, "query": query}
+            reply = ls.get("/api/tasks", params=params)
+            return reply["tasks"] if isinstance(reply, dict) else reply
+
+        def row_ids(tasks: list[int]) -> list[int]:
+            return [p["id"] for task in listing(tasks, "id,predictions") for p in task.get("predictions", [])]
+
+        def each(method: str, paths: list[str], **kwargs: Any) -> None:
+            for path in paths:
+                ls.request(method, path, expect=(200, 204), **kwargs)
+
+        def dm_delete(tasks: list[int]) -> Any:
+            selected = {"selectedItems": {"all": False, "included": tasks}}
+            return ls.post("/api/dm/actions", selected, params={"id": "delete_tasks_predictions", "project": pid})
+
+        versions = f"/api/projects/{pid}/model-versions/"
+        measure = meter.measure
+        measure(f"list {k} selected tasks: ids, versions", k,
+                lambda: listing(batches[0], "id,predictions_model_versions,total_predictions"))  # fmt: skip
+        measure(f"list {k} selected tasks with their predictions", k, lambda: listing(batches[0], "id,predictions"))
+        measure(f"GET /api/predictions?task= for each of {k} tasks", k,
+                lambda: each("GET", [f"/api/predictions?task={t}" for t in batches[0]]))  # fmt: skip
+        measure(f"import {k} predictions (one request)", k, lambda: import_rows(batches[1], "gen-a", "Debris"))
+        patched = [f"/api/predictions/{r}" for r in row_ids(batches[0])]
+        measure(f"PATCH /api/predictions/<id> for each of {k} rows", k,
+                lambda: each("PATCH", patched, json={"score": 0.2}))  # fmt: skip
+        deleted = [f"/api/predictions/{r}" for r in row_ids(batches[2])]
+        measure(f"DELETE /api/predictions/<id> for each of {k} rows", k, lambda: each("DELETE", deleted))
+        measure(f"Data Manager delete_tasks_predictions on {k} tasks (one request)", k, lambda: dm_delete(batches[3]))
+        measure(f"import {k} predictions after that delete", k, lambda: import_rows(batches[3], "gen-a", "Debris"))
+        measure("GET /api/projects/<id>/model-versions/", 1, lambda: ls.get(versions))
+        import_rows(batches[4], "gen-c")
+        measure(f"DELETE /api/projects/<id>/model-versions/ (a version of {k} rows)", k,
+                lambda: ls.request("DELETE", versions, json={"model_version": "gen-c"}))  # fmt: skip
+        for start in range(0, n, 5000):
+            import_rows(ids[start : start + 5000], "gen-b")
+        measure(f"PATCH the project's model_version (to a version of {n} rows)", 1,
+                lambda: ls.update_project(pid, model_version="gen-b"))  # fmt: skip
+        ls.update_project(pid, sampling="Uncertainty sampling")
+        measure("GET /api/projects/<id>/next/ (uncertainty sampling)", 1, lambda: ls.get(f"/api/projects/{pid}/next/"))
+    print(f"\n## Label Studio's cost of prediction calls, {n} tasks, {k} at a time\n")
+    print("| call | rows or tasks | wall s | Label Studio CPU s | CPU ms per row |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, count, cpu, wall in meter.rows:
+        print(f"| {name} | {count} | {wall:.2f} | {cpu:.2f} | {1000 * cpu / max(1, count):.2f} |")
+
+
+if __name__ == "__main__":
+    main()

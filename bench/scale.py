@@ -1,0 +1,353 @@
+"""A living project at the size users have: what one annotation costs Label Studio, and what annotators see.
+
+Per project size N, one run through a real Label Studio 1.23 run as compose runs it (its memory-efficient
+prediction import flag, SQLite): a fresh Label Studio, the backend (API, one worker of two processes, beat)
+reading the files directly, EfficientNet-Lite0 at 224 px. N tasks over the shared particles (a particle backs
+several tasks when N is over 4,000: the content cache embeds it once), two seed annotations, and the import
+left to settle. Then an annotator labels `--annotations` tasks, one every `--every` seconds, each taken from
+Label Studio's labelling stream (`/api/projects/<id>/next/`, as the Label Studio UI asks), with the label
+the particle's outline gives (bench/proxy_labels.py).
+
+Printed per annotation: the prediction rows Label Studio stored (its SQLite table's ids, read aside) and its
+CPU seconds (its process tree); the backend's CPU. While annotating, every `--sample-every` seconds, which
+unannotated tasks show no prediction of the version Label Studio shows (one filtered listing of its task API;
+its own CPU cost is measured alone first and reported); for each task Label Studio handed out, whether its
+suggestion carried the answer of a model fitted on every annotation made 15 s before. At the end: prediction
+rows per task, the time to settle after the last annotation, and the Data Manager page's and the next-task
+call's latency before and during the annotations.
+
+    .venv/bin/python bench/scale.py [--sizes 2000,20000,50000] [--annotations 20] [--every 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import redis  # noqa: E402
+import requests  # noqa: E402
+import throughput  # noqa: E402
+from proxy_labels import proxy_label  # noqa: E402
+
+from common import keys, queues  # noqa: E402
+from common.models import embedding_space  # noqa: E402
+from common.settings import Settings  # noqa: E402
+from common.store import Store  # noqa: E402
+from tests.e2e.label_studio import LabelStudioServer  # noqa: E402
+from tests.helpers import DATA, LABEL_CONFIG, ApiProcess, BeatProcess, WorkerProcess, wait_until  # noqa: E402
+
+PARTICLES = sorted((DATA / "flowcam" / "particles").glob("*.png"))
+LABEL_STUDIO_ENV = {"fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short": "true"}
+FRESH_AFTER = 15.0  # an annotation older than this must be reflected in what Label Studio hands out
+
+
+def ref(path: Path) -> str:
+    return f"/data/local-files/?d={path.relative_to(DATA)}"
+
+
+def choice(tag: str, label: str) -> dict[str, Any]:
+    return {"from_name": tag, "to_name": "image", "type": "choices", "value": {"choices": [label]}}
+
+
+def annotation(path: Path) -> list[dict[str, Any]]:
+    """What the annotator says of a particle: its outline's shape, and plankton if it is rod-like."""
+    shape = proxy_label(path) or "Round"
+    return [choice("organism_type", "Plankton" if shape == "Rod-like" else "Debris"), choice("shape", shape)]
+
+
+class LabelStudioTable:
+    """Label Studio's prediction table, read from its SQLite file aside (no request, no CPU of its own)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = next(data_dir.rglob("label_studio.sqlite3"))
+
+    def _one(self, query: str, *args: Any) -> Any:
+        with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)) as db:
+            return db.execute(query, args).fetchone()
+
+    def last_id(self) -> int:
+        return int(self._one("SELECT coalesce(max(id), 0) FROM prediction")[0])
+
+    def rows(self, project: int) -> int:
+        return int(self._one("SELECT count(*) FROM prediction WHERE project_id = ?", project)[0])
+
+
+def shown_version(ls: LabelStudioServer, project: int, api_url: str) -> str:
+    """The version Label Studio shows: the project's model version, or while that names the ML backend, the
+    version the backend's /setup returns (which Label Studio asks for each task opened)."""
+    shown = ls.get_project(project).get("model_version") or ""
+    if shown in {b["title"] for b in ls.get("/api/ml", params={"project": project})}:
+        return requests.post(f"{api_url}/setup", json={"project": project}, timeout=10).json()["model_version"]
+    return shown
+
+
+def lacking(ls: LabelStudioServer, project: int, version: str) -> set[int]:
+    """Unannotated tasks holding no prediction of `version` (one filtered listing of Label Studio's task API)."""
+    query = {"filters": {"conjunction": "and", "items": [
+        {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+        {"filter": "filter:tasks:predictions_model_versions", "operator": "not_contains", "type": "List",
+         "value": version}]}}  # fmt: skip
+    ids, page = set(), 1
+    while True:
+        reply = ls.session.get(ls.url + "/api/tasks", params={"project": project, "page": page, "page_size": 1000,
+                               "fields": "all", "include": "id", "query": json.dumps(query)}, timeout=120)  # fmt: skip
+        if reply.status_code == 404:
+            break
+        batch = reply.json()["tasks"]
+        ids |= {t["id"] for t in batch}
+        if len(batch) < 1000:
+            break
+        page += 1
+    return ids
+
+
+class BlankWatch(threading.Thread):
+    """Every `every` seconds, the unannotated tasks Label Studio shows nothing for (the longest run of samples
+    a task stayed so, in seconds), and `/predict` for one unannotated task, as Label Studio asks it for a task
+    opened while the project names the backend: its latency, and whether it answered empty."""
+
+    def __init__(self, ls: LabelStudioServer, project: int, api_url: str, every: float, tasks: dict) -> None:
+        super().__init__(daemon=True)
+        self.ls, self.project, self.api_url, self.every, self.tasks = ls, project, api_url, every, tasks
+        self.annotated: set[int] = set()
+        self.stopping = threading.Event()
+        self.since: dict[int, float] = {}
+        self.longest = 0.0
+        self.samples = 0
+        self.blank_samples = 0
+        self.predict_s: list[float] = []
+        self.predict_empty = 0
+
+    def predict_one(self) -> None:
+        task = random.choice([t for t in self.tasks if t not in self.annotated])
+        body = {"project": f"{self.project}.0", "tasks": [{"id": task, "data": self.tasks[task]}]}
+        started = time.perf_counter()
+        reply = requests.post(f"{self.api_url}/predict", json=body, timeout=120).json()
+        self.predict_s.append(time.perf_counter() - started)
+        self.predict_empty += not reply["results"][0]
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.every):
+            self.predict_one()
+            now = time.time()
+            blank = lacking(self.ls, self.project, shown_version(self.ls, self.project, self.api_url))
+            self.samples += 1
+            self.blank_samples += bool(blank)
+            for task in list(self.since):
+                if task not in blank:
+                    self.longest = max(self.longest, now - self.since.pop(task))
+            for task in blank:
+                self.since.setdefault(task, now)
+            for since in self.since.values():
+                self.longest = max(self.longest, now - since)
+
+
+def timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    redis.Redis.from_url(args.redis_url).flushdb()
+    out = tmp / f"n{n}"
+    out.mkdir()
+    env = {
+        "REDIS_URL": args.redis_url, "LOCAL_FILES_DOCUMENT_ROOT": str(DATA), "LOG_LEVEL": "INFO",
+        "WORKER_CONCURRENCY": "2", "SYNC_INTERVAL_SECONDS": "300",
+    }  # fmt: skip
+    with LabelStudioServer(DATA, log_path=out / "label-studio.log", extra_env=LABEL_STUDIO_ENV) as ls:
+        assert ls.process is not None and ls.data_dir is not None
+        env |= {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.api_key}
+        api = ApiProcess(env, out / "api.log")
+        worker = WorkerProcess(env, out / "worker.log", "w1")
+        beat = BeatProcess(env, out / "beat.log", "beat")
+        with contextlib.ExitStack() as stack:
+            for part in (api, worker, beat):
+                stack.callback(part.stop)
+                part.start()
+            store = Store.from_url(args.redis_url, embedding_space(Settings.from_env()))
+            table = LabelStudioTable(ls.data_dir)
+            project = ls.create_project(f"scale {n}", LABEL_CONFIG)
+            ls.connect_ml_backend(project, api.url)
+            files = [PARTICLES[i % len(PARTICLES)] for i in range(n)]
+            ids: list[int] = []
+            started = time.perf_counter()
+            for start in range(0, n, 5000):
+                ids += ls.import_tasks(project, [{"image": ref(p)} for p in files[start : start + 5000]])
+            path_of = dict(zip(ids, files, strict=True))
+            for task in ids[:2]:
+                ls.create_annotation(task, annotation(path_of[task]))
+
+            def settled() -> bool:
+                busy = store.r.exists(keys.lock(project, "refit"), keys.refit_scheduled(project))
+                return (not busy and not store.pending_count(project) and store.delivery.size(project) == 0
+                        and store.queue_length(queues.BULK) == 0 and store.embedding_count(project) == n
+                        and not lacking(ls, project, shown_version(ls, project, api.url)))  # fmt: skip
+
+            wait_until(settled, 7200, f"the import of {n} settled", interval=5)
+            print(f"  {n} tasks imported and settled in {time.perf_counter() - started:.0f} s", flush=True)
+            time.sleep(5)
+            page = {"project": project, "page": 1, "page_size": 30, "fields": "all"}
+
+            def dm_page() -> None:
+                ls.session.get(ls.url + "/api/tasks", params=page, timeout=120)
+
+            before = {"page_s": statistics.median(timed(dm_page) for _ in range(5)),
+                      "next_s": statistics.median(timed(lambda: ls.get(f"/api/projects/{project}/next/"))
+                                                  for _ in range(5))}  # fmt: skip
+            ls_cpu = throughput.tree_cpu_seconds(ls.process.pid)
+            sampling = [timed(lambda: lacking(ls, project, shown_version(ls, project, api.url))) for _ in range(5)]
+            sample_cpu = (throughput.tree_cpu_seconds(ls.process.pid) - ls_cpu) / len(sampling)
+            watch = BlankWatch(ls, project, api.url, args.sample_every,
+                               {t: {"image": ref(p)} for t, p in path_of.items()})  # fmt: skip
+            backend_pids = [api.proc.pid, worker.proc.pid, beat.proc.pid]
+            ls_cpu = throughput.tree_cpu_seconds(ls.process.pid)
+            ours_cpu = sum(throughput.tree_cpu_seconds(p) for p in backend_pids)
+            first_row = table.last_id()
+            watch.start()
+            annotated_at: dict[int, float] = {}
+            fresh, handed, page_during, next_during = 0, 0, [], []
+            for _ in range(args.annotations):
+                step = time.perf_counter()
+                took = time.perf_counter()
+                task = ls.get(f"/api/projects/{project}/next/")
+                next_during.append(time.perf_counter() - took)
+                handed += 1
+                fresh += reflects(store, project, ls, task, annotated_at)
+                ls.create_annotation(task["id"], annotation(path_of[task["id"]]))
+                annotated_at[task["id"]] = time.time()
+                watch.annotated.add(task["id"])
+                page_during.append(timed(dm_page))
+                time.sleep(max(0.0, args.every - (time.perf_counter() - step)))
+            last = time.perf_counter()
+
+            def all_current() -> bool:
+                busy = store.r.exists(keys.lock(project, "refit"), keys.refit_scheduled(project))
+                fitted = store.fitted_labels(project, store.current_version(project))
+                return (not busy and store.delivery.size(project) == 0 and len(fitted) == args.annotations + 2
+                        and not behind_in_label_studio(store, project))  # fmt: skip
+
+            wait_until(all_current, 3600, "every suggestion of the newest model in Label Studio", interval=1)
+            settle_s = time.perf_counter() - last
+            watch.stopping.set()
+            watch.join()
+            ls_cpu = throughput.tree_cpu_seconds(ls.process.pid) - ls_cpu - sample_cpu * watch.samples
+            ours_cpu = sum(throughput.tree_cpu_seconds(p) for p in backend_pids) - ours_cpu
+            rows = table.last_id() - first_row
+            return {
+                "tasks": n,
+                "rows_per_annotation": rows / args.annotations,
+                "label_studio_cpu_per_annotation_s": ls_cpu / args.annotations,
+                "backend_cpu_per_annotation_s": ours_cpu / args.annotations,
+                "longest_blank_s": watch.longest,
+                "samples_with_a_blank_task": f"{watch.blank_samples}/{watch.samples}",
+                "sample_cpu_s": sample_cpu,
+                "next_task_reflected": f"{fresh}/{handed}",
+                "predict_p99_s": sorted(watch.predict_s)[int(0.99 * (len(watch.predict_s) - 1))],
+                "predict_max_s": max(watch.predict_s),
+                "predict_empty": f"{watch.predict_empty}/{len(watch.predict_s)}",
+                "rows_per_task_after": table.rows(project) / n,
+                "settle_s": settle_s,
+                "page_before_s": before["page_s"],
+                "page_during_s": statistics.median(page_during),
+                "next_before_s": before["next_s"],
+                "next_during_s": statistics.median(next_during),
+                "project_model_version": ls.get_project(project).get("model_version"),
+            }
+
+
+def behind_in_label_studio(store: Store, project: int) -> bool:
+    """Some unannotated task's suggestion in Label Studio is not the current model's: read from Redis when
+    the backend records what Label Studio shows (`keys.shown`), else from its deliveries of the current
+    version (the code before revisions wrote every task anew at each version)."""
+    if hasattr(keys, "shown") and store.r.exists(keys.shown(project)):
+        from common.revisions import behind
+
+        return bool(behind(store, project))
+    version = store.current_version(project)
+    todo = store.featured_tasks(project) - store.annotated_tasks(project)
+    written = {int(t) for t, c in store.r.hgetall(keys.delivery(project, version)).items()
+               if c.startswith((b"written", b"api", b"refused"))}  # fmt: skip
+    answered = store.predictions(project, version, todo)
+    return any(t not in written and answered.get(t, {}).get("result") for t in todo)
+
+
+def labels_of(prediction: dict[str, Any]) -> list:
+    return sorted((i["from_name"], sorted(i["value"]["choices"])) for i in prediction.get("result") or [])
+
+
+def reflects(store: Store, project: int, ls: LabelStudioServer, task: dict[str, Any], annotated_at: dict) -> bool:
+    """The task Label Studio handed out shows the answer of a model fitted on every annotation made
+    FRESH_AFTER seconds before (or one that answers the same)."""
+    due = {t for t, at in annotated_at.items() if at < time.time() - FRESH_AFTER}
+    version = store.current_version(project)
+    if not due <= set(store.fitted_labels(project, version)):
+        return False
+    answer = store.predictions(project, version, [task["id"]]).get(task["id"])
+    if not answer or not answer.get("result"):
+        return False
+    shown = ls.get_project(project).get("model_version") or ""
+    held = [p for p in task.get("predictions") or ls.task_predictions(task["id"])
+            if p.get("model_version") in (shown, version, getattr(store, "live_version", lambda: "")())]  # fmt: skip
+    return any(labels_of(p) == labels_of(answer) for p in held)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="2000,20000,50000")
+    parser.add_argument("--annotations", type=int, default=20)
+    parser.add_argument("--every", type=float, default=3.0)
+    parser.add_argument("--sample-every", type=float, default=2.0)
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    random.seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    print(f"logs in {tmp}", flush=True)
+    results = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        print(f"{n} tasks...", flush=True)
+        results.append(run_size(n, args, tmp))
+        print(json.dumps(results[-1]), flush=True)
+    print(
+        f"\n{args.annotations} annotations, one every {args.every:g} s, Label Studio 1.23 on {os.cpu_count()} cores\n"
+    )
+    print("| tasks | rows per annotation | Label Studio CPU s per annotation | backend CPU s per annotation | "
+          "longest blank s | next task reflects annotations >15 s | rows per task after | settled after s | "
+          "DM page before / during ms | next task before / during ms | /predict max s (empty) |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(
+            f"| {r['tasks']:,} | {r['rows_per_annotation']:.0f} | {r['label_studio_cpu_per_annotation_s']:.2f} | "
+            f"{r['backend_cpu_per_annotation_s']:.2f} | {r['longest_blank_s']:.0f} "
+            f"({r['samples_with_a_blank_task']} samples) | {r['next_task_reflected']} | "
+            f"{r['rows_per_task_after']:.2f} | {r['settle_s']:.0f} | {1000 * r['page_before_s']:.0f} / "
+            f"{1000 * r['page_during_s']:.0f} | {1000 * r['next_before_s']:.0f} / {1000 * r['next_during_s']:.0f} | "
+            f"{r['predict_max_s']:.2f} ({r['predict_empty']}) |"
+        )
+    print(
+        f"\n(a blank-task sample costs Label Studio {1000 * results[-1]['sample_cpu_s']:.0f} ms of CPU at "
+        f"{results[-1]['tasks']:,} tasks, left out of its CPU per annotation above)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Which tasks a new model version rewrites in Label Studio, and in which order (common/revisions.py)."""
+
+from __future__ import annotations
+
+from common.revisions import SCORE_MARGIN, labels_digest, misleads, shown_as, to_write
+from common.store import STALE, Shown
+
+
+def prediction(label: str, score: float, tag: str = "organism_type") -> dict:
+    item = {"id": "x", "from_name": tag, "to_name": "image", "type": "choices", "value": {"choices": [label]}}
+    return {"result": [item], "score": score, "model_version": "m-v0002-e"}
+
+
+def test_the_digest_is_the_labels_per_tag_whatever_the_ids_order_and_scores():
+    a = prediction("Debris", 0.3)
+    b = {"result": [{**a["result"][0], "id": "other", "score": 0.9}], "score": 0.9}
+    assert labels_digest(a) == labels_digest(b)
+    assert labels_digest(a) != labels_digest(prediction("Plankton", 0.3))
+    assert labels_digest(a) != labels_digest(prediction("Debris", 0.3, tag="shape"))
+
+
+def test_only_a_changed_label_or_a_score_moved_beyond_the_margin_misleads():
+    shown = shown_as("m-v0001-e", prediction("Debris", 0.50))
+    assert not misleads(prediction("Debris", 0.50 + SCORE_MARGIN * 0.9), shown)
+    assert misleads(prediction("Debris", 0.50 + SCORE_MARGIN * 1.1), shown)
+    assert misleads(prediction("Plankton", 0.50), shown)
+    assert misleads(prediction("Debris", 0.5), None)
+    assert misleads(prediction("Debris", 0.5), STALE)
+    assert not misleads({"result": [], "score": 0.0}, None)  # no evidence: nothing to show
+
+
+def test_blank_tasks_come_first_then_label_changes_then_score_moves_least_certain_first():
+    shown = {
+        1: shown_as("v1", prediction("Debris", 0.9)),  # labels change, confident
+        2: shown_as("v1", prediction("Debris", 0.2)),  # labels change, uncertain
+        3: shown_as("v1", prediction("Debris", 0.9)),  # the score drops
+        4: shown_as("v1", prediction("Debris", 0.5)),  # unchanged
+        6: Shown("v1", 0.4, labels_digest(prediction("Debris", 0.4))),  # the score rises, from uncertain
+    }
+    new = {
+        1: prediction("Plankton", 0.8),
+        2: prediction("Plankton", 0.6),
+        3: prediction("Debris", 0.3),
+        4: prediction("Debris", 0.52),
+        5: prediction("Debris", 0.7),  # shows nothing yet
+        6: prediction("Debris", 0.9),
+        7: {"result": [], "score": 0.0},
+    }
+    assert to_write(new, shown) == [5, 2, 1, 3, 6]
