@@ -15,6 +15,7 @@ the README's configuration table:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import math
@@ -26,7 +27,9 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+
+from common.redact import MIN_SECRET_LENGTH
 
 
 def available_cores() -> int:
@@ -491,8 +494,21 @@ class Settings:
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             given = "BASIC_AUTH_USER" if self.basic_auth_user else "BASIC_AUTH_PASS"
             problems.append(f"BASIC_AUTH_USER and BASIC_AUTH_PASS: set both or neither (only {given} is set)")
+        problems += self._short_secrets()
         if problems:
             raise SettingsError(problems)
+
+    def _short_secrets(self) -> list[str]:
+        """A secret shorter than MIN_SECRET_LENGTH cannot be masked in log lines (it would mask ordinary words),
+        so it is refused: each setting declared secret, Flower's passwords and REDIS_URL's password."""
+        where = [(var.name, getattr(self, f.name)) for f, var in settings_table()
+                 if var.secret and f.name != "flower_basic_auth"]  # fmt: skip
+        where += [("FLOWER_BASIC_AUTH", pair.partition(":")[2]) for pair in self.flower_credentials()]
+        with contextlib.suppress(ValueError):  # a REDIS_URL that does not parse is refused by its kind
+            where.append(("REDIS_URL (its password)", unquote(urlsplit(self.redis_url).password or "")))
+        short = dict.fromkeys(name for name, value in where if value and len(value) < MIN_SECRET_LENGTH)
+        return [f"{name}: at least {MIN_SECRET_LENGTH} characters (a shorter secret cannot be hidden in log lines)"
+                for name in short]  # fmt: skip
 
     # -- the start-up rule: nothing listens beyond loopback without its credentials (README "Security") ------
 

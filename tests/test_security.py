@@ -19,7 +19,7 @@ import requests
 
 from api.app import create_app
 from common.redact import deployment_secrets, install_log_redaction, redact, redact_url
-from common.settings import Settings, is_loopback
+from common.settings import Settings, SettingsError, is_loopback
 from tests.helpers import LABEL_CONFIG, REPO, ApiProcess, BeatProcess, free_port, procfile_command, wait_until
 
 USER, PASSWORD, SECRET = "ls", "basic-pass-4711", "webhook-secret-4712"
@@ -73,7 +73,8 @@ def test_beyond_loopback_the_api_needs_basic_auth_and_a_webhook_secret(env: dict
 def test_beyond_loopback_flower_needs_its_basic_auth():
     (problem,) = Settings.from_env({"FLOWER_ADDRESS": "0.0.0.0"}).flower_exposure_problems()
     assert "FLOWER_BASIC_AUTH" in problem and "ALLOW_UNAUTHENTICATED=1" in problem
-    assert Settings.from_env({"FLOWER_ADDRESS": "0.0.0.0", "FLOWER_BASIC_AUTH": "a:b"}).flower_exposure_problems() == []
+    with_auth = Settings.from_env({"FLOWER_ADDRESS": "0.0.0.0", "FLOWER_BASIC_AUTH": "a:pw-1"})
+    assert with_auth.flower_exposure_problems() == []
     allowed = Settings.from_env({"FLOWER_ADDRESS": "0.0.0.0", "ALLOW_UNAUTHENTICATED": "yes"})
     assert allowed.flower_exposure_problems() == []
 
@@ -110,7 +111,7 @@ def test_gunicorn_conf_applies_the_rule(env: dict, starts: bool, tmp_path: Path)
     ("env", "starts"),
     [
         ({"FLOWER_ADDRESS": "0.0.0.0"}, False),
-        ({"FLOWER_ADDRESS": "0.0.0.0", "FLOWER_BASIC_AUTH": "ops:pw"}, True),
+        ({"FLOWER_ADDRESS": "0.0.0.0", "FLOWER_BASIC_AUTH": "ops:pw-1"}, True),
         ({"FLOWER_ADDRESS": "0.0.0.0", "ALLOW_UNAUTHENTICATED": "1"}, True),
         ({}, True),
     ],
@@ -242,6 +243,24 @@ def test_the_deployments_secrets():
     found = deployment_secrets(settings, {"AWS_SECRET_ACCESS_KEY": "aws-7"})
     assert {"lskey-1", "bp-2", "ws-3", "fp-4", "fp-5", "rp%2F6", "rp/6", "aws-7"} <= found
     assert "u" not in found
+
+
+@pytest.mark.parametrize(
+    ("name", "short", "enough"),
+    [("BASIC_AUTH_PASS", "pw1", "pw-1"), ("WEBHOOK_SECRET", "ab", "ab-1"), ("LABEL_STUDIO_API_KEY", "k", "k-12"),
+     ("FLOWER_BASIC_AUTH", "ops:long-one,adm:xyz", "ops:long-one,adm:xyz1"),
+     ("REDIS_URL", "redis://:pw@redis:6379/0", "redis://:pw-1@redis:6379/0")],
+)  # fmt: skip
+def test_a_secret_too_short_to_redact_stops_start_up(name: str, short: str, enough: str):
+    """A secret under four characters would never be masked in a log line (it would mask ordinary words): the
+    settings refuse it, naming the variable and never showing the value."""
+    user = {"BASIC_AUTH_USER": "u"} if name == "BASIC_AUTH_PASS" else {}
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({**user, name: short})
+    (problem,) = caught.value.problems
+    assert problem.startswith(name) and "at least 4 characters" in problem
+    assert not any(value in problem for value in ("pw1", ":ab", "xyz", ":pw@"))
+    Settings.from_env({**user, name: enough})
 
 
 def test_every_log_record_is_redacted(caplog):

@@ -26,8 +26,9 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from common.redact import redact, redact_url
 from common.settings import Settings
-from worker.http_client import FetchError, HttpClient, OutboundGuard, origin, redact_text, redact_url
+from worker.http_client import FetchError, HttpClient, OutboundGuard, origin
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ class ImageFetcher:
             raise ImageError(f"{redact_url(ref)[:200]!r} is not a valid URL ({exc})") from None
         except ImageError as exc:
             secrets = [*self.ls_auth.secrets(), os.environ.get("AWS_SECRET_ACCESS_KEY", "")]
-            raise ImageError(redact_text(str(exc), secrets), transient=exc.transient) from None
+            raise ImageError(redact(str(exc), secrets), transient=exc.transient) from None
 
     def _fetch(self, ref: str) -> bytes:
         if ref.startswith("s3://"):
