@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -192,6 +193,61 @@ def test_who_may_send_webhooks(auth: dict, headers: dict, status: int, clean_red
     reply = app_client(**auth).post("/webhook", json={"action": "PROJECT_CREATED", "project": {"id": 3}},
                                     headers=headers)  # fmt: skip
     assert reply.status_code == status and reply.is_json
+
+
+MIB = 1024 * 1024
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes: what a parse cost, even once freed."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_a_refused_request_costs_the_api_none_of_its_body(tmp_path: Path, clean_redis):
+    """A request without credentials is answered from its headers: a 100 MiB body (under MAX_REQUEST_BYTES
+    here) sent to /webhook and /predict without them costs gunicorn's worker under 10 MiB of peak memory. The
+    refused webhook's log line still names its action and project, from the body's first bytes."""
+    env = {"API_WORKERS": "1", "API_THREADS": "2", "BASIC_AUTH_USER": USER, "BASIC_AUTH_PASS": PASSWORD,
+           "WEBHOOK_SECRET": SECRET, "MAX_REQUEST_BYTES": str(200 * MIB)}  # fmt: skip
+    api = ApiProcess(env, tmp_path / "api.log").start()
+    try:
+        (worker,) = psutil.Process(api.proc.pid).children()
+        small = {"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": []}
+        assert requests.post(f"{api.url}/webhook", json=small, timeout=10).status_code == 401  # warmed up
+        before = peak_rss(worker.pid)
+        body = b'{"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [], "pad": "' + b"x" * (100 * MIB) + b'"}'
+        for path in ("/webhook", "/predict"):
+            reply = requests.post(f"{api.url}{path}", data=body, headers={"Content-Type": "application/json"},
+                                  timeout=120)  # fmt: skip
+            assert reply.status_code == 401 and reply.json()["error"]
+        grown = peak_rss(worker.pid) - before
+        assert grown < 10 * MIB, f"a refused 100 MiB body cost the API {grown / MIB:.0f} MiB"
+        assert requests.get(f"{api.url}/health", timeout=10).json()["status"] == "UP"
+    finally:
+        api.stop()
+    assert "refused a webhook (TASKS_CREATED, project 3)" in (tmp_path / "api.log").read_text()
+
+
+def test_the_default_body_limit_refuses_an_authenticated_flood_unread(tmp_path: Path, clean_redis):
+    """MAX_REQUEST_BYTES (32 MiB) is three times Label Studio's webhooks for a 20,000-task import; 40 MiB of
+    `{"id": 1}` items, which would parse into some 600 MiB, is refused from its Content-Length, unread."""
+    env = {"API_WORKERS": "1", "API_THREADS": "2", "BASIC_AUTH_USER": USER, "BASIC_AUTH_PASS": PASSWORD,
+           "WEBHOOK_SECRET": SECRET}  # fmt: skip
+    api = ApiProcess(env, tmp_path / "api.log").start()
+    try:
+        (worker,) = psutil.Process(api.proc.pid).children()
+        assert requests.get(f"{api.url}/projects", headers=basic(), timeout=10).status_code == 200  # warmed up
+        before = peak_rss(worker.pid)
+        items = b",".join([b'{"id": 1}'] * (40 * MIB // 10))
+        body = b'{"project": "3.1", "tasks": [' + items + b"]}"
+        reply = requests.post(f"{api.url}/predict", data=body, timeout=120,
+                              headers={"Content-Type": "application/json", **basic()})  # fmt: skip
+        assert reply.status_code == 413 and "MAX_REQUEST_BYTES" in reply.json()["error"]
+        grown = peak_rss(worker.pid) - before
+        assert grown < 10 * MIB, f"a 40 MiB body over the limit cost the API {grown / MIB:.0f} MiB"
+    finally:
+        api.stop()
 
 
 def test_unknown_projects_create_no_state(clean_redis):
