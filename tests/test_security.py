@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
 from common.redact import deployment_secrets, install_log_redaction, redact, redact_url
@@ -248,6 +250,29 @@ def test_the_default_body_limit_refuses_an_authenticated_flood_unread(tmp_path: 
         assert grown < 10 * MIB, f"a 40 MiB body over the limit cost the API {grown / MIB:.0f} MiB"
     finally:
         api.stop()
+
+
+def test_unauthenticated_requests_cannot_add_metric_series(tmp_path: Path, clean_redis):
+    """Every method a client invents counts as "other": 300 refused requests with random methods leave
+    /metrics (gunicorn, multiprocess mode) with the label values it had, and its size."""
+    env = {"API_WORKERS": "1", "BASIC_AUTH_USER": USER, "BASIC_AUTH_PASS": PASSWORD, "WEBHOOK_SECRET": SECRET}
+    api = ApiProcess(env, tmp_path / "api.log").start()
+    try:
+        with requests.Session() as session:
+            for _ in range(3):
+                session.request("BREW", f"{api.url}/setup", timeout=10)
+            before = session.get(f"{api.url}/metrics", headers=basic(), timeout=10).text
+            invented = [f"M{secrets.token_hex(4).upper()}" for _ in range(300)]
+            statuses = {session.request(method, f"{api.url}/setup", timeout=10).status_code for method in invented}
+            after = session.get(f"{api.url}/metrics", headers=basic(), timeout=10).text
+    finally:
+        api.stop()
+    assert statuses <= {401, 405}, statuses
+    methods = {s.labels["method"] for f in text_string_to_metric_families(after) for s in f.samples
+               if "method" in s.labels}  # fmt: skip
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}, methods
+    assert "other" in methods and not any(m in after for m in invented)
+    assert len(after) < len(before) + 2000, (len(before), len(after))
 
 
 def test_unknown_projects_create_no_state(clean_redis):
