@@ -310,8 +310,8 @@ class Settings:
     )  # fmt: skip
     allow_unauthenticated: bool = define(
         "ALLOW_UNAUTHENTICATED", False, BOOLEAN,
-        "`1`: let the API (`API_ADDRESS`) and Flower (`FLOWER_ADDRESS`) listen beyond loopback without their "
-        "credentials (see *Security*)",
+        "`1`: let the API (`API_ADDRESS`), Flower (`FLOWER_ADDRESS`) and a worker's metrics "
+        "(`WORKER_METRICS_ADDRESS`) listen beyond loopback without credentials (see *Security*)",
     )  # fmt: skip
     log_level: str = define(
         "LOG_LEVEL", "INFO", choice(*LOG_LEVELS, normalise=str.upper), "API, worker, beat and Flower logging"
@@ -477,6 +477,11 @@ class Settings:
         "where a worker serves its Prometheus metrics (`/metrics`; every pool process's counts); the API serves "
         "its own on its port",
     )  # fmt: skip
+    worker_metrics_address: str = define(
+        "WORKER_METRICS_ADDRESS", "127.0.0.1", ADDRESS,
+        "where a worker serves its metrics, which have no auth (compose: its address on the backend network); "
+        "beyond loopback it needs `ALLOW_UNAUTHENTICATED=1`",
+    )  # fmt: skip
     flower_address: str = define(
         "FLOWER_ADDRESS", "127.0.0.1", ADDRESS,
         "where Flower listens (compose: `0.0.0.0`); beyond loopback it needs `FLOWER_BASIC_AUTH`, or "
@@ -540,6 +545,17 @@ class Settings:
             "Flower shows every task's arguments and errors and can stop workers. Set FLOWER_BASIC_AUTH=user:password, "
             "or listen on FLOWER_ADDRESS=127.0.0.1, or set ALLOW_UNAUTHENTICATED=1 on a network you trust "
             '(README "Security")'
+        ]
+
+    def worker_metrics_exposure_problems(self) -> list[str]:
+        """Why a worker may not serve its metrics on WORKER_METRICS_ADDRESS (empty: it may). They have no auth,
+        so beyond loopback only with ALLOW_UNAUTHENTICATED."""
+        if not self.worker_metrics_port or is_loopback(self.worker_metrics_address) or self.allow_unauthenticated:
+            return []
+        return [
+            f"WORKER_METRICS_ADDRESS={self.worker_metrics_address} serves the worker's metrics beyond loopback, "
+            "without auth. Keep WORKER_METRICS_ADDRESS=127.0.0.1, set WORKER_METRICS_PORT=0, or set "
+            'ALLOW_UNAUTHENTICATED=1 where only a network you trust reaches that address (README "Security")'
         ]
 
     def threads_per_process(self) -> int:

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -184,18 +185,22 @@ def main() -> int:
     except SettingsError as exc:
         log(str(exc))
         return 2
-    # The API and Flower check this themselves at start; said here first, before anything starts.
-    if problems := settings.api_exposure_problems() + settings.flower_exposure_problems():
+    # The API, Flower and the worker check this themselves at start; said here first, before anything starts.
+    problems = settings.api_exposure_problems() + settings.flower_exposure_problems()
+    if problems := problems + settings.worker_metrics_exposure_problems():
         log("not starting:\n  " + "\n  ".join(problems))
         return 2
     redis_proc = start_local_redis(settings.redis_url)
+    # The worker's metrics folder is set in its launch environment (worker/metrics.py says why), one of its own.
+    worker_metrics = tempfile.mkdtemp(prefix="plankton-worker-metrics-")
     stopping = threading.Event()
     try:
         honcho.manager.KILL_WAIT = STOP_SECONDS
         manager = honcho.manager.Manager(Printer(sys.stdout, colour=sys.stdout.isatty()))
         env = child_env()
         for name, command in parse_procfile((ROOT / "Procfile").read_text()).processes.items():
-            manager.add_process(name, command, env=env, cwd=str(ROOT))
+            own = {"PROMETHEUS_MULTIPROC_DIR": worker_metrics} if name == "worker" else {}
+            manager.add_process(name, command, env={**env, **own}, cwd=str(ROOT))
         threading.Thread(target=banner_when_up, args=(settings, stopping), daemon=True).start()
         # A closed terminal stops everything as Ctrl-C does (honcho handles SIGINT and SIGTERM).
         signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
@@ -203,6 +208,7 @@ def main() -> int:
         return manager.returncode or 0
     finally:
         stopping.set()
+        shutil.rmtree(worker_metrics, ignore_errors=True)
         if redis_proc is not None:
             log(f"stopping the redis-server started here (pid {redis_proc.pid})")
             stop(redis_proc)

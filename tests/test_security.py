@@ -110,6 +110,30 @@ def test_gunicorn_conf_applies_the_rule(env: dict, starts: bool, tmp_path: Path)
     assert (done.returncode == 0) is starts, done.stderr[-2000:]
 
 
+def test_worker_metrics_listen_on_loopback_only(start_worker):
+    """The worker's metrics have no auth: by default they are served on 127.0.0.1 (WORKER_METRICS_ADDRESS),
+    not on every interface, and still answer there."""
+    port = free_port()
+    worker = start_worker(WORKER_METRICS_PORT=str(port))
+    listening = wait_until(lambda: [c.laddr for c in psutil.Process(worker.proc.pid).net_connections("tcp")
+                                    if c.status == psutil.CONN_LISTEN and c.laddr.port == port], 30,
+                           "the metrics server")  # fmt: skip
+    assert [address.ip for address in listening] == ["127.0.0.1"], listening
+    assert "plankton_refit_seconds_count" in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def test_a_worker_refuses_to_serve_metrics_beyond_loopback_without_allow_unauthenticated(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if k not in ("ALLOW_UNAUTHENTICATED", "WORKER_METRICS_PORT")}
+    env.update(WORKER_METRICS_ADDRESS="0.0.0.0", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", *procfile_command("worker")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "WORKER_METRICS_ADDRESS=0.0.0.0" in done.stderr, done.stderr[-2000:]
+    assert "ALLOW_UNAUTHENTICATED=1" in done.stderr and " ready." not in done.stdout + done.stderr
+    allowed = Settings.from_env({"WORKER_METRICS_ADDRESS": "0.0.0.0", "ALLOW_UNAUTHENTICATED": "1"})
+    assert allowed.worker_metrics_exposure_problems() == []
+    assert Settings.from_env({"WORKER_METRICS_ADDRESS": "0.0.0.0", "WORKER_METRICS_PORT": "0"})
+
+
 @pytest.mark.parametrize(
     ("env", "starts"),
     [
