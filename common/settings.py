@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -168,17 +169,25 @@ def _is_address(v: Any) -> bool:
 ADDRESS = Kind("an IP address or host name", str, _is_address)
 
 
-def is_loopback(address: str) -> bool:
-    """Whether a listening address is this machine only: 127.0.0.0/8, ::1 (also as ::ffff:127.x), `localhost`.
-    Any other name counts as beyond loopback (it may resolve to anything)."""
-    if address.lower() == "localhost" or address.lower().endswith(".localhost"):
-        return True
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listening address is this machine only: 127.0.0.0/8, ::1 (also as ::ffff:127.x), or a name
+    that resolves to loopback addresses only, as the server that binds it resolves it (`localhost`; not
+    `x.localhost` where the resolver does not know it). Empty (every interface) and unresolvable are not."""
+    if (ip := _ip(address)) is not None:
+        return ip.is_loopback
+    try:
+        found = {str(info[4][0]) for info in socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError, ValueError):
         return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return (mapped or ip).is_loopback
+    return bool(found) and all((ip := _ip(a)) is not None and ip.is_loopback for a in found)
 
 
 PORT = integer(1, 65535)
@@ -519,29 +528,36 @@ class Settings:
 
     # -- the start-up rule: nothing listens beyond loopback without its credentials (README "Security") ------
 
-    def api_exposure_problems(self) -> list[str]:
-        """Why the API may not listen on API_ADDRESS with these settings (empty: it may). Beyond loopback it
-        needs basic auth and a webhook secret, unless ALLOW_UNAUTHENTICATED says so."""
-        if is_loopback(self.api_address) or self.allow_unauthenticated:
+    def api_exposure_problems(self, host: str | None = None, where: str | None = None) -> list[str]:
+        """Why the API may not listen on `host` (API_ADDRESS unless given: gunicorn.conf.py checks each address
+        gunicorn finally binds) with these settings (empty: it may). Beyond loopback it needs basic auth and a
+        webhook secret, unless ALLOW_UNAUTHENTICATED says so."""
+        host = self.api_address if host is None else host
+        if is_loopback(host) or self.allow_unauthenticated:
             return []
         needed = (("basic auth (BASIC_AUTH_USER, BASIC_AUTH_PASS)", self.basic_auth_user),
                   ("webhook secret (WEBHOOK_SECRET)", self.webhook_secret))  # fmt: skip
         missing = [what for what, value in needed if not value]
         if not missing:
             return []
+        where = where or f"API_ADDRESS={host}"
         return [
-            f"API_ADDRESS={self.api_address} listens beyond loopback without a {' or a '.join(missing)}: anyone who "
+            f"{where} listens beyond loopback without a {' or a '.join(missing)}: anyone who "
             "reaches this port could read the projects and send webhooks. Set BASIC_AUTH_USER, BASIC_AUTH_PASS and "
             "WEBHOOK_SECRET (and enter the basic auth in Label Studio's Connect model form), or listen on "
             'API_ADDRESS=127.0.0.1, or set ALLOW_UNAUTHENTICATED=1 on a network you trust (README "Security")'
         ]
 
-    def flower_exposure_problems(self) -> list[str]:
-        """Why Flower may not listen on FLOWER_ADDRESS with these settings (empty: it may)."""
-        if is_loopback(self.flower_address) or self.allow_unauthenticated or self.flower_basic_auth:
+    def flower_exposure_problems(self, address: str | None = None, authenticated: bool | None = None) -> list[str]:
+        """Why Flower may not listen on `address` (FLOWER_ADDRESS unless given) with these settings, or with
+        `authenticated` (whether Flower's final options hold credentials: scripts/flowerconfig.py checks them
+        once its command line is read); empty: it may."""
+        address = self.flower_address if address is None else address
+        authenticated = bool(self.flower_basic_auth) if authenticated is None else authenticated
+        if is_loopback(address) or self.allow_unauthenticated or authenticated:
             return []
         return [
-            f"FLOWER_ADDRESS={self.flower_address} listens beyond loopback, but FLOWER_BASIC_AUTH is not set: "
+            f"Flower's address {address or '(every interface)'} is beyond loopback, but FLOWER_BASIC_AUTH is not set: "
             "Flower shows every task's arguments and errors and can stop workers. Set FLOWER_BASIC_AUTH=user:password, "
             "or listen on FLOWER_ADDRESS=127.0.0.1, or set ALLOW_UNAUTHENTICATED=1 on a network you trust "
             '(README "Security")'

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import secrets
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,6 +48,18 @@ def run(code: str, timeout: float = 120, **env: str) -> subprocess.CompletedProc
 )  # fmt: skip
 def test_what_counts_as_loopback(address: str, loopback: bool):
     assert is_loopback(address) is loopback
+
+
+def test_a_name_is_loopback_only_as_it_resolves():
+    """gunicorn resolves a host name through the system's resolver: `x.localhost` is loopback only where that
+    resolver says so, and a name that does not resolve is not."""
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo("x.localhost", None)}
+    except socket.gaierror:
+        found = set()
+    assert is_loopback("x.localhost") is (bool(found) and found <= {"127.0.0.1", "::1"})
+    assert is_loopback("nothing-here.invalid") is False
+    assert is_loopback("") is False  # gunicorn's and tornado's spelling of every interface
 
 
 def test_the_api_listens_on_loopback_by_default_and_needs_nothing_there():
@@ -91,6 +105,53 @@ def test_gunicorn_refuses_to_start_beyond_loopback_without_credentials(tmp_path:
     assert done.returncode != 0
     assert "the API will not start" in done.stderr and "API_ADDRESS=0.0.0.0" in done.stderr, done.stderr[-2000:]
     assert "WEBHOOK_SECRET" in done.stderr and "ALLOW_UNAUTHENTICATED=1" in done.stderr
+
+
+def start_and_wait(command: list[str], env: dict[str, str], seconds: float = 20) -> tuple[int | None, str]:
+    """Run `command` for at most `seconds`: its exit status (None: still running, then stopped) and output."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        code = proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        code = None
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    return code, proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+
+
+@pytest.mark.parametrize(
+    ("gunicorn_args", "env"),
+    [({"GUNICORN_CMD_ARGS": "--bind 0.0.0.0:{port}"}, {}), ({}, {"API_ADDRESS": "127.0.0.1"}),
+     ({"GUNICORN_CMD_ARGS": "--bind 127.0.0.1:{port} --bind [::]:{port}"}, {}),
+     ({"GUNICORN_CMD_ARGS": "--bind nothing-here.invalid:{port}"}, {})],
+)  # fmt: skip
+def test_gunicorn_checks_the_addresses_it_finally_binds(gunicorn_args: dict, env: dict, tmp_path: Path):
+    """GUNICORN_CMD_ARGS and the command line come after gunicorn.conf.py: the rule is applied to gunicorn's
+    final bind list, before it binds."""
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("BASIC_AUTH", "WEBHOOK", "API_", "GUNICORN"))}
+    base.pop("ALLOW_UNAUTHENTICATED", None)
+    base.update(PORT=str(port), PROMETHEUS_MULTIPROC_DIR=str(tmp_path), API_WORKERS="1", **env)
+    base.update({k: v.format(port=port) for k, v in gunicorn_args.items()})
+    code, output = start_and_wait([sys.executable, "-m", *procfile_command("api")], base)
+    if not gunicorn_args:  # API_ADDRESS on loopback, nothing else: it runs
+        assert code is None, output[-2000:]
+        return
+    assert code not in (None, 0), output[-2000:]
+    assert "the API will not start" in output and "gunicorn's bind" in output and "Listening at" not in output
+
+
+def test_flower_checks_the_address_of_its_command_line():
+    """Flower reads its command line after scripts/flowerconfig.py: `--address=0.0.0.0` without basic auth
+    is refused all the same, and with `--basic-auth` it runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_") and k != "ALLOW_UNAUTHENTICATED"}
+    env.update(FLOWER_PORT=str(free_port()))
+    command = [sys.executable, "-m", *procfile_command("flower"), "--address=0.0.0.0"]
+    code, output = start_and_wait(command, env)
+    assert code not in (None, 0) and "Flower will not start" in output, output[-2000:]
+    code, output = start_and_wait([*command, "--basic-auth=ops:pass-1"], env, seconds=10)
+    assert code is None and "Visit me at" in output, output[-2000:]
 
 
 @pytest.mark.parametrize(
