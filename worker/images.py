@@ -151,8 +151,10 @@ _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
 
 def read_under(root: str, rel: str, max_bytes: int) -> bytes | None:
     """The file `rel` under `root` (a resolved folder), or None when it is not there (or not readable by
-    this process). `_OutsideRoot` when its real path leaves the root (a symbolic link out of it): nothing
-    outside the root is opened for reading, and the file read is the one whose path was checked."""
+    this process). `_OutsideRoot` when its real path leaves the root (a symbolic link out of it), or when the
+    file has other hard links, which may lie anywhere on its file system (a hard link in the root to a file
+    outside it has no path that says so): nothing outside the root is opened for reading, and the file read
+    is the one whose path was checked."""
     try:
         fd, by_handle = _open_under(root, os.path.join(root, rel))
     except OSError:
@@ -161,6 +163,8 @@ def read_under(root: str, rel: str, max_bytes: int) -> bytes | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ImageError(f"{rel} is not a regular file")
+        if info.st_nlink > 1:
+            raise _OutsideRoot(f"{rel} (one of {info.st_nlink} hard links)")
         if info.st_size > max_bytes:
             raise ImageError(f"{rel} is {info.st_size} bytes, over the {max_bytes}-byte limit (IMAGE_MAX_BYTES)")
         data = _read_at_most(fd, max_bytes + 1, info.st_size + 1, reopen=by_handle)
@@ -402,13 +406,15 @@ class ImageFetcher:
             data = self._from_disk(target)
         except _OutsideRoot:
             # Never read by this process; Label Studio decides, over HTTP, with its own rules.
-            log.warning("%s leads out of %s: not read from disk", redact_url(shown), self.roots[target.kind])
+            log.warning(
+                "%s may lead out of %s (a link): not read from disk", redact_url(shown), self.roots[target.kind]
+            )
             outside = True
         else:
             if data is not None:
                 return data
         if not self.ls_url:
-            where = " (its real path is outside the folder it names: not read)" if outside else ""
+            where = " (a link out of the folder it names, or a file with hard links: not read)" if outside else ""
             raise ImageError(f"{redact_url(shown)} is a Label Studio path{where} but LABEL_STUDIO_URL is not set")
         return self._get(self.ls_url + target.request, label_studio=True)
 
