@@ -317,6 +317,12 @@ class Settings:
         "`/webhook` requires the header `X-Webhook-Secret` with this value, or the basic auth above; unset, with "
         "basic auth set: the basic auth only (see *Security*)", secret=True,
     )  # fmt: skip
+    backend_url: str = define(
+        "BACKEND_URL", "", url("http", "https"),
+        "the URL Label Studio reaches this backend at, as entered in *Connect model* (compose: `http://api:9090`): "
+        "with `WEBHOOK_SECRET`, the workers add its header only to the project's webhook `<BACKEND_URL>/webhook` "
+        "(empty: to none)",
+    )  # fmt: skip
     allow_unauthenticated: bool = define(
         "ALLOW_UNAUTHENTICATED", False, BOOLEAN,
         "`1`: let the API (`API_ADDRESS`), Flower (`FLOWER_ADDRESS`) and a worker's metrics "

@@ -26,6 +26,7 @@ from api.app import create_app
 from common.redact import deployment_secrets, install_log_redaction, redact, redact_url
 from common.settings import Settings, SettingsError, is_loopback
 from tests.helpers import LABEL_CONFIG, REPO, ApiProcess, BeatProcess, free_port, procfile_command, wait_until
+from worker.label_studio import webhook_target
 
 USER, PASSWORD, SECRET = "ls", "basic-pass-4711", "webhook-secret-4712"
 
@@ -380,6 +381,19 @@ def test_unknown_projects_create_no_state(clean_redis):
     assert client.post("/setup", json={"project": "9.1", "schema": LABEL_CONFIG}).status_code == 200
     for path, body in calls:
         assert client.post(path, json=body).status_code in (200, 201, 202), path
+
+
+@pytest.mark.parametrize(
+    ("hook", "ours"),
+    [("http://api:9090/webhook", True), ("http://API:9090//webhook/", True), ("http://api:9090/webhook?x=1", True),
+     ("http://api:9091/webhook", False), ("https://api:9090/webhook", False), ("http://api2:9090/webhook", False),
+     ("http://api:9090/other/webhook", False), ("http://evil:9090\\@api:9090/webhook", False),
+     ("http://api:9090\\@evil:9090/webhook", False), ("http://u:p@api:9090/webhook", False), ("", False)],
+)  # fmt: skip
+def test_which_webhook_is_this_deployments(hook: str, ours: bool):
+    """Decided from BACKEND_URL (http://api:9090 here) and the webhook's own URL, read as a client connects:
+    never from what a server answers."""
+    assert (webhook_target(hook) == webhook_target("http://api:9090/webhook")) is ours
 
 
 # -- secrets out of logs and job errors --------------------------------------------------------------------
