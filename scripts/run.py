@@ -147,15 +147,19 @@ def banner(settings: Settings) -> str:
   Label Studio must run on this machine, not in a container: Label Studio in Docker cannot reach
   127.0.0.1 of this host. To reach the backend from Docker or another machine, listen beyond loopback,
   with credentials (the API refuses to start without them there; README "Security"):
-      API_ADDRESS=0.0.0.0 BASIC_AUTH_USER=... BASIC_AUTH_PASS=... WEBHOOK_SECRET=... make run
+      API_ADDRESS=0.0.0.0 BASIC_AUTH_USER=... BASIC_AUTH_PASS=... WEBHOOK_SECRET=... BACKEND_URL=<that URL> make run
   and paste http://<this machine's address>:{settings.port} (from Docker:
-  http://host.docker.internal:{settings.port}), ticking "Use basic auth" with the same user and password."""
+  http://host.docker.internal:{settings.port}), ticking "Use basic auth" with the same user and password;
+  BACKEND_URL is the URL you paste (only its webhook gets the secret header)."""
     else:
         host = this_host() if every_interface else settings.api_address
         tick = ' Tick "Use basic auth" with the same user and password.' if settings.basic_auth_user else ""
         where = f"""      http://{host}:{settings.port}    ({auth}; API_ADDRESS={settings.api_address})
   (http://localhost:{settings.port} if Label Studio runs on this host, not in a container; from Label Studio
   in Docker: http://host.docker.internal:{settings.port}.){tick}"""
+        if settings.webhook_secret and not settings.backend_url:
+            where += """
+  BACKEND_URL is not set: set it to the URL you paste, or no webhook gets the X-Webhook-Secret header."""
     return f"""
 ==============================================================================================
   ML backend URL to paste into Label Studio (Settings > Model > Connect model):
