@@ -9,7 +9,7 @@ its command line after this file, so the rule is checked again on the options it
 Only names of Flower options belong at the top level here (tornado sets each one it knows): hence `_settings`,
 and no `import logging` (`logging` is an option)."""
 
-from tornado.options import options as _options
+from flower.options import options as _options
 
 from common.redact import install_log_redaction as _install_log_redaction
 from common.settings import SettingsError, get_settings
