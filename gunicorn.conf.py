@@ -1,7 +1,9 @@
 """gunicorn's configuration for the API: `gunicorn -c gunicorn.conf.py` (the Procfile, Dockerfile.api, compose
 and tests/helpers.py all start it so). Every value comes from the settings (common/settings.py, README
 "Configuration"): a value that is not allowed stops gunicorn here, before it binds, with the variable's name;
-so does an API_ADDRESS beyond loopback without basic auth and a webhook secret (README "Security")."""
+so does an API_ADDRESS beyond loopback without basic auth and a webhook secret (README "Security"), and, once
+GUNICORN_CMD_ARGS and the command line have had their say, any address gunicorn would bind beyond loopback
+without them (`on_starting`)."""
 
 import os
 import shutil
@@ -49,6 +51,20 @@ else:
     Path(_metrics_dir).mkdir(parents=True, exist_ok=True)
     for _old in Path(_metrics_dir).glob("*.db"):
         _old.unlink()
+
+
+def on_starting(server):
+    """The bind list as gunicorn will use it (GUNICORN_CMD_ARGS and `--bind` come after this file): every
+    address beyond loopback needs the credentials too. A unix socket is this machine's; an inherited file
+    descriptor (`fd://`) could be anything."""
+    problems = []
+    for address in server.cfg.address:
+        if isinstance(address, str):
+            continue
+        host = f"fd://{address}" if isinstance(address, int) else address[0]
+        problems += _settings.api_exposure_problems(host, where=f"gunicorn's bind {host or '(every interface)'}")
+    if problems:
+        raise SystemExit("gunicorn.conf.py: the API will not start:\n  " + "\n  ".join(dict.fromkeys(problems)))
 
 
 def child_exit(server, worker):

@@ -3,6 +3,8 @@
 - `/health` and `/` are open: compose's healthchecks and Label Studio's health call (which comes before its
   credentials are even entered) must reach them, and they tell nothing but "UP" and the deployment's names.
 - Every other route needs the basic auth when `BASIC_AUTH_USER`/`BASIC_AUTH_PASS` are set.
+- A refused request is answered from its headers alone: of its body, at most a few KB are read for a log line
+  (a body of MAX_REQUEST_BYTES parsed as JSON costs the API ten times that in memory).
 - `/webhook`: Label Studio's webhooks carry only the headers configured on the webhook, never basic auth,
   while *Start training* comes from the ML connector with the basic auth and without those headers. So, with
   `WEBHOOK_SECRET` set, either the header `X-Webhook-Secret` or the basic auth will do; with only the basic
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 
 from flask import Flask, current_app, jsonify, request
 
@@ -53,17 +56,22 @@ def _refused(message: str, basic: bool):
     return response
 
 
+# A refused webhook's log line names its action and project from at most this much of its body: a refused
+# request costs the API what it reads, and the whole body may be MAX_REQUEST_BYTES of JSON.
+LOG_PEEK_BYTES = 4096
+_ACTION = re.compile(rb'"action"\s*:\s*"([A-Za-z_]{1,40})"')
+_PROJECT = re.compile(rb'"project"\s*:\s*(?:\{[^{}]*?"id"\s*:\s*)?"?([0-9][0-9.]{0,39})')
+
+
 def _webhook_event() -> tuple[str, str]:
-    """The refused webhook's action and project, for the log line (from a body that may be anything)."""
+    """The refused webhook's action and project, for the log line, from the first LOG_PEEK_BYTES of its body
+    (nothing more is read, and nothing is parsed as JSON)."""
     try:
-        body = request.get_json(silent=True)
-    except RecursionError:
-        body = None
-    if not isinstance(body, dict):
+        head = request.stream.read(LOG_PEEK_BYTES)
+    except Exception:  # a client that hung up, a body over MAX_REQUEST_BYTES: no names to log
         return "?", "?"
-    project = body.get("project")
-    project = project.get("id") if isinstance(project, dict) else project
-    return str(body.get("action"))[:40], str(project)[:40]
+    action, project = _ACTION.search(head), _PROJECT.search(head)
+    return (action.group(1).decode() if action else "?"), (project.group(1).decode() if project else "?")
 
 
 def register_auth(app: Flask) -> None:

@@ -29,6 +29,15 @@ LATENCY = Histogram("plankton_http_request_seconds", "API request latency by rou
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))  # fmt: skip
 
 
+# The methods counted by name; any other (a client may send any token as its method) counts as "other", so
+# that no request, refused or not, can add a series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
 class StateCollector(Collector):
     """What Redis holds now: read at scrape time, never counted."""
 
@@ -60,9 +69,10 @@ def register_metrics(app: Flask) -> None:
     @app.after_request
     def count(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        method = method_label(request.method)
+        REQUESTS.labels(route, method, str(response.status_code)).inc()
         if "started" in g:
-            LATENCY.labels(route, request.method).observe(time.perf_counter() - g.started)
+            LATENCY.labels(route, method).observe(time.perf_counter() - g.started)
         return response
 
     app.register_blueprint(bp)

@@ -17,7 +17,7 @@ from common.label_config import LabelConfigError, parse_label_config
 from common.redact import deployment_secrets, redact
 from common.revisions import shown_as
 from common.store import Store
-from common.webhook_secret import MODEL_CLASS, instance_id
+from common.webhook_secret import MODEL_CLASS
 
 bp = Blueprint("ml", __name__)
 JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -30,9 +30,7 @@ def _store() -> Store:
 @bp.get("/")
 @bp.get("/health")
 def health():
-    settings = current_app.config["SETTINGS"]
-    return jsonify(status="UP", model_class=MODEL_CLASS, embedding_space=_store().space,
-                   instance=instance_id(settings.webhook_secret))  # fmt: skip
+    return jsonify(status="UP", model_class=MODEL_CLASS, embedding_space=_store().space)
 
 
 @bp.post("/setup")

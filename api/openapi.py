@@ -78,12 +78,11 @@ SCHEMAS: dict[str, Any] = {
     },
     "Health": {
         "type": "object",
-        "required": ["status", "model_class", "embedding_space", "instance"],
+        "required": ["status", "model_class", "embedding_space"],
         "properties": {
             "status": {"type": "string", "enum": ["UP"]},
             "model_class": {"type": "string"},
             "embedding_space": {"type": "string"},
-            "instance": {"type": "string", "description": "empty without WEBHOOK_SECRET"},
         },
     },
     "Task": {

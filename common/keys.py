@@ -123,6 +123,12 @@ def staging(pid: int) -> str:
     return _p(pid, "staging")
 
 
+def unfinished_starts(pid: int) -> str:
+    """HASH task -> how often a chunk holding it was started and did not finish (its worker process died),
+    since the task was last split off into a chunk of its own (worker/crashing_chunks.py); 1 day."""
+    return _p(pid, "unfinished-starts")
+
+
 def failed(pid: int) -> str:
     """HASH task -> JSON {reason, transient, at}: why the task has no features (its image failed)."""
     return _p(pid, "failed")

@@ -27,8 +27,10 @@ from urllib.parse import unquote, unquote_plus, urlsplit
 MASK = "***"
 # Query keys whose values are shown: the file a Label Studio path names (not a credential).
 SHOWN_QUERY_KEYS = frozenset({"d", "fileuri"})
-# A secret shorter than this is not searched for in text (it would mask ordinary words).
+# A secret shorter than this would mask ordinary words: the settings refuse one (common/settings.py).
 MIN_SECRET_LENGTH = 4
+# How much of a URL an error message or a log line shows (an image URL may be kilobytes of query).
+SHOWN_URL_LENGTH = 300
 
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>(){},]+")
 _SECRET_KEY = r"[\w.-]*(?:token|secret|passw|pwd|key|sig|signature|credential|auth|session|cookie|code)[\w.-]*"
@@ -40,9 +42,9 @@ _HEADER_ITEM = re.compile(rf"""(?i)(['"](?:{_HEADERS})['"]\s*:\s*)(['"])(?:\\.|(
 _HEADER_LINE = re.compile(rf"(?im)^(\s*(?:{_HEADERS})\s*:\s*)\S.*$")
 
 
-def redact_url(url: str, limit: int | None = None) -> str:
+def redact_url(url: str, limit: int | None = SHOWN_URL_LENGTH) -> str:
     """The URL without its user and password and its fragment, with its query values masked but `d` and
-    `fileuri`; at most `limit` characters."""
+    `fileuri`; at most `limit` characters (None: all of it)."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -66,7 +68,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
         return text
     for secret in sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True):
         text = text.replace(secret, MASK)
-    text = _URL.sub(lambda m: redact_url(m.group(0)), text)
+    text = _URL.sub(lambda m: redact_url(m.group(0), None), text)
     text = _QUERY_PAIR.sub(lambda m: m.group(1) + MASK, text)
     text = _HEADER_ITEM.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}{m.group(2)}", text)
     return _HEADER_LINE.sub(lambda m: m.group(1) + MASK, text)

@@ -15,18 +15,22 @@ the README's configuration table:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import math
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+
+from common.redact import MIN_SECRET_LENGTH
 
 
 def available_cores() -> int:
@@ -165,17 +169,25 @@ def _is_address(v: Any) -> bool:
 ADDRESS = Kind("an IP address or host name", str, _is_address)
 
 
-def is_loopback(address: str) -> bool:
-    """Whether a listening address is this machine only: 127.0.0.0/8, ::1 (also as ::ffff:127.x), `localhost`.
-    Any other name counts as beyond loopback (it may resolve to anything)."""
-    if address.lower() == "localhost" or address.lower().endswith(".localhost"):
-        return True
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listening address is this machine only: 127.0.0.0/8, ::1 (also as ::ffff:127.x), or a name
+    that resolves to loopback addresses only, as the server that binds it resolves it (`localhost`; not
+    `x.localhost` where the resolver does not know it). Empty (every interface) and unresolvable are not."""
+    if (ip := _ip(address)) is not None:
+        return ip.is_loopback
+    try:
+        found = {str(info[4][0]) for info in socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError, ValueError):
         return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return (mapped or ip).is_loopback
+    return bool(found) and all((ip := _ip(a)) is not None and ip.is_loopback for a in found)
 
 
 PORT = integer(1, 65535)
@@ -305,10 +317,16 @@ class Settings:
         "`/webhook` requires the header `X-Webhook-Secret` with this value, or the basic auth above; unset, with "
         "basic auth set: the basic auth only (see *Security*)", secret=True,
     )  # fmt: skip
+    backend_url: str = define(
+        "BACKEND_URL", "", url("http", "https"),
+        "the URL Label Studio reaches this backend at, as entered in *Connect model* (compose: `http://api:9090`): "
+        "with `WEBHOOK_SECRET`, the workers add its header only to the project's webhook `<BACKEND_URL>/webhook` "
+        "(empty: to none)",
+    )  # fmt: skip
     allow_unauthenticated: bool = define(
         "ALLOW_UNAUTHENTICATED", False, BOOLEAN,
-        "`1`: let the API (`API_ADDRESS`) and Flower (`FLOWER_ADDRESS`) listen beyond loopback without their "
-        "credentials (see *Security*)",
+        "`1`: let the API (`API_ADDRESS`), Flower (`FLOWER_ADDRESS`) and a worker's metrics "
+        "(`WORKER_METRICS_ADDRESS`) listen beyond loopback without credentials (see *Security*)",
     )  # fmt: skip
     log_level: str = define(
         "LOG_LEVEL", "INFO", choice(*LOG_LEVELS, normalise=str.upper), "API, worker, beat and Flower logging"
@@ -452,8 +470,10 @@ class Settings:
     )  # fmt: skip
     # -- what one request may ask of the API (README "Security") --
     max_request_bytes: int = define(
-        "MAX_REQUEST_BYTES", 100 * MIB, integer(1, unit=MIB, unit_name="MiB"),
-        "a larger request body is refused (JSON 413)",
+        "MAX_REQUEST_BYTES", 32 * MIB, integer(1, unit=MIB, unit_name="MiB"),
+        "a larger request body is refused (JSON 413) before it is read; Label Studio's `TASKS_CREATED` of 5,000 "
+        "tasks measured 2.7 MB, so 20,000 tasks fit three times over, and parsing one body costs up to about 16 "
+        "times its size in memory",
     )  # fmt: skip
     max_tasks_per_request: int = define(
         "MAX_TASKS_PER_REQUEST", 20_000, integer(1),
@@ -478,6 +498,11 @@ class Settings:
         "where a worker serves its Prometheus metrics (`/metrics`; every pool process's counts); the API serves "
         "its own on its port",
     )  # fmt: skip
+    worker_metrics_address: str = define(
+        "WORKER_METRICS_ADDRESS", "127.0.0.1", ADDRESS,
+        "where a worker serves its metrics, which have no auth (compose: its address on the backend network); "
+        "beyond loopback it needs `ALLOW_UNAUTHENTICATED=1`",
+    )  # fmt: skip
     flower_address: str = define(
         "FLOWER_ADDRESS", "127.0.0.1", ADDRESS,
         "where Flower listens (compose: `0.0.0.0`); beyond loopback it needs `FLOWER_BASIC_AUTH`, or "
@@ -497,37 +522,68 @@ class Settings:
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             given = "BASIC_AUTH_USER" if self.basic_auth_user else "BASIC_AUTH_PASS"
             problems.append(f"BASIC_AUTH_USER and BASIC_AUTH_PASS: set both or neither (only {given} is set)")
+        problems += self._short_secrets()
         if problems:
             raise SettingsError(problems)
 
+    def _short_secrets(self) -> list[str]:
+        """A secret shorter than MIN_SECRET_LENGTH cannot be masked in log lines (it would mask ordinary words),
+        so it is refused: each setting declared secret, Flower's passwords and REDIS_URL's password."""
+        where = [(var.name, getattr(self, f.name)) for f, var in settings_table()
+                 if var.secret and f.name != "flower_basic_auth"]  # fmt: skip
+        where += [("FLOWER_BASIC_AUTH", pair.partition(":")[2]) for pair in self.flower_credentials()]
+        with contextlib.suppress(ValueError):  # a REDIS_URL that does not parse is refused by its kind
+            where.append(("REDIS_URL (its password)", unquote(urlsplit(self.redis_url).password or "")))
+        short = dict.fromkeys(name for name, value in where if value and len(value) < MIN_SECRET_LENGTH)
+        return [f"{name}: at least {MIN_SECRET_LENGTH} characters (a shorter secret cannot be hidden in log lines)"
+                for name in short]  # fmt: skip
+
     # -- the start-up rule: nothing listens beyond loopback without its credentials (README "Security") ------
 
-    def api_exposure_problems(self) -> list[str]:
-        """Why the API may not listen on API_ADDRESS with these settings (empty: it may). Beyond loopback it
-        needs basic auth and a webhook secret, unless ALLOW_UNAUTHENTICATED says so."""
-        if is_loopback(self.api_address) or self.allow_unauthenticated:
+    def api_exposure_problems(self, host: str | None = None, where: str | None = None) -> list[str]:
+        """Why the API may not listen on `host` (API_ADDRESS unless given: gunicorn.conf.py checks each address
+        gunicorn finally binds) with these settings (empty: it may). Beyond loopback it needs basic auth and a
+        webhook secret, unless ALLOW_UNAUTHENTICATED says so."""
+        host = self.api_address if host is None else host
+        if is_loopback(host) or self.allow_unauthenticated:
             return []
         needed = (("basic auth (BASIC_AUTH_USER, BASIC_AUTH_PASS)", self.basic_auth_user),
                   ("webhook secret (WEBHOOK_SECRET)", self.webhook_secret))  # fmt: skip
         missing = [what for what, value in needed if not value]
         if not missing:
             return []
+        where = where or f"API_ADDRESS={host}"
         return [
-            f"API_ADDRESS={self.api_address} listens beyond loopback without a {' or a '.join(missing)}: anyone who "
+            f"{where} listens beyond loopback without a {' or a '.join(missing)}: anyone who "
             "reaches this port could read the projects and send webhooks. Set BASIC_AUTH_USER, BASIC_AUTH_PASS and "
             "WEBHOOK_SECRET (and enter the basic auth in Label Studio's Connect model form), or listen on "
             'API_ADDRESS=127.0.0.1, or set ALLOW_UNAUTHENTICATED=1 on a network you trust (README "Security")'
         ]
 
-    def flower_exposure_problems(self) -> list[str]:
-        """Why Flower may not listen on FLOWER_ADDRESS with these settings (empty: it may)."""
-        if is_loopback(self.flower_address) or self.allow_unauthenticated or self.flower_basic_auth:
+    def flower_exposure_problems(self, address: str | None = None, authenticated: bool | None = None) -> list[str]:
+        """Why Flower may not listen on `address` (FLOWER_ADDRESS unless given) with these settings, or with
+        `authenticated` (whether Flower's final options hold credentials: scripts/flowerconfig.py checks them
+        once its command line is read); empty: it may."""
+        address = self.flower_address if address is None else address
+        authenticated = bool(self.flower_basic_auth) if authenticated is None else authenticated
+        if is_loopback(address) or self.allow_unauthenticated or authenticated:
             return []
         return [
-            f"FLOWER_ADDRESS={self.flower_address} listens beyond loopback, but FLOWER_BASIC_AUTH is not set: "
+            f"Flower's address {address or '(every interface)'} is beyond loopback, but FLOWER_BASIC_AUTH is not set: "
             "Flower shows every task's arguments and errors and can stop workers. Set FLOWER_BASIC_AUTH=user:password, "
             "or listen on FLOWER_ADDRESS=127.0.0.1, or set ALLOW_UNAUTHENTICATED=1 on a network you trust "
             '(README "Security")'
+        ]
+
+    def worker_metrics_exposure_problems(self) -> list[str]:
+        """Why a worker may not serve its metrics on WORKER_METRICS_ADDRESS (empty: it may). They have no auth,
+        so beyond loopback only with ALLOW_UNAUTHENTICATED."""
+        if not self.worker_metrics_port or is_loopback(self.worker_metrics_address) or self.allow_unauthenticated:
+            return []
+        return [
+            f"WORKER_METRICS_ADDRESS={self.worker_metrics_address} serves the worker's metrics beyond loopback, "
+            "without auth. Keep WORKER_METRICS_ADDRESS=127.0.0.1, set WORKER_METRICS_PORT=0, or set "
+            'ALLOW_UNAUTHENTICATED=1 where only a network you trust reaches that address (README "Security")'
         ]
 
     def threads_per_process(self) -> int:

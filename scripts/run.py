@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -146,15 +147,19 @@ def banner(settings: Settings) -> str:
   Label Studio must run on this machine, not in a container: Label Studio in Docker cannot reach
   127.0.0.1 of this host. To reach the backend from Docker or another machine, listen beyond loopback,
   with credentials (the API refuses to start without them there; README "Security"):
-      API_ADDRESS=0.0.0.0 BASIC_AUTH_USER=... BASIC_AUTH_PASS=... WEBHOOK_SECRET=... make run
+      API_ADDRESS=0.0.0.0 BASIC_AUTH_USER=... BASIC_AUTH_PASS=... WEBHOOK_SECRET=... BACKEND_URL=<that URL> make run
   and paste http://<this machine's address>:{settings.port} (from Docker:
-  http://host.docker.internal:{settings.port}), ticking "Use basic auth" with the same user and password."""
+  http://host.docker.internal:{settings.port}), ticking "Use basic auth" with the same user and password;
+  BACKEND_URL is the URL you paste (only its webhook gets the secret header)."""
     else:
         host = this_host() if every_interface else settings.api_address
         tick = ' Tick "Use basic auth" with the same user and password.' if settings.basic_auth_user else ""
         where = f"""      http://{host}:{settings.port}    ({auth}; API_ADDRESS={settings.api_address})
   (http://localhost:{settings.port} if Label Studio runs on this host, not in a container; from Label Studio
   in Docker: http://host.docker.internal:{settings.port}.){tick}"""
+        if settings.webhook_secret and not settings.backend_url:
+            where += """
+  BACKEND_URL is not set: set it to the URL you paste, or no webhook gets the X-Webhook-Secret header."""
     return f"""
 ==============================================================================================
   ML backend URL to paste into Label Studio (Settings > Model > Connect model):
@@ -184,18 +189,22 @@ def main() -> int:
     except SettingsError as exc:
         log(str(exc))
         return 2
-    # The API and Flower check this themselves at start; said here first, before anything starts.
-    if problems := settings.api_exposure_problems() + settings.flower_exposure_problems():
+    # The API, Flower and the worker check this themselves at start; said here first, before anything starts.
+    problems = settings.api_exposure_problems() + settings.flower_exposure_problems()
+    if problems := problems + settings.worker_metrics_exposure_problems():
         log("not starting:\n  " + "\n  ".join(problems))
         return 2
     redis_proc = start_local_redis(settings.redis_url)
+    # The worker's metrics folder is set in its launch environment (worker/metrics.py says why), one of its own.
+    worker_metrics = tempfile.mkdtemp(prefix="plankton-worker-metrics-")
     stopping = threading.Event()
     try:
         honcho.manager.KILL_WAIT = STOP_SECONDS
         manager = honcho.manager.Manager(Printer(sys.stdout, colour=sys.stdout.isatty()))
         env = child_env()
         for name, command in parse_procfile((ROOT / "Procfile").read_text()).processes.items():
-            manager.add_process(name, command, env=env, cwd=str(ROOT))
+            own = {"PROMETHEUS_MULTIPROC_DIR": worker_metrics} if name == "worker" else {}
+            manager.add_process(name, command, env={**env, **own}, cwd=str(ROOT))
         threading.Thread(target=banner_when_up, args=(settings, stopping), daemon=True).start()
         # A closed terminal stops everything as Ctrl-C does (honcho handles SIGINT and SIGTERM).
         signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
@@ -203,6 +212,7 @@ def main() -> int:
         return manager.returncode or 0
     finally:
         stopping.set()
+        shutil.rmtree(worker_metrics, ignore_errors=True)
         if redis_proc is not None:
             log(f"stopping the redis-server started here (pid {redis_proc.pid})")
             stop(redis_proc)

@@ -95,7 +95,10 @@ class WorkerProcess(ChildProcess):
     gossip."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, name: str = "w1") -> None:
-        self.env = {**SMALL, **os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        # Each worker counts its metrics into a folder of its own, set in its launch environment as `make run` and
+        # Dockerfile.worker do (worker/metrics.py).
+        metrics = {"PROMETHEUS_MULTIPROC_DIR": str(log_path.with_name(f"{log_path.stem}-metrics"))}
+        self.env = {**SMALL, **os.environ, **metrics, **env, "PYTHONUNBUFFERED": "1"}
         self.log_path = log_path
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None

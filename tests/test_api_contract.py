@@ -65,6 +65,12 @@ def test_health_and_root_answer_up(client):
         assert reply.json["status"] == "UP"
 
 
+def test_health_shows_nothing_derived_from_the_webhook_secret(clean_redis):
+    """/health is open to anyone: a digest of the secret there would let them test guesses of it offline."""
+    replies = [make_client(webhook_secret=secret)[0].get("/health").json for secret in ("", "one-secret", "another")]
+    assert replies[0] == replies[1] == replies[2]
+
+
 def test_setup_returns_the_live_version_whatever_model_version_is_current(client, clean_redis):
     """Label Studio filters predictions by the name /setup returns: it stays the same across refits (each
     prediction written under it carries the current model's answer), and differs from every model version."""
@@ -356,14 +362,14 @@ def test_webhook_secret_header(clean_redis):
 def test_start_training_from_the_ml_connector_passes_with_basic_auth_instead_of_the_secret(clean_redis):
     """Label Studio's ML connector sends START_TRAINING with the backend's basic auth, without the webhook's
     custom headers."""
-    c, _ = make_client(webhook_secret="s3cret", basic_auth_user="ls", basic_auth_pass="pw")
+    c, _ = make_client(webhook_secret="s3cret", basic_auth_user="ls", basic_auth_pass="pw-12")
     c.post("/setup", json={"project": "3.1", "schema": LABEL_CONFIG},
-           headers={"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()})  # fmt: skip
+           headers={"Authorization": "Basic " + base64.b64encode(b"ls:pw-12").decode()})  # fmt: skip
     body = {"action": "START_TRAINING", "project": {"id": 3}}
     assert c.post("/webhook", json=body).status_code == 401
     wrong = {"Authorization": "Basic " + base64.b64encode(b"ls:nope").decode()}
     assert c.post("/webhook", json=body, headers=wrong).status_code == 401
-    good = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    good = {"Authorization": "Basic " + base64.b64encode(b"ls:pw-12").decode()}
     assert c.post("/webhook", json=body, headers=good).status_code == 200
 
 
@@ -438,7 +444,7 @@ def test_an_import_over_max_tasks_per_request_is_queued_up_to_it_and_the_rest_li
     would leave the import unpredicted until the next periodic sync). The first MAX_TASKS_PER_REQUEST are
     queued at once; a sync lists the others from Label Studio."""
     client, store = make_client(max_tasks_per_request=3, label_studio_url="http://127.0.0.1:1",
-                                label_studio_api_key="key")  # fmt: skip
+                                label_studio_api_key="key-1")  # fmt: skip
     client.store = store
     setup_project(client)
     tasks = [{"id": i, "data": {"image": f"/data/local-files/?d=p/{i}.png"}} for i in range(1, 6)]

@@ -110,6 +110,35 @@ def test_each_service_gets_only_its_own_environment(services):
         assert set(environment(services[name])) <= known, (name, set(environment(services[name])) - known)
 
 
+def networks_of(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A service's networks as a mapping (compose takes a list or a mapping); `default` when it names none."""
+    named = service.get("networks", ["default"])
+    return {name: {} for name in named} if isinstance(named, list) else {n: c or {} for n, c in named.items()}
+
+
+def test_label_studio_reaches_the_api_and_nothing_else_of_the_backend():
+    """Label Studio runs with its SSRF protection off, so what it can reach, its users can. It shares a
+    network with the API (which it calls) and the worker (which calls it) only; Redis, Flower, beat and the
+    worker's metrics are on a network it is not on; the worker's metrics listen on its address there."""
+    spec = compose(SECRETS)
+    services = spec["services"]
+    assert all("network_mode" not in s for s in services.values())
+    nets = {name: networks_of(s) for name, s in services.items()}
+    assert all("default" not in n for n in nets.values()), nets  # nobody left on a network shared by default
+    assert set(nets["label-studio"]) == {"studio"}
+    beside_label_studio = {name for name, n in nets.items() if set(n) & set(nets["label-studio"])} - {"label-studio"}
+    assert beside_label_studio == {"api", "worker"}
+    for name in ("redis", "flower", "beat"):
+        assert not set(nets[name]) & set(nets["label-studio"]), name
+        assert set(nets[name]) & set(nets["api"]), name  # and still reach Redis
+    assert "ports" not in services["worker"] and "expose" not in services["worker"]
+    metrics = environment(services["worker"])["WORKER_METRICS_ADDRESS"]
+    holding = [net for net, conf in nets["worker"].items() if metrics in (conf.get("aliases") or [])]
+    assert holding and not set(holding) & set(nets["label-studio"]), (metrics, nets["worker"])
+    assert set(spec["networks"]) == {n for ns in nets.values() for n in ns}
+    assert environment(services["worker"])["BACKEND_URL"] == "http://api:9090"
+
+
 def test_redis_has_a_password_that_every_client_uses(services):
     assert "--requirepass" in services["redis"]["command"]
     assert SECRETS["REDIS_PASSWORD"] in services["redis"]["command"]
@@ -173,6 +202,12 @@ def test_each_service_starts_with_exactly_what_compose_gives_it(services, tmp_pa
     assert done.returncode != 0 and "Flower will not start" in done.stderr
     done = _check("from common.settings import Settings; Settings.from_env()", beat, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+    worker = environment(services["worker"])
+    rule = "from common.settings import Settings; print(Settings.from_env().worker_metrics_exposure_problems())"
+    done = _check(rule, worker, tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+    done = _check(rule, {k: v for k, v in worker.items() if k != "ALLOW_UNAUTHENTICATED"}, tmp_path)
+    assert "WORKER_METRICS_ADDRESS=worker-metrics" in done.stdout, done.stdout
 
 
 def test_docker_compose_itself_agrees(tmp_path: Path):

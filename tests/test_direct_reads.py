@@ -127,9 +127,25 @@ def test_a_symlink_out_of_the_root_is_never_read_from_disk(layout: Layout, ref: 
     with pytest.raises(ImageError, match="answered HTTP 404"):
         layout.fetcher().fetch(ref)
     assert len(layout.asked()) == 1
-    with pytest.raises(ImageError, match="outside the folder it names: not read") as exc:
+    with pytest.raises(
+        ImageError, match="a link out of the folder it names, or a file with hard links: not read"
+    ) as exc:
         layout.fetcher(label_studio_url="").fetch(ref)
     assert "SECRET" not in str(exc.value) and not exc.value.transient
+
+
+def test_a_hard_link_in_the_root_is_never_read_from_disk(layout: Layout):
+    """A hard link inside the root to a file outside it has no path that leads out: any file with more than
+    one link is left to Label Studio over HTTP, and without LABEL_STUDIO_URL fails its task."""
+    os.link(layout.root.parent / "outside" / "secret.png", layout.root / "flowcam" / "hard.png")
+    layout.ls.routes.clear()  # Label Studio answers 404 here
+    with pytest.raises(ImageError, match="answered HTTP 404") as exc:
+        layout.fetcher().fetch("/data/local-files/?d=flowcam/hard.png")
+    assert layout.asked() == ["/data/local-files/?d=flowcam/hard.png"] and "SECRET" not in str(exc.value)
+    assert layout.fetcher().read_from_disk("/data/local-files/?d=flowcam/hard.png") is None
+    with pytest.raises(ImageError, match="a file with hard links: not read"):
+        layout.fetcher(label_studio_url="").fetch("/data/local-files/?d=flowcam/hard.png")
+    assert layout.fetcher().fetch("/data/local-files/?d=flowcam/a.png") == b"local bytes"  # one link: read
 
 
 def test_a_read_from_disk_never_asks_label_studio(layout: Layout):

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from common.redact import redact, redact_url
 from tests.servers import Handler, Server, redirect, respond, running, send, tls_context
-from worker.http_client import FetchError, HttpClient, OutboundGuard, Refused, redact_text, redact_url
+from worker.http_client import FetchError, HttpClient, OutboundGuard, Refused
 
 BODY = b"particle bytes " * 100
 LOOPBACK = OutboundGuard([("127.0.0.1", None)])
@@ -283,5 +284,5 @@ def test_errors_pickle_with_their_flag():
 def test_redaction(url: str, shown: str):
     assert redact_url(url) == shown
     text = f"GET {url} failed, key sekrit-key-1 in it"
-    redacted = redact_text(text, ["sekrit-key-1"])
+    redacted = redact(text, ["sekrit-key-1"])
     assert shown in redacted and "sekrit-key-1" not in redacted

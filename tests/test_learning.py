@@ -262,7 +262,9 @@ def test_a_deliverer_sees_a_chunk_coming_until_its_predictions_are_staged(rt, ru
     a message run again after a crash, whose tasks' features were stored by its first run (`known`)."""
     annotate(rt, ["Plankton", "Debris", "Not-plankton"])
     version = refit_project(rt, PID, force=False, reason="annotations")["version"]
-    writing = Runtime(dataclasses.replace(rt.settings, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k"))
+    writing = Runtime(
+        dataclasses.replace(rt.settings, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k-12")
+    )
     rng = np.random.default_rng(1)
     new = {200 + i: rng.normal(0, 1, 1280).astype(np.float32) for i in range(5)}
     writing.store.mark_pending(PID, list(new), stale_after=60)
@@ -291,7 +293,9 @@ def test_a_deliverer_sees_a_chunk_coming_until_its_predictions_are_staged(rt, ru
 
 
 def test_a_chunk_whose_prediction_fails_leaves_no_mark_behind(rt, monkeypatch):
-    writing = Runtime(dataclasses.replace(rt.settings, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k"))
+    writing = Runtime(
+        dataclasses.replace(rt.settings, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k-12")
+    )
     new = {300: np.ones(1280, np.float32)}
 
     def broken(*args, **kwargs):

@@ -78,14 +78,14 @@ def test_parsing():
             "WORKER_CONCURRENCY": "3",
             "IMAGE_SIZE": "",  # empty: the default
             "CEFAS_LABEL_MAP": '{"organism_type": {"copepod": "Plankton"}}',
-            "FLOWER_BASIC_AUTH": "admin:pw,ops:pw2",
+            "FLOWER_BASIC_AUTH": "admin:pw-1,ops:pw-2",
         }
     )
     assert (s.chunk_size, s.download_timeout, s.torchscript, s.model_scope, s.log_level) == (
         64, 2.5, False, "bucket", "DEBUG"
     )  # fmt: skip
     assert (s.device, s.label_studio_url, s.worker_concurrency, s.image_size) == ("cuda:1", "http://ls:8080", 3, 0)
-    assert s.flower_credentials() == ["admin:pw", "ops:pw2"]
+    assert s.flower_credentials() == ["admin:pw-1", "ops:pw-2"]
     assert Settings().flower_credentials() == []
     for text, value in [("1", True), ("true", True), ("YES", True), ("0", False), ("no", False)]:
         assert Settings.from_env({"TORCHSCRIPT": text}).torchscript is value
@@ -93,9 +93,9 @@ def test_parsing():
 
 def test_label_studio_names_and_which_wins():
     s = Settings.from_env(
-        {"LABEL_STUDIO_HOST": "https://ls.lab", "LABEL_STUDIO_ACCESS_TOKEN": "tok", "WORKERS": "3", "THREADS": "4"}
+        {"LABEL_STUDIO_HOST": "https://ls.lb", "LABEL_STUDIO_ACCESS_TOKEN": "tok1", "WORKERS": "3", "THREADS": "4"}
     )
-    assert (s.label_studio_url, s.label_studio_api_key, s.api_workers, s.api_threads) == ("https://ls.lab", "tok", 3, 4)
+    assert (s.label_studio_url, s.label_studio_api_key, s.api_workers, s.api_threads) == ("https://ls.lb", "tok1", 3, 4)
     both = Settings.from_env({"LABEL_STUDIO_URL": "http://a:1", "LABEL_STUDIO_HOST": "http://b:2"})
     assert both.label_studio_url == "http://a:1"
 
@@ -144,7 +144,7 @@ def test_every_problem_is_reported_at_once_and_secrets_are_not_shown():
 def test_half_set_basic_auth_stops_start_up(given: str):
     with pytest.raises(SettingsError, match=f"set both or neither \\(only {given} is set\\)"):
         Settings.from_env({given: "x"})
-    assert Settings.from_env({"BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p"}).basic_auth_user == "u"
+    assert Settings.from_env({"BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p-12"}).basic_auth_user == "u"
 
 
 def test_settings_made_in_code_are_checked_too():
@@ -306,8 +306,8 @@ def test_gunicorn_conf_reads_the_settings(tmp_path: Path):
         ({}, {"address": "127.0.0.1", "port": 5555, "basic_auth": []}),
         ({"FLOWER_BASIC_AUTH": "", "FLOWER_ADDRESS": "0.0.0.0", "ALLOW_UNAUTHENTICATED": "1"},
          {"address": "0.0.0.0", "port": 5555, "basic_auth": []}),
-        ({"FLOWER_BASIC_AUTH": "a:b,c:d", "FLOWER_PORT": "5600"},
-         {"address": "127.0.0.1", "port": 5600, "basic_auth": ["a:b", "c:d"]}),
+        ({"FLOWER_BASIC_AUTH": "a:pw-1,c:pw-2", "FLOWER_PORT": "5600"},
+         {"address": "127.0.0.1", "port": 5600, "basic_auth": ["a:pw-1", "c:pw-2"]}),
     ],
 )  # fmt: skip
 def test_flower_conf_reads_the_settings(env: dict[str, str], expected: dict):

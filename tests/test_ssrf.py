@@ -121,6 +121,52 @@ def test_a_cross_origin_redirect_carries_no_authorization():
         assert ls.hits("/data/upload/1/c.png")[0].get("Authorization") == f"Token {SECRET}"
 
 
+@pytest.mark.parametrize(
+    "location",
+    ["http://localhost:{other}\\@127.0.0.1:{ls}/x", "http://localhost:{other}\\@localhost:{ls}/x",
+     "http://127.0.0.1:{ls}@localhost:{other}/x", "http://user:pw@127.0.0.1:{ls}/x",
+     "http://127.0.0.1:{ls}\t@localhost:{other}/x"],
+)  # fmt: skip
+def test_a_redirect_that_url_parsers_read_differently_is_refused_and_keeps_the_key(location: str):
+    """Same-origin is decided by the parser that connects (urllib3). `http://localhost:B\\@127.0.0.1:A/x` is
+    Label Studio's origin to urllib.parse but localhost:B to urllib3: such URLs are refused outright, and the
+    server on B never sees Label Studio's key."""
+    with running() as ls, running() as other:
+        other.routes["/x"] = respond(b"stolen")
+        ls.routes["/data/upload/1/a.png"] = redirect(location.format(other=other.port, ls=ls.port))
+        fetcher = ImageFetcher(settings(label_studio_url=ls.url, label_studio_api_key=SECRET,
+                                        image_hosts=f"localhost:{other.port}"))  # fmt: skip
+        with pytest.raises(ImageError, match="refused") as exc:
+            fetcher.fetch("/data/upload/1/a.png")
+        assert other.requests == [] and not exc.value.transient
+        assert SECRET not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://user:pw@{host}/secret", "http://{host}\\@example.com/secret", "http://example.com\\@{host}/secret",
+     "http://{host}/secret\\x"],
+)  # fmt: skip
+def test_urls_with_a_user_or_a_backslash_are_refused_before_connecting(target: Server, url: str):
+    fetcher = ImageFetcher(settings(image_hosts="127.0.0.1"))
+    with pytest.raises(ImageError, match="refused: a (user name or password|backslash)"):
+        fetcher.fetch(url.format(host=f"127.0.0.1:{target.port}"))
+    assert target.connections == 0 or all(p != "/secret" for _, p, _ in target.requests)
+
+
+def test_a_name_that_does_not_resolve_gets_the_refusal_of_a_private_one():
+    """Job errors must not tell which internal names exist: an unlisted name that resolves to a private address
+    and one that resolves to nothing (the system's resolver, `.invalid`) get one message, and neither is
+    retried."""
+    fetcher = ImageFetcher(settings())
+    fetcher.guard.resolver = hosts({"db.internal.example": "10.0.0.5", "cache.internal.example": "127.0.0.1"})
+    errors = {name: refused(fetcher, f"http://{name}:8080/a.png")
+              for name in ("db.internal.example", "cache.internal.example", "nothing-here.invalid")}  # fmt: skip
+    shown = {str(e).replace(name, "NAME") for name, e in errors.items()}
+    assert len(shown) == 1, shown
+    assert {e.transient for e in errors.values()} == {False}
+
+
 def test_image_hosts_host_and_host_port(target: Server):
     with running() as other:
         other.routes["/secret"] = respond(b"other")

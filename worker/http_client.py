@@ -26,6 +26,7 @@ import errno
 import http.client
 import ipaddress
 import json
+import logging
 import re
 import socket
 import ssl
@@ -48,13 +49,16 @@ from urllib3.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
+from urllib3.util import Url, parse_url
 
-from common.redact import redact_url as redact_common_url
+from common.redact import redact, redact_url
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 SMALL_BODY = 64 * 1024  # a redirect's or an error's body is read (keeping the connection) up to this
 USER_AGENT = "plankton-ml-backend"
+
+log = logging.getLogger(__name__)
 
 
 class FetchError(Exception):
@@ -81,26 +85,6 @@ class Response:
     status: int
     body: bytes
     url: str  # the last hop's URL (after redirects)
-
-
-# -- redaction -------------------------------------------------------------------------------------
-
-
-def redact_url(url: str, limit: int = 300) -> str:
-    """An image URL as errors and logs show it (common.redact.redact_url), at most `limit` characters."""
-    return redact_common_url(url, limit)
-
-
-_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()]+")
-
-
-def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """Every URL in `text` redacted, and every one of `secrets` (4 characters or more) replaced by ***."""
-    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
 
 
 # -- the address guard -----------------------------------------------------------------------------
@@ -222,16 +206,22 @@ class OutboundGuard:
 
     def addresses(self, host: str, port: int) -> list[Address]:
         """The addresses to connect to for host:port, each checked; Refused when there is none. A listed host
-        (IMAGE_HOSTS, Label Studio, the S3 endpoint) may resolve to any address; any other must be public."""
+        (IMAGE_HOSTS, Label Studio, the S3 endpoint) may resolve to any address; any other must be public.
+
+        An unlisted host gets one refusal whether it resolves to a private address or not at all, so that job
+        errors cannot tell which internal names exist; the log says which."""
         canon = canonical_host(host)
         listed = canon in self.any_port or (canon, port) in self.ports
         try:
             found = self.resolver(canon, port)
         except socket.gaierror as exc:
+            if not listed:
+                raise self._refused(host, canon, f"cannot resolve: {exc.strerror or exc}") from None
             # A listed host is expected to exist (a service restarting in compose): worth another try.
-            transient = listed or exc.errno == socket.EAI_AGAIN
-            raise FetchError(f"cannot resolve {host}", transient=transient) from None
-        except (OSError, UnicodeError, ValueError):
+            raise FetchError(f"cannot resolve {host}", transient=True) from None
+        except (OSError, UnicodeError, ValueError) as exc:
+            if not listed:
+                raise self._refused(host, canon, f"cannot resolve: {type(exc).__name__}") from None
             raise FetchError(f"cannot resolve {host}") from None
         if listed:
             if not found:
@@ -248,13 +238,16 @@ class OutboundGuard:
             else:
                 reasons.append(reason)
         if not usable:
-            reason = reasons[0] if reasons else "no address"
-            if any(h == canon for h, _ in self.ports):
-                raise Refused(f"refused: {host} is not a public address ({reason}) and is allowed on other ports "
-                              "only (IMAGE_HOSTS, LABEL_STUDIO_URL, S3_ENDPOINT_URL)")  # fmt: skip
-            raise Refused(f"refused: {host} is not a public address ({reason}); list it in IMAGE_HOSTS to fetch "
-                          "from a private image server")  # fmt: skip
+            raise self._refused(host, canon, ", ".join(dict.fromkeys(reasons)) or "no address")
         return usable
+
+    def _refused(self, host: str, canon: str, why: str) -> Refused:
+        log.info("refused %s: %s", canon[:100], why)
+        if any(h == canon for h, _ in self.ports):
+            return Refused(f"refused: {host} is not a public address and is allowed on other ports only "
+                           "(IMAGE_HOSTS, LABEL_STUDIO_URL, S3_ENDPOINT_URL)")  # fmt: skip
+        return Refused(f"refused: {host} is not a public address; list it in IMAGE_HOSTS to fetch from a private "
+                       "image server")  # fmt: skip
 
 
 # -- one deadline per fetch, enforced at every socket read -----------------------------------------
@@ -415,10 +408,10 @@ class HttpClient:
             return self._ssl_context
 
     def _get(self, url: str, headers: dict[str, str]) -> Response:
-        first = origin(url) if headers else None
+        first = _origin_or_refuse("GET", url) if headers else None
         visited = {url}
         for hop in range(self.max_redirects + 1):
-            if headers and hop and origin(url) != first:
+            if headers and hop and _origin_or_refuse("GET", url) != first:
                 headers = {}  # the origin changed: the caller's headers are dropped for good
             resp = self._send("GET", url, headers)
             location = resp.headers.get("Location") if resp.status in REDIRECTS else None
@@ -426,7 +419,7 @@ class HttpClient:
                 return Response(resp.status, self._read_body(url, resp, self.max_bytes), url)
             self._discard(resp)
             target = urljoin(url, location.strip())
-            if urlsplit(url).scheme == "https" and urlsplit(target).scheme == "http":
+            if _origin_or_refuse("GET", url)[0] == "https" and _origin_or_refuse("GET", target)[0] == "http":
                 raise Refused(f"GET {redact_url(url)}: refused a redirect from https to http ({redact_url(target)})")
             if target in visited:
                 raise FetchError(f"GET {redact_url(url)}: redirect loop (back to {redact_url(target)})")
@@ -437,13 +430,14 @@ class HttpClient:
         raise FetchError(f"GET {redact_url(url)} failed: more than {self.max_redirects} redirects")
 
     def _send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None) -> Any:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FetchError(f"{method} {redact_url(url)} failed: not an http(s) URL")
         try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise FetchError(f"{method} {redact_url(url)} failed: bad port") from None
+            target = connection_target(url)
+        except UnclearUrl as exc:
+            raise Refused(f"{method} {redact_url(url)} refused: {exc}") from None
+        except ValueError as exc:
+            raise FetchError(f"{method} {redact_url(url)} failed: {_unreadable(exc)}") from None
+        if target.scheme not in ("http", "https") or not target.host:
+            raise FetchError(f"{method} {redact_url(url)} failed: not an http(s) URL")
         all_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
         for attempt in range(2):
             try:
@@ -514,12 +508,12 @@ class HttpClient:
             return FetchError(f"{shown} timed out after {self.timeout:g} s (DOWNLOAD_TIMEOUT, the whole fetch)",
                               transient=True)  # fmt: skip
         if isinstance(exc, SSLError) or isinstance(cause, ssl.SSLError):
-            return FetchError(f"{shown} failed: TLS: {redact_text(str(cause))[:200]}")
+            return FetchError(f"{shown} failed: TLS: {redact(str(cause))[:200]}")
         if isinstance(cause, ConnectionError | http.client.IncompleteRead):
             return FetchError(f"{shown} failed: {_os_reason(cause)} by the server", transient=True)
         if isinstance(cause, OSError) and cause.errno is not None:
             return FetchError(f"{shown} failed: {_os_reason(cause)}", transient=True)
-        reason = redact_text(str(cause))[:200] or type(cause).__name__
+        reason = redact(str(cause))[:200] or type(cause).__name__
         return FetchError(f"{shown} failed: bad HTTP answer ({type(cause).__name__}: {reason})")
 
 
@@ -528,15 +522,61 @@ def _stale(exc: BaseException) -> bool:
     return isinstance(cause, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError)
 
 
-def origin(url: str) -> tuple[str, str, int]:
-    """(scheme, canonical host, port with the scheme's default filled in)."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+class UnclearUrl(ValueError):
+    """A URL that two parsers could read as two different places: refused, never fetched."""
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def connection_target(url: str) -> Url:
+    """`url` as urllib3 parses it, which is where it connects. UnclearUrl for a URL that any parser could
+    read otherwise: a user name or password (`http://a\\@b/` is host `a` to urllib3, `b` to urllib.parse), a
+    backslash before the query, a control character, or scheme, host or port that urllib.parse reads
+    differently. ValueError for a URL neither can read."""
+    if _CONTROL.search(url):
+        raise UnclearUrl("a control character in the URL")
+    if "\\" in re.split(r"[?#]", url, maxsplit=1)[0]:
+        raise UnclearUrl("a backslash before the URL's query")
+    try:
+        parsed = parse_url(url)
+        parts = urlsplit(url)
+    except LocationParseError as exc:
+        raise ValueError(str(exc)) from None
     try:
         port = parts.port
     except ValueError:
-        port = None
-    return scheme, canonical_host(parts.hostname or ""), port or (443 if scheme == "https" else 80)
+        raise ValueError("bad port") from None
+    if parsed.auth is not None or "@" in parts.netloc:
+        raise UnclearUrl("a user name or password in the URL")
+    if (
+        (parsed.scheme or "") != parts.scheme
+        or canonical_host(parsed.host or "") != canonical_host(parts.hostname or "")
+        or parsed.port != port
+    ):
+        raise UnclearUrl("a URL that parsers read as different hosts")
+    return parsed
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, canonical host, port with the scheme's default filled in) of where `url` connects.
+    UnclearUrl (a ValueError) when that is not clear (`connection_target`)."""
+    target = connection_target(url)
+    scheme = target.scheme or ""
+    return scheme, canonical_host(target.host or ""), target.port or (443 if scheme == "https" else 80)
+
+
+def _origin_or_refuse(method: str, url: str) -> tuple[str, str, int]:
+    try:
+        return origin(url)
+    except UnclearUrl as exc:
+        raise Refused(f"{method} {redact_url(url)} refused: {exc}") from None
+    except ValueError as exc:
+        raise FetchError(f"{method} {redact_url(url)} failed: {_unreadable(exc)}") from None
+
+
+def _unreadable(exc: ValueError) -> str:
+    return "bad port" if str(exc) == "bad port" else "not a valid URL"
 
 
 class _DeadlineScope:

@@ -18,7 +18,9 @@ import re
 import stat
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
@@ -26,12 +28,27 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from common.redact import redact, redact_url
 from common.settings import Settings
-from worker.http_client import FetchError, HttpClient, OutboundGuard, origin, redact_text, redact_url
+from worker.http_client import FetchError, HttpClient, OutboundGuard, origin
 
 log = logging.getLogger(__name__)
 
-Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, before decoding, with a clear error
+# Pillow's own decompression-bomb check stays on, at the project's limit (`decode_image` sets it): for some
+# formats Pillow allocates before returning from Image.open (an animated WebP declaring 16383x16383 took 2 GB
+# of address space), before the header check below could refuse it. Pillow refuses an image of more than
+# twice MAX_IMAGE_PIXELS and warns above it; our own check, with a clear message, refuses above the limit.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# Decodes that hold more than this at their peak run in one thread of the process, one after the other: a
+# float TIFF of 40 million pixels is a quarter of a MiB on the wire and half a GiB decoded, and a worker process
+# has several download and read threads. One thread, not a lock: glibc keeps what a thread freed in that
+# thread's own arena, so large decodes taking turns in every download thread would still leave one working
+# set per thread behind.
+LARGE_DECODE_BYTES = 64 * 1024 * 1024
+_large_decoder: tuple[int, ThreadPoolExecutor] | None = None
+_large_decoder_lock = threading.Lock()
+# Deep greyscale is scaled to 8 bits this many pixels at a time (bounded temporaries).
+SCALE_BLOCK_PIXELS = 1 << 20
 
 # What Pillow may open (Image.open tries only these): the formats Label Studio shows as images (JPEG includes
 # the MPO variant many cameras write). Everything else (PSD, EPS, ICO, TGA, PCX, ...) is refused unparsed.
@@ -134,8 +151,10 @@ _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
 
 def read_under(root: str, rel: str, max_bytes: int) -> bytes | None:
     """The file `rel` under `root` (a resolved folder), or None when it is not there (or not readable by
-    this process). `_OutsideRoot` when its real path leaves the root (a symbolic link out of it): nothing
-    outside the root is opened for reading, and the file read is the one whose path was checked."""
+    this process). `_OutsideRoot` when its real path leaves the root (a symbolic link out of it), or when the
+    file has other hard links, which may lie anywhere on its file system (a hard link in the root to a file
+    outside it has no path that says so): nothing outside the root is opened for reading, and the file read
+    is the one whose path was checked."""
     try:
         fd, by_handle = _open_under(root, os.path.join(root, rel))
     except OSError:
@@ -144,6 +163,8 @@ def read_under(root: str, rel: str, max_bytes: int) -> bytes | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ImageError(f"{rel} is not a regular file")
+        if info.st_nlink > 1:
+            raise _OutsideRoot(f"{rel} (one of {info.st_nlink} hard links)")
         if info.st_size > max_bytes:
             raise ImageError(f"{rel} is {info.st_size} bytes, over the {max_bytes}-byte limit (IMAGE_MAX_BYTES)")
         data = _read_at_most(fd, max_bytes + 1, info.st_size + 1, reopen=by_handle)
@@ -320,7 +341,7 @@ class ImageFetcher:
             raise ImageError(f"{redact_url(ref)[:200]!r} is not a valid URL ({exc})") from None
         except ImageError as exc:
             secrets = [*self.ls_auth.secrets(), os.environ.get("AWS_SECRET_ACCESS_KEY", "")]
-            raise ImageError(redact_text(str(exc), secrets), transient=exc.transient) from None
+            raise ImageError(redact(str(exc), secrets), transient=exc.transient) from None
 
     def _fetch(self, ref: str) -> bytes:
         if ref.startswith("s3://"):
@@ -385,13 +406,15 @@ class ImageFetcher:
             data = self._from_disk(target)
         except _OutsideRoot:
             # Never read by this process; Label Studio decides, over HTTP, with its own rules.
-            log.warning("%s leads out of %s: not read from disk", redact_url(shown), self.roots[target.kind])
+            log.warning(
+                "%s may lead out of %s (a link): not read from disk", redact_url(shown), self.roots[target.kind]
+            )
             outside = True
         else:
             if data is not None:
                 return data
         if not self.ls_url:
-            where = " (its real path is outside the folder it names: not read)" if outside else ""
+            where = " (a link out of the folder it names, or a file with hard links: not read)" if outside else ""
             raise ImageError(f"{redact_url(shown)} is a Label Studio path{where} but LABEL_STUDIO_URL is not set")
         return self._get(self.ls_url + target.request, label_studio=True)
 
@@ -469,8 +492,15 @@ def decode_image(
     over `max_side` or an aspect ratio over `max_aspect` is an ImageError, as is anything undecodable."""
     if not data:
         raise ImageError("cannot decode image: the file is empty")
+    # Pillow errors above twice this: the project's limit. One value per process (the settings'), so the
+    # assignment from several threads is harmless.
+    Image.MAX_IMAGE_PIXELS = max(1, max_pixels // 2)
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as exc:  # the header's size, refused by Pillow (it says no more)
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = found.group(1) if found else "more"
+        raise ImageError(f"image of {pixels} pixels, over the {max_pixels}-pixel limit (IMAGE_MAX_PIXELS)") from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot decode image: UnidentifiedImageError: not a {FORMATS_SHOWN} image "
                          f"({_what_it_is(data)})") from None  # fmt: skip
@@ -487,9 +517,9 @@ def decode_image(
     if max(width, height) / min(width, height) > max_aspect:
         raise ImageError(f"{what}, an aspect ratio over the {max_aspect:g}:1 limit (IMAGE_MAX_ASPECT)")
     try:
-        img.load()
-        img = ImageOps.exif_transpose(img) if _has_orientation(img) else img
-        return _to_rgb(img)
+        if _decode_bytes(img) > LARGE_DECODE_BYTES:
+            return _large_decodes().submit(_load_rgb, img).result()
+        return _load_rgb(img)
     except ImageError:
         raise
     except Exception as exc:  # truncated, corrupt, a decoder's own limit, an unsupported mode
@@ -509,6 +539,30 @@ def _short(exc: BaseException) -> str:
     return str(exc)[:200] or type(exc).__name__
 
 
+def _deep_to_8_bits(raw: np.ndarray) -> np.ndarray:
+    """Greyscale deeper than 8 bits scaled by its own finite maximum to 0..255 (NaN and infinities as 0), a block
+    of rows at a time: the float copies of a 40-million-pixel image would be 160 MB each."""
+    rows = max(1, SCALE_BLOCK_PIXELS // max(1, raw.shape[1] if raw.ndim > 1 else 1))
+    blocks = [raw[start : start + rows] for start in range(0, raw.shape[0], rows)]
+    peak = 0.0
+    for block in blocks:
+        values = block.astype(np.float32)
+        finite = np.isfinite(values)
+        if finite.any():
+            peak = max(peak, float(values[finite].max()))
+    grey = np.zeros(raw.shape, np.uint8)
+    if peak <= 0:
+        return grey
+    for start, block in zip(range(0, raw.shape[0], rows), blocks, strict=True):
+        values = block.astype(np.float32)
+        values[~np.isfinite(values)] = 0.0
+        values *= 255.0 / peak
+        values += 0.5
+        np.clip(values, 0, 255, out=values)
+        grey[start : start + rows] = values.astype(np.uint8)
+    return grey
+
+
 def _has_orientation(img: Image.Image) -> bool:
     """Whether the EXIF (or TIFF) orientation asks for a turn. Most images carry none, and asking first
     spares `exif_transpose`'s copy; an unreadable orientation is no orientation."""
@@ -520,14 +574,33 @@ def _has_orientation(img: Image.Image) -> bool:
         return False
 
 
+def _load_rgb(img: Image.Image) -> Image.Image:
+    img.load()
+    img = ImageOps.exif_transpose(img) if _has_orientation(img) else img
+    return _to_rgb(img)
+
+
+def _large_decodes() -> ThreadPoolExecutor:
+    """This process's one thread for large decodes (made in the process that uses it, after any fork)."""
+    global _large_decoder
+    with _large_decoder_lock:
+        if _large_decoder is None or _large_decoder[0] != os.getpid():
+            _large_decoder = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="large-decode"))
+        return _large_decoder[1]
+
+
+def _decode_bytes(img: Image.Image) -> int:
+    """About what decoding `img` and making it 8-bit RGB hold at their peak: its pixels as decoded, and the
+    8-bit and RGB copies (deep greyscale: also its raw copy, and a float block at a time)."""
+    pixels = img.size[0] * img.size[1]
+    if img.mode in DEEP_MODES:
+        return pixels * (2 * 4 + 1 + 3)
+    return pixels * (len(img.getbands()) + 3)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in DEEP_MODES:
-        arr = np.asarray(img, dtype=np.float32)
-        arr = np.where(np.isfinite(arr), arr, 0.0)
-        peak = float(arr.max()) if arr.size else 0.0
-        scaled = arr / peak if peak > 0 else np.zeros_like(arr)
-        grey = np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
+        return Image.fromarray(_deep_to_8_bits(np.asarray(img)), "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))

@@ -22,8 +22,10 @@ import redis
 # about half a CPU second, which each pool process would otherwise pay on its first write, in an import.
 from label_studio_sdk import LabelStudio, PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
+from urllib3.util import parse_url
 
-from common.webhook_secret import HEADER, MODEL_CLASS, instance_id
+from common.webhook_secret import HEADER
+from worker.http_client import origin
 
 log = logging.getLogger(__name__)
 
@@ -190,24 +192,16 @@ class LabelStudioApi:
         """Every task id of the project (only when the counts say tasks went missing: it lists them all)."""
         return {int(task.id) for task in self._filtered(pid, [], "id")}
 
-    def secure_webhooks(self, pid: int, secret: str) -> list[int]:
+    def secure_webhooks(self, pid: int, secret: str, backend_url: str) -> list[int]:
         """Label Studio creates the project's webhook `<backend>/webhook` itself when the backend is connected,
-        without headers: add the secret header to those of the project's ML backends that are this
-        deployment (their /health shows its instance id). Returns the webhooks changed."""
-        mine = instance_id(secret)
-        targets = set()
-        for backend in self.client.ml.list(project=pid):
-            url = (backend.url or "").rstrip("/")
-            try:
-                health = httpx.get(f"{url}/health", timeout=5).json()
-            except (httpx.HTTPError, ValueError):
-                continue
-            if health.get("model_class") == MODEL_CLASS and health.get("instance") == mine:
-                targets.add(f"{url}/webhook")
+        without headers: add the secret header to the project's webhooks that post to this deployment,
+        `<backend_url>/webhook` (BACKEND_URL). Nothing is asked of any server: whatever this backend answers,
+        a copy of it can answer too. Returns the webhooks changed."""
+        ours = webhook_target(f"{backend_url.rstrip('/')}/webhook")
         changed = []
         for hook in self.client.webhooks.list(project=str(pid)):
             headers = dict(hook.headers or {})
-            if (hook.url or "").rstrip("/") in targets and headers.get(HEADER) != secret:
+            if ours is not None and webhook_target(hook.url or "") == ours and headers.get(HEADER) != secret:
                 self.client.webhooks.update(id=hook.id, headers={**headers, HEADER: secret})
                 changed.append(int(hook.id))
         return changed
@@ -229,6 +223,18 @@ def _rows(task: Any) -> list[Row]:
         Row(int(p["id"]), p.get("model_version") or "", list(p.get("result") or []), float(p.get("score") or 0))
         for p in map(_as_dict, getattr(task, "predictions", None) or [])
     ]
+
+
+def webhook_target(url: str) -> tuple[tuple[str, str, int], str] | None:
+    """Where a webhook posts: the origin a client connects to (urllib3's parse; `worker.http_client.origin`)
+    and the path, without empty segments or a trailing slash. None for a URL that parsers read differently
+    (a user name, a backslash: never this deployment's) or that is no URL."""
+    try:
+        where = origin(url)
+        path = parse_url(url).path or ""
+    except ValueError:
+        return None
+    return where, "/" + "/".join(part for part in path.split("/") if part)
 
 
 def _as_dict(item: Any) -> dict[str, Any]:

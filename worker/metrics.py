@@ -1,9 +1,12 @@
 """Prometheus metrics of the workers: images, batches, downloads, the model, write-backs and refits.
 
-Every pool process counts into prometheus-client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR, a
-fresh one per worker start, set in worker/worker_app.py before anything imports prometheus_client); the
-worker's main process serves them all on WORKER_METRICS_PORT. Queue depths and each project's current
-version are state in Redis, not events: the API exports them (api/metrics.py).
+Every pool process counts into prometheus-client's multiprocess directory, PROMETHEUS_MULTIPROC_DIR: it must be
+in the worker's launch environment (`make run`, Dockerfile.worker and tests/helpers.py set it), since the
+`celery` command imports prometheus_client (Flower's plugin) before any of this project's code, and
+prometheus_client picks how it counts when it is imported. The worker's main process empties the folder at
+start (worker/worker_app.py) and serves every process's counts on WORKER_METRICS_ADDRESS:WORKER_METRICS_PORT.
+Queue depths and each project's current version are state in Redis, not events: the API exports them
+(api/metrics.py).
 """
 
 from __future__ import annotations
@@ -13,16 +16,11 @@ import os
 from typing import Any
 
 from celery.signals import worker_process_shutdown, worker_ready
-from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server, values
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
 
 from common.settings import get_settings
 
 log = logging.getLogger(__name__)
-
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and values.ValueClass is values.MutexValue:
-    # prometheus_client was imported before worker/worker_app.py set the folder (the celery command loads
-    # Flower's plugin, which imports it): the metrics below must count into the folder all the same.
-    values.ValueClass = values.get_value_class()
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -69,24 +67,30 @@ def failure_reason(message: str) -> str:
     return "other"
 
 
-def serve(port: int) -> None:
+def serve(address: str, port: int) -> None:
     """Serve the metrics of every process of this worker (main process only)."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not port or not folder:
+    if not port:
+        return
+    if not folder:
+        log.warning("no metrics: PROMETHEUS_MULTIPROC_DIR is not set in the worker's launch environment (make run "
+                    "and Dockerfile.worker set it)")  # fmt: skip
         return
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=folder)
     try:
-        start_http_server(port, registry=registry)
+        start_http_server(port, addr=address, registry=registry)
     except OSError as exc:  # another worker on this host has the port: the work goes on without it
-        log.warning("cannot serve metrics on :%d (%s); set WORKER_METRICS_PORT to a free port, or 0", port, exc)
+        log.warning("cannot serve metrics on %s:%d (%s); set WORKER_METRICS_PORT to a free port, or 0", address,
+                    port, exc)  # fmt: skip
         return
-    log.info("metrics on :%d/metrics", port)
+    log.info("metrics on %s:%d/metrics", address, port)
 
 
 @worker_ready.connect
 def _serve_when_ready(**_: Any) -> None:
-    serve(get_settings().worker_metrics_port)
+    settings = get_settings()
+    serve(settings.worker_metrics_address, settings.worker_metrics_port)
 
 
 @worker_process_shutdown.connect

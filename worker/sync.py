@@ -154,11 +154,17 @@ def _stale_copies(rows: list[Row], live: str) -> bool:
 
 
 def _secure_webhooks(rt: Runtime, api: LabelStudioApi, pid: int) -> int:
-    """With WEBHOOK_SECRET set, the webhook Label Studio created must carry it (README "Connect Label Studio")."""
+    """With WEBHOOK_SECRET set, the webhook Label Studio created must carry it (README "Connect Label Studio");
+    which webhook is this deployment's, BACKEND_URL says."""
     if not rt.settings.webhook_secret:
         return 0
+    if not rt.settings.backend_url:
+        log.warning("project %s: WEBHOOK_SECRET is set but BACKEND_URL is not: no webhook gets the secret "
+                    "header. Set BACKEND_URL to the URL Label Studio reaches this backend at (its Connect model "
+                    "URL)", pid)  # fmt: skip
+        return 0
     try:
-        changed = api.secure_webhooks(pid, rt.settings.webhook_secret)
+        changed = api.secure_webhooks(pid, rt.settings.webhook_secret, rt.settings.backend_url)
     except Exception as exc:  # the sweep goes on; the next one tries again
         log.warning("project %s: cannot add the secret header to its webhook: %s: %s", pid, type(exc).__name__, exc)
         return 0

@@ -7,7 +7,9 @@ label-studio-sdk → predictions that Label Studio's own API returns.
 from __future__ import annotations
 
 import collections
+import http.server
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,7 +233,7 @@ def test_with_a_webhook_secret_connecting_the_model_is_the_only_step(
     env = worker_env(tmp_path, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
                      WEBHOOK_SECRET=secret, REFIT_EVERY="2")  # fmt: skip
     api = ApiProcess(env, tmp_path / "api.log").start()
-    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    worker = WorkerProcess({**env, "BACKEND_URL": api.url}, tmp_path / "worker.log").start()
     try:
         project = label_studio.create_project("secret webhook", label_config)
         label_studio.connect_ml_backend(project, api.url)
@@ -247,6 +249,76 @@ def test_with_a_webhook_secret_connecting_the_model_is_the_only_step(
         annotate_two_and_wait_for_the_rest(label_studio, api, worker, project, ids)
         assert "refused a webhook" not in api.log_path.read_text()
     finally:
+        api.stop()
+        worker.stop()
+
+
+class Copycat:
+    """A server that shows the real backend's /health word for word and answers /setup, as anyone who can
+    read that /health could: it records every header it is sent."""
+
+    def __init__(self, real: str) -> None:
+        self.seen: list[dict[str, str]] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(requests.get(f"{real}/health", timeout=5).content)
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._answer(json.dumps({"model_version": "copy"}).encode())
+
+            def _answer(self, body: bytes) -> None:
+                owner.seen.append(dict(self.headers))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_copy_of_the_backends_health_never_gets_the_webhook_secret(
+    label_studio: LabelStudioServer, tmp_path: Path, label_config: str
+):
+    """A second ML backend on the project whose /health is a copy of this one's (model class, instance id): the
+    workers add the secret header to the webhook of BACKEND_URL only, and the copy is never sent it."""
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    secret = "a-long-random-webhook-secret-9876543210"
+    env = worker_env(tmp_path, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
+                     WEBHOOK_SECRET=secret)  # fmt: skip
+    api = ApiProcess(env, tmp_path / "api.log").start()
+    worker = WorkerProcess({**env, "BACKEND_URL": api.url}, tmp_path / "worker.log").start()
+    copycat = Copycat(api.url)
+    try:
+        project = label_studio.create_project("copycat", label_config)
+        label_studio.connect_ml_backend(project, copycat.url, title="copy")
+        label_studio.connect_ml_backend(project, api.url)
+
+        def secured(url: str) -> bool:
+            return (label_studio.find_webhook(project, f"{url}/webhook") or {}).get("headers", {}).get(
+                "X-Webhook-Secret") == secret  # fmt: skip
+
+        wait_until(lambda: secured(api.url), 60, f"the secret header on this backend's webhook ({worker.log_tail(20)})")
+        requests.post(f"{api.url}/sync", json={"project": project}, timeout=10)  # one more sweep, to be sure
+        time.sleep(5)
+        assert not secured(copycat.url)
+        label_studio.import_tasks(project, [{"image": "/data/local-files/?d=flowcam/crops/none.tif"}])
+        time.sleep(2)
+        assert copycat.seen and all("X-Webhook-Secret" not in h for h in copycat.seen), copycat.seen
+    finally:
+        copycat.close()
         api.stop()
         worker.stop()
 

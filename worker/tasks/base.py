@@ -1,5 +1,6 @@
 """What every task shares: retries on what actually fails, job reporting, and a limit on how often a
-message may be started (one that keeps killing its worker must not be redelivered forever)."""
+message may be started (one that keeps killing its worker must not be redelivered forever; chunks of tasks
+count their starts per task instead: worker/crashing_chunks.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from worker.runtime import ModelMissing, runtime
 
 log = logging.getLogger(__name__)
 
-# Redis away, Label Studio away or timing out, a model not yet readable: worth another try. The SDK's
-# ApiError is retried too (a 5xx, or a 4xx that a configuration fix will cure), by `retry_api_errors`.
+# Redis away, Label Studio away or timing out, a model not yet readable: worth another try.
 RETRYABLE: tuple[type[BaseException], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -28,6 +28,9 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
     ModelMissing,
 )
+# Also Label Studio answering with an error status (a 5xx, or a 4xx that a configuration fix will cure), for
+# the tasks that only read from it (the sync): Celery's `autoretry_for`, with JobTask's backoff.
+RETRYABLE_WITH_LABEL_STUDIO_ERRORS = (*RETRYABLE, ApiError)
 MAX_STARTS = 3
 
 
@@ -65,18 +68,5 @@ def limited_starts(fn: Callable[..., Any]) -> Callable[..., Any]:
             log.error("message %s: %s; given up", self.request.id, reason)
             raise RuntimeError(reason)
         return fn(self, *args, **kwargs)
-
-    return run
-
-
-def retry_api_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Label Studio answering with an error status (ApiError) is retried like the network failing."""
-
-    @functools.wraps(fn)
-    def run(self: Task, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(self, *args, **kwargs)
-        except ApiError as exc:
-            raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from exc
 
     return run

@@ -9,7 +9,7 @@ from worker.celery_app import app
 from worker.delivery import deliver_outbox
 from worker.runtime import runtime
 from worker.sync import sync_all, sync_project, tick
-from worker.tasks.base import JobTask, limited_starts, retry_api_errors
+from worker.tasks.base import RETRYABLE_WITH_LABEL_STUDIO_ERRORS, JobTask, limited_starts
 
 
 @app.task(name=queues.DELIVER, base=JobTask, bind=True)
@@ -18,9 +18,8 @@ def deliver(self: JobTask, project: int) -> dict[str, Any]:
     return deliver_outbox(runtime(), project)
 
 
-@app.task(name=queues.SYNC, base=JobTask, bind=True)
+@app.task(name=queues.SYNC, base=JobTask, bind=True, autoretry_for=RETRYABLE_WITH_LABEL_STUDIO_ERRORS)
 @limited_starts
-@retry_api_errors
 def sync(self: JobTask, project: int, retrain: bool = False, reason: str = "requested",
          job_id: str | None = None, asked: bool = False) -> dict[str, Any]:  # fmt: skip
     rt = runtime()

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from common import queues
 from worker.celery_app import app
+from worker.crashing_chunks import run_unless_it_kills
 from worker.ingest import ingest_chunk
 from worker.runtime import runtime
 from worker.tasks.base import JobTask, limited_starts
 
 
 @app.task(name=queues.INGEST, base=JobTask, bind=True)
-@limited_starts
 def predict_tasks(
     self: JobTask,
     project: int,
@@ -22,7 +23,10 @@ def predict_tasks(
     interactive: bool = False,
     attempt: int = 0,
 ) -> dict[str, int]:
-    return ingest_chunk(runtime(), project, tasks, job_id, interactive, attempt)
+    """Starts are counted per task, not per message (worker/crashing_chunks.py)."""
+    rt = runtime()
+    chunk = functools.partial(ingest_chunk, rt, project, tasks, job_id, interactive, attempt)
+    return run_unless_it_kills(rt, project, tasks, job_id, interactive, attempt, chunk)
 
 
 @app.task(name=queues.FAN_OUT, base=JobTask, bind=True)
