@@ -9,11 +9,13 @@ from typing import Any
 
 from celery import Celery
 
-from common import queues
+from common import keys, queues
 from common.settings import Settings
 from common.store import Store
 
 log = logging.getLogger(__name__)
+
+MAP_INTERVAL_SECONDS = 60
 
 
 def slim_task(task: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,6 +133,13 @@ class Dispatcher:
             countdown=countdown or None,
         )
         return job_id
+
+    def refresh_map_soon(self, pid: int) -> None:
+        """After a refit: one map per MAP_INTERVAL_SECONDS at most, of the version current when it runs. While
+        annotators work a project refits every few seconds, and a map of 20,000 tasks takes a worker process
+        tens of seconds: one per refit kept a process of two busy computing maps."""
+        if self.store.r.set(keys.map_scheduled(pid), "1", nx=True, ex=MAP_INTERVAL_SECONDS):
+            self.refresh_map(pid, countdown=MAP_INTERVAL_SECONDS)
 
     def refresh_map(self, pid: int, countdown: float = 0) -> None:
         """Recompute the project's embedding map for the status page (after a refit, or on request)."""

@@ -195,6 +195,12 @@ def shown(pid: int) -> str:
     return _p(pid, "shown")
 
 
+def score_refresh(pid: int) -> str:
+    """STRING time, expiring then: when the moves of a score alone staged since are written (one such write
+    every SCORE_REFRESH_SECONDS, common/revisions.py)."""
+    return _p(pid, "score_refresh")
+
+
 def switched(pid: int) -> str:
     """STRING: the live version name this backend set as the project's `model_version` in Label Studio, so that
     Label Studio shows it without calling /setup and /predict for each task opened; `-` when someone else
@@ -239,6 +245,11 @@ def sync_asked(pid: int) -> str:
 def last_sync(pid: int) -> str:
     """STRING JSON: the last reconciliation with Label Studio (when, and what it fixed)."""
     return _p(pid, "last_sync")
+
+
+def map_scheduled(pid: int) -> str:
+    """STRING with a TTL: a refresh of the project's map is on its way (one a minute however often it refits)."""
+    return _p(pid, "map_scheduled")
 
 
 def projection(pid: int) -> str:

@@ -20,6 +20,9 @@ from common.store import Shown, Store
 # Scores are probabilities that the suggestion is right; a move smaller than this changes no decision an
 # annotator takes from the sort (and the calibration itself is no finer on a project's few annotations).
 SCORE_MARGIN = 0.05
+# A refit moves many scores a little and a few a lot, and the next one often moves them back: moves of the
+# score alone are written at most this often (the newest version's then), labels at once.
+SCORE_REFRESH_SECONDS = 120.0
 
 
 def labels_digest(prediction: Mapping[str, Any]) -> str:
@@ -45,6 +48,17 @@ def to_write(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, S
     """The tasks whose prediction Label Studio must get, most urgent first: tasks that show nothing, then
     tasks whose labels change, then score moves; within each, the least certain first (where the sort by
     score and uncertainty sampling look)."""
+    return [task for _, _, task in _ranked(predictions, shown)]
+
+
+def by_urgency(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> tuple[list[int], list[int]]:
+    """`to_write`, cut in two: what Label Studio must get now (tasks that show nothing, changed labels), and
+    moves of the score alone (written every SCORE_REFRESH_SECONDS)."""
+    ranked = _ranked(predictions, shown)
+    return [t for rank, _, t in ranked if rank < 2], [t for rank, _, t in ranked if rank == 2]
+
+
+def _ranked(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> list[tuple[int, float, int]]:
     urgent = []
     for task, prediction in predictions.items():
         if not misleads(prediction, shown.get(task)):
@@ -53,7 +67,7 @@ def to_write(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, S
         rank = 0 if held is None else 1 if held.digest != labels_digest(prediction) else 2
         certainty = float(prediction["score"]) if held is None else min(float(prediction["score"]), held.score)
         urgent.append((rank, certainty, task))
-    return [task for _, _, task in sorted(urgent)]
+    return sorted(urgent)
 
 
 def behind(store: Store, pid: int) -> list[int]:

@@ -426,7 +426,7 @@ class Settings:
     )  # fmt: skip
     refit_every: int = define("REFIT_EVERY", 5, integer(1), "refit after this many annotation changes...")
     refit_delay_seconds: float = define(
-        "REFIT_DELAY_SECONDS", 10.0, number(0), "...or this long after the first change since the last fit"
+        "REFIT_DELAY_SECONDS", 5.0, number(0), "...or this long after the first change since the last fit"
     )
     kmeans_clusters: int = define(
         "KMEANS_CLUSTERS", 0, integer(2, zero="automatic"), "clusters per project",

@@ -456,3 +456,13 @@ def test_an_import_over_max_tasks_per_request_is_queued_up_to_it_and_the_rest_li
     kwargs = json.loads(base64.b64decode(message["body"]))[1]
     assert kwargs["asked"] and "2 tasks of an import over MAX_TASKS_PER_REQUEST" in kwargs["reason"]
     assert store.sync_asked(3) is not None
+
+
+def test_a_project_refitting_often_gets_one_map_a_minute(client, clean_redis):
+    """Each refit asks for the status page's map; while annotators work that is every few seconds."""
+    dispatcher = client.application.extensions["dispatcher"]
+    for _ in range(5):
+        dispatcher.refresh_map_soon(3)
+    maps = [m for m in queued(clean_redis, "bulk") if m["headers"]["task"] == "plankton.refresh_map"]
+    assert len(maps) == 1 and maps[0]["headers"]["eta"]
+    assert 0 < clean_redis.ttl("plk:p:3:map_scheduled") <= 60

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from common.revisions import SCORE_MARGIN, labels_digest, misleads, shown_as, to_write
-from common.store import STALE, Shown
+import time
+
+import pytest
+
+from common.revisions import SCORE_MARGIN, by_urgency, labels_digest, misleads, shown_as, to_write
+from common.store import STALE, Shown, Store
 
 
 def prediction(label: str, score: float, tag: str = "organism_type") -> dict:
@@ -47,3 +51,17 @@ def test_blank_tasks_come_first_then_label_changes_then_score_moves_least_certai
         7: {"result": [], "score": 0.0},
     }
     assert to_write(new, shown) == [5, 2, 1, 3, 6]
+
+
+def test_labels_are_urgent_and_score_moves_wait_for_the_window(clean_redis):
+    shown = {1: shown_as("v1", prediction("Debris", 0.9)), 2: shown_as("v1", prediction("Debris", 0.9))}
+    new = {1: prediction("Plankton", 0.9), 2: prediction("Debris", 0.5), 3: prediction("Debris", 0.5)}
+    assert by_urgency(new, shown) == ([3, 1], [2])
+    store = Store(clean_redis, "test-space")
+    first = store.score_refresh_due(7, 0.5)
+    assert first > time.time() + 0.4
+    assert store.score_refresh_due(7, 0.5) == pytest.approx(
+        first, abs=1e-3
+    )  # a later refit's moves join the same write
+    time.sleep(0.6)
+    assert store.score_refresh_due(7, 0.5) > first + 0.5  # the window passed: the next move opens another

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.collections import collection_of
-from common.revisions import to_write
+from common.revisions import SCORE_REFRESH_SECONDS, by_urgency
 from worker.pipeline import from_bytes
 from worker.project_model import Model
 from worker.results import build_prediction
@@ -73,11 +73,10 @@ def stage(
         rt.store.save_predictions(pid, version, predictions)
     if rt.label_studio is None or not rt.model_answers(pid, version):
         return
-    order = to_write(predictions, rt.store.shown(pid, predictions))
-    rt.store.delivery.stage(pid, version, order, time.time() + hold, job_id)
+    urgent = _stage_by_urgency(rt, pid, version, predictions, time.time() + hold, job_id)
     if staging:
         rt.store.done_staging(pid, staging)
-    if order:
+    if urgent:
         rt.dispatcher.deliver(pid, countdown=hold)
 
 
@@ -90,11 +89,29 @@ def restage(rt: Runtime, pid: int, task_ids: Iterable[int]) -> int:
         return 0
     annotated = rt.store.annotated_tasks(pid)
     predictions = rt.store.predictions(pid, version, [t for t in task_ids if t not in annotated])
-    order = to_write(predictions, rt.store.shown(pid, predictions))
-    rt.store.delivery.stage(pid, version, order, time.time())
-    if order:
+    urgent = _stage_by_urgency(rt, pid, version, predictions, time.time())
+    if urgent:
         rt.dispatcher.deliver(pid)
-    return len(order)
+    return len(urgent)
+
+
+def _stage_by_urgency(
+    rt: Runtime,
+    pid: int,
+    version: str,
+    predictions: Mapping[int, dict[str, Any]],
+    due: float,
+    job_id: str | None = None,
+) -> list[int]:
+    """Stage what changes what Label Studio shows: labels (and tasks that show nothing) due at `due`, moves of
+    the score alone at the end of the project's score window (the tick sends the deliverer once they are due);
+    returns the first."""
+    urgent, scores = by_urgency(predictions, rt.store.shown(pid, predictions))
+    rt.store.delivery.stage(pid, version, urgent, due, job_id)
+    if scores:
+        later = max(due, rt.store.score_refresh_due(pid, SCORE_REFRESH_SECONDS))
+        rt.store.delivery.stage(pid, version, scores, later, job_id)
+    return urgent
 
 
 def predict_current(

@@ -311,9 +311,10 @@ def encode(projection: Mapping[str, Any]) -> bytes:
     return gzip.compress(json.dumps(projection, separators=(",", ":")).encode(), compresslevel=6, mtime=0)
 
 
-def refresh_projection(rt: Runtime, pid: int, rounds: int = 3) -> dict[str, Any]:
-    """Compute and store the map; again (up to `rounds` times) when a new version was published meanwhile,
-    so the stored map is never older than the last refit that asked for it. Returns what was stored."""
+def refresh_projection(rt: Runtime, pid: int, rounds: int = 1) -> dict[str, Any]:
+    """Compute and store the map; again (up to `rounds` times) when a new version was published meanwhile.
+    After a refit, one round: the refit that published the newer version has scheduled the next map
+    (`Dispatcher.refresh_map_soon`). Returns what was stored."""
     outcome: dict[str, Any] = {"status": "no embeddings", "project": pid}
     for _ in range(rounds):
         started, version = time.monotonic(), rt.store.current_version(pid)

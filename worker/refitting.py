@@ -73,7 +73,8 @@ def refit_project(rt: Runtime, pid: int, force: bool, reason: str) -> dict[str, 
             outcome = _refit(rt, pid, force, reason)
         metrics.REFITS.labels(outcome["status"]).inc()
     if needs_refit(rt, pid):
-        rt.dispatcher.after_labels_changed(pid)
+        # What changed while this refit ran has waited for it already: no debounce on top.
+        rt.dispatcher.refit(pid, force=False, reason="annotations")
     return outcome
 
 
@@ -129,7 +130,7 @@ def _refit(rt: Runtime, pid: int, force: bool, reason: str) -> dict[str, Any]:
     log.info("project %s: fitted %s (%s) on %d tasks, %d annotated", pid, version, reason, len(task_ids), len(used))
     stage(rt, pid, version, ready, saved=True)
     predicted = len(ready) + fill_gaps(rt, pid)
-    rt.dispatcher.refresh_map(pid)  # the status page's map (worker/projection.py), once the gaps are predicted
+    rt.dispatcher.refresh_map_soon(pid)  # the status page's map (worker/projection.py)
     return {"status": "fitted", "version": version, "predicted": predicted, **model.stats}
 
 

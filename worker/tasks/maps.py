@@ -1,4 +1,5 @@
-"""The status page's embedding map: recomputed after each published version, or when someone asks."""
+"""The status page's embedding map: recomputed after published versions (at most once a minute), or when
+someone asks."""
 
 from __future__ import annotations
 
@@ -16,5 +17,4 @@ from worker.tasks.base import JobTask, limited_starts
 def refresh_map(self: JobTask, project: int) -> dict[str, Any]:
     rt = runtime()
     with rt.store.lock(project, "map", lease=30.0) as held:
-        # The refresh running now rereads the version when it ends and goes again if it changed.
         return refresh_projection(rt, project) if held else {"status": "another refresh is running"}
