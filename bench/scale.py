@@ -218,7 +218,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             backend_pids = [api.proc.pid, worker.proc.pid, beat.proc.pid]
             ls_cpu = throughput.tree_cpu_seconds(ls.process.pid)
             ours_cpu = sum(throughput.tree_cpu_seconds(p) for p in backend_pids)
-            first_row = table.last_id()
+            first_row, first_count = table.last_id(), table.rows(project)
             watch.start()
             annotated_at: dict[int, float] = {}
             fresh, handed, page_during, next_during = 0, 0, [], []
@@ -249,9 +249,12 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             ls_cpu = throughput.tree_cpu_seconds(ls.process.pid) - ls_cpu - sample_cpu * watch.samples
             ours_cpu = sum(throughput.tree_cpu_seconds(p) for p in backend_pids) - ours_cpu
             rows = table.last_id() - first_row
+            deleted = rows - (table.rows(project) - first_count)
+            sweep = measure_sweep(ls, api.url, store, project)
             return {
                 "tasks": n,
                 "rows_per_annotation": rows / args.annotations,
+                "deleted_per_annotation": deleted / args.annotations,
                 "label_studio_cpu_per_annotation_s": ls_cpu / args.annotations,
                 "backend_cpu_per_annotation_s": ours_cpu / args.annotations,
                 "longest_blank_s": watch.longest,
@@ -268,7 +271,21 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "next_before_s": before["next_s"],
                 "next_during_s": statistics.median(next_during),
                 "project_model_version": ls.get_project(project).get("model_version"),
+                "sweep_label_studio_cpu_s": sweep["label_studio_cpu_s"],
+                "sweep_listing_s": sweep["listing_s"],
             }
+
+
+def measure_sweep(ls: LabelStudioServer, api_url: str, store: Store, project: int) -> dict[str, float]:
+    """One reconciliation of the settled project (`POST /sync`, what beat runs every SYNC_INTERVAL_SECONDS):
+    Label Studio's CPU for it, and how long the backend's listings took."""
+    assert ls.process is not None
+    before = (store.last_sync(project) or {}).get("started", 0)
+    cpu = throughput.tree_cpu_seconds(ls.process.pid)
+    requests.post(f"{api_url}/sync", json={"project": project}, timeout=30).raise_for_status()
+    wait_until(lambda: (store.last_sync(project) or {}).get("started", 0) > before, 1800, "the sweep", interval=1)
+    return {"label_studio_cpu_s": throughput.tree_cpu_seconds(ls.process.pid) - cpu,
+            "listing_s": float((store.last_sync(project) or {}).get("listing_seconds", 0))}  # fmt: skip
 
 
 def behind_in_label_studio(store: Store, project: int) -> bool:
@@ -327,18 +344,22 @@ def main() -> int:
     print(
         f"\n{args.annotations} annotations, one every {args.every:g} s, Label Studio 1.23 on {os.cpu_count()} cores\n"
     )
-    print("| tasks | rows per annotation | Label Studio CPU s per annotation | backend CPU s per annotation | "
-          "longest blank s | next task reflects annotations >15 s | rows per task after | settled after s | "
-          "DM page before / during ms | next task before / during ms | /predict max s (empty) |")  # fmt: skip
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| tasks | rows written (deleted) per annotation | Label Studio CPU s per annotation | "
+          "backend CPU s per annotation | longest blank s | next task reflects annotations >15 s | "
+          "rows per task after | settled after s | "
+          "DM page before / during ms | next task before / during ms | /predict max s (empty) | "
+          "a sweep: Label Studio CPU s (listing s) |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         print(
-            f"| {r['tasks']:,} | {r['rows_per_annotation']:.0f} | {r['label_studio_cpu_per_annotation_s']:.2f} | "
+            f"| {r['tasks']:,} | {r['rows_per_annotation']:.0f} ({r.get('deleted_per_annotation', 0):.0f}) | "
+            f"{r['label_studio_cpu_per_annotation_s']:.2f} | "
             f"{r['backend_cpu_per_annotation_s']:.2f} | {r['longest_blank_s']:.0f} "
             f"({r['samples_with_a_blank_task']} samples) | {r['next_task_reflected']} | "
             f"{r['rows_per_task_after']:.2f} | {r['settle_s']:.0f} | {1000 * r['page_before_s']:.0f} / "
             f"{1000 * r['page_during_s']:.0f} | {1000 * r['next_before_s']:.0f} / {1000 * r['next_during_s']:.0f} | "
-            f"{r['predict_max_s']:.2f} ({r['predict_empty']}) |"
+            f"{r['predict_max_s']:.2f} ({r['predict_empty']}) | {r['sweep_label_studio_cpu_s']:.1f} "
+            f"({r['sweep_listing_s']:.1f}) |"
         )
     print(
         f"\n(a blank-task sample costs Label Studio {1000 * results[-1]['sample_cpu_s']:.0f} ms of CPU at "

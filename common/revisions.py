@@ -23,6 +23,9 @@ SCORE_MARGIN = 0.05
 # A refit moves many scores a little and a few a lot, and the next one often moves them back: moves of the
 # score alone are written at most this often (the newest version's then), labels at once.
 SCORE_REFRESH_SECONDS = 120.0
+# ...but not where Label Studio's uncertainty sampling looks: the tasks that show the lowest scores are handed
+# out next, so a move of theirs is written at once.
+FRONTIER = 100
 
 
 def labels_digest(prediction: Mapping[str, Any]) -> str:
@@ -52,10 +55,14 @@ def to_write(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, S
 
 
 def by_urgency(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> tuple[list[int], list[int]]:
-    """`to_write`, cut in two: what Label Studio must get now (tasks that show nothing, changed labels), and
-    moves of the score alone (written every SCORE_REFRESH_SECONDS)."""
+    """`to_write`, cut in two: what Label Studio must get now (tasks that show nothing, changed labels, and
+    moves of the score among the FRONTIER lowest scores shown), and the other moves of the score alone
+    (written every SCORE_REFRESH_SECONDS)."""
+    lowest = sorted(held.score for held in shown.values())
+    frontier = lowest[FRONTIER - 1] if len(lowest) >= FRONTIER else float("inf")
     ranked = _ranked(predictions, shown)
-    return [t for rank, _, t in ranked if rank < 2], [t for rank, _, t in ranked if rank == 2]
+    now = [t for rank, _, t in ranked if rank < 2 or shown[t].score <= frontier]
+    return now, [t for rank, _, t in ranked if rank == 2 and shown[t].score > frontier]
 
 
 def _ranked(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> list[tuple[int, float, int]]:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from common.revisions import SCORE_MARGIN, by_urgency, labels_digest, misleads, shown_as, to_write
+from common.revisions import FRONTIER, SCORE_MARGIN, by_urgency, labels_digest, misleads, shown_as, to_write
 from common.store import STALE, Shown, Store
 
 
@@ -54,9 +54,16 @@ def test_blank_tasks_come_first_then_label_changes_then_score_moves_least_certai
 
 
 def test_labels_are_urgent_and_score_moves_wait_for_the_window(clean_redis):
-    shown = {1: shown_as("v1", prediction("Debris", 0.9)), 2: shown_as("v1", prediction("Debris", 0.9))}
-    new = {1: prediction("Plankton", 0.9), 2: prediction("Debris", 0.5), 3: prediction("Debris", 0.5)}
-    assert by_urgency(new, shown) == ([3, 1], [2])
+    # Label Studio shows FRONTIER + 10 tasks; the first has the lowest score, where uncertainty sampling looks.
+    shown = {t: shown_as("v1", prediction("Debris", 0.3 + t / 1000)) for t in range(1, FRONTIER + 11)}
+    new = {
+        1: prediction("Debris", 0.5),  # its score moves, at the frontier
+        2: prediction("Plankton", 0.9),  # its label changes
+        FRONTIER + 10: prediction("Debris", 0.1),  # its score moves, far from the frontier
+        FRONTIER + 99: prediction("Debris", 0.5),  # shows nothing yet
+        3: prediction("Debris", 0.3 + 3 / 1000),  # unchanged
+    }
+    assert by_urgency(new, shown) == ([FRONTIER + 99, 2, 1], [FRONTIER + 10])
     store = Store(clean_redis, "test-space")
     first = store.score_refresh_due(7, 0.5)
     assert first > time.time() + 0.4
