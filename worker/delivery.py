@@ -41,6 +41,9 @@ MAX_LINGER = 60.0
 # write lock throughout: 50 keep that near half a second, well under the 5 s other writers wait before failing.
 REVISION_BATCH = 50
 REVISION_SHARE = 0.5
+# Once no version has been published for this long (nobody annotating), revisions take this share instead.
+QUIET_AFTER_SECONDS = 60.0
+QUIET_REVISION_SHARE = 0.9
 
 
 def linger_for(settings_linger: float, last_write: float) -> float:
@@ -142,7 +145,15 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
             # showed before: compare again for what was written.
             restage(rt, pid, stored)
         if revised and outbox.due(pid, time.time(), 1):
-            return total, time.time() + took * (1 - REVISION_SHARE) / REVISION_SHARE
+            share = revision_share(rt, pid)
+            return total, time.time() + took * (1 - share) / share
+
+
+def revision_share(rt: Runtime, pid: int) -> float:
+    """The share of Label Studio's time revisions take: less while annotators work (their own requests come
+    first), more once the project is quiet (the suggestions converge sooner)."""
+    created = float(rt.store.version_meta(pid, rt.store.current_version(pid)).get("created", 0))
+    return REVISION_SHARE if time.time() - created < QUIET_AFTER_SECONDS else QUIET_REVISION_SHARE
 
 
 def _within_revision_batch(todo: list[int], shown: dict[int, Any]) -> list[int]:
