@@ -195,10 +195,10 @@ def shown(pid: int) -> str:
     return _p(pid, "shown")
 
 
-def score_refresh(pid: int) -> str:
-    """STRING time, expiring then: when the moves of a score alone staged since are written (one such write
-    every SCORE_REFRESH_SECONDS, common/revisions.py)."""
-    return _p(pid, "score_refresh")
+def refresh_due(pid: int) -> str:
+    """STRING time, expiring then: when the changes staged since away from the frontier are written (one such
+    write every REFRESH_SECONDS, common/revisions.py)."""
+    return _p(pid, "refresh_due")
 
 
 def switched(pid: int) -> str:

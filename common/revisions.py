@@ -20,11 +20,12 @@ from common.store import Shown, Store
 # Scores are probabilities that the suggestion is right; a move smaller than this changes no decision an
 # annotator takes from the sort (and the calibration itself is no finer on a project's few annotations).
 SCORE_MARGIN = 0.05
-# A refit moves many scores a little and a few a lot, and the next one often moves them back: moves of the
-# score alone are written at most this often (the newest version's then), labels at once.
-SCORE_REFRESH_SECONDS = 120.0
-# ...but not where Label Studio's uncertainty sampling looks: the tasks that show the lowest scores are handed
-# out next, so a move of theirs is written at once.
+# A young model changes its answer for a third of a project within a few refits, and often changes it back;
+# replacing a prediction costs Label Studio about 11 ms (a delete and a write, bench/RESULTS.md). So a change is
+# written at once only where the annotator looks next, and elsewhere at most this often, the newest model's.
+REFRESH_SECONDS = 120.0
+# Where the annotator looks next: the tasks Label Studio hands out first, by its sequential sampling (the lowest
+# ids) and by its uncertainty sampling (the lowest scores shown).
 FRONTIER = 100
 
 
@@ -55,14 +56,12 @@ def to_write(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, S
 
 
 def by_urgency(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> tuple[list[int], list[int]]:
-    """`to_write`, cut in two: what Label Studio must get now (tasks that show nothing, changed labels, and
-    moves of the score among the FRONTIER lowest scores shown), and the other moves of the score alone
-    (written every SCORE_REFRESH_SECONDS)."""
-    lowest = sorted(held.score for held in shown.values())
-    frontier = lowest[FRONTIER - 1] if len(lowest) >= FRONTIER else float("inf")
+    """`to_write`, cut in two: what Label Studio must get now (tasks that show nothing, and the frontier:
+    the FRONTIER lowest ids and the FRONTIER lowest scores shown), and the rest (every REFRESH_SECONDS)."""
+    frontier = set(sorted(shown)[:FRONTIER]) | set(sorted(shown, key=lambda t: shown[t].score)[:FRONTIER])
     ranked = _ranked(predictions, shown)
-    now = [t for rank, _, t in ranked if rank < 2 or shown[t].score <= frontier]
-    return now, [t for rank, _, t in ranked if rank == 2 and shown[t].score > frontier]
+    now = [t for rank, _, t in ranked if rank == 0 or t in frontier]
+    return now, [t for rank, _, t in ranked if rank > 0 and t not in frontier]
 
 
 def _ranked(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> list[tuple[int, float, int]]:

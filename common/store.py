@@ -617,13 +617,13 @@ class Store:
         if ids:
             self.r.hdel(keys.shown(pid), *ids)
 
-    def score_refresh_due(self, pid: int, period: float) -> float:
-        """When moves of a score alone staged now are written: the end of the current window, which the first
-        such move after the last window opens, `period` long."""
+    def refresh_due(self, pid: int, period: float) -> float:
+        """When changes staged now away from the frontier are written: the end of the current window, which the
+        first such change after the last window opens, `period` long (common/revisions.py)."""
         due = time.time() + period
-        if self.r.set(keys.score_refresh(pid), f"{due:.3f}", nx=True, px=max(1, int(period * 1000))):
+        if self.r.set(keys.refresh_due(pid), f"{due:.3f}", nx=True, px=max(1, int(period * 1000))):
             return due
-        raw = self.r.get(keys.score_refresh(pid))
+        raw = self.r.get(keys.refresh_due(pid))
         return float(raw) if raw else due
 
     def switched_to(self, pid: int) -> str | None:

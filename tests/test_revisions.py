@@ -53,22 +53,25 @@ def test_blank_tasks_come_first_then_label_changes_then_score_moves_least_certai
     assert to_write(new, shown) == [5, 2, 1, 3, 6]
 
 
-def test_labels_are_urgent_and_score_moves_wait_for_the_window(clean_redis):
-    # Label Studio shows FRONTIER + 10 tasks; the first has the lowest score, where uncertainty sampling looks.
-    shown = {t: shown_as("v1", prediction("Debris", 0.3 + t / 1000)) for t in range(1, FRONTIER + 11)}
+def test_the_frontier_is_urgent_and_the_rest_waits_for_the_window(clean_redis):
+    # Label Studio shows 3 x FRONTIER tasks, ids 1.., scores falling with the id: the lowest ids and the lowest
+    # scores are the frontier (what sequential and uncertainty sampling hand out next).
+    n = 3 * FRONTIER
+    shown = {t: shown_as("v1", prediction("Debris", 0.9 - t / (2 * n))) for t in range(1, n + 1)}
+    middle = FRONTIER + 50
     new = {
-        1: prediction("Debris", 0.5),  # its score moves, at the frontier
-        2: prediction("Plankton", 0.9),  # its label changes
-        FRONTIER + 10: prediction("Debris", 0.1),  # its score moves, far from the frontier
-        FRONTIER + 99: prediction("Debris", 0.5),  # shows nothing yet
-        3: prediction("Debris", 0.3 + 3 / 1000),  # unchanged
+        1: prediction("Debris", 0.2),  # its score moves, lowest id
+        n: prediction("Plankton", 0.9),  # its label changes, lowest score shown
+        middle: prediction("Plankton", 0.9),  # its label changes, away from the frontier
+        middle + 1: prediction("Debris", 0.1),  # its score moves, away from the frontier
+        n + 1: prediction("Debris", 0.5),  # shows nothing yet
+        2: prediction("Debris", 0.9 - 2 / (2 * n)),  # unchanged
     }
-    assert by_urgency(new, shown) == ([FRONTIER + 99, 2, 1], [FRONTIER + 10])
+    now, later = by_urgency(new, shown)
+    assert now == [n + 1, n, 1] and sorted(later) == [middle, middle + 1]
     store = Store(clean_redis, "test-space")
-    first = store.score_refresh_due(7, 0.5)
+    first = store.refresh_due(7, 0.5)
     assert first > time.time() + 0.4
-    assert store.score_refresh_due(7, 0.5) == pytest.approx(
-        first, abs=1e-3
-    )  # a later refit's moves join the same write
+    assert store.refresh_due(7, 0.5) == pytest.approx(first, abs=1e-3)  # a later refit's moves join the same write
     time.sleep(0.6)
-    assert store.score_refresh_due(7, 0.5) > first + 0.5  # the window passed: the next move opens another
+    assert store.refresh_due(7, 0.5) > first + 0.5  # the window passed: the next move opens another

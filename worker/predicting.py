@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.collections import collection_of
-from common.revisions import SCORE_REFRESH_SECONDS, by_urgency
+from common.revisions import REFRESH_SECONDS, by_urgency
 from worker.pipeline import from_bytes
 from worker.project_model import Model
 from worker.results import build_prediction
@@ -103,14 +103,13 @@ def _stage_by_urgency(
     due: float,
     job_id: str | None = None,
 ) -> list[int]:
-    """Stage what changes what Label Studio shows: labels (and tasks that show nothing) due at `due`, moves of
-    the score alone at the end of the project's score window (the tick sends the deliverer once they are due);
-    returns the first."""
-    urgent, scores = by_urgency(predictions, rt.store.shown(pid, predictions))
+    """Stage what changes what Label Studio shows: tasks that show nothing and the frontier due at `due`, the
+    rest at the end of the project's refresh window (the tick sends the deliverer once they are due); returns
+    the first."""
+    urgent, later = by_urgency(predictions, rt.store.shown(pid, predictions))
     rt.store.delivery.stage(pid, version, urgent, due, job_id)
-    if scores:
-        later = max(due, rt.store.score_refresh_due(pid, SCORE_REFRESH_SECONDS))
-        rt.store.delivery.stage(pid, version, scores, later, job_id)
+    if later:
+        rt.store.delivery.stage(pid, version, later, max(due, rt.store.refresh_due(pid, REFRESH_SECONDS)), job_id)
     return urgent
 
 
