@@ -79,7 +79,9 @@ class LabelStudioApi:
     def import_predictions(self, pid: int, version: str, predictions: Mapping[int, Mapping[str, Any]]) -> int:
         """One request for all of them; returns how many Label Studio stored (it drops invalid ones)."""
         request = [
-            PredictionRequest(task=tid, result=p["result"], score=p["score"], model_version=version)
+            PredictionRequest(
+                task=tid, result=p["result"], score=p["score"], model_version=version, cluster=p.get("cluster")
+            )
             for tid, p in predictions.items()
         ]
         reply = self.client.projects.import_predictions(id=pid, request=request, request_options=NO_RETRIES)
