@@ -242,7 +242,7 @@ def fit_project_model(
     # The clusters: every task's prediction names its own (Label Studio's uncertainty sampling), and a tag
     # with one label annotated is answered by them.
     k = max(1, min(clusters or auto_clusters(n), len(anchors)))
-    kmeans = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(anchors)
+    kmeans = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(cluster_sample(anchors, k, seed))
     centroids = l2(kmeans.cluster_centers_).astype(np.float32)
     assignment = np.argmax(space.low(full) @ centroids.T, axis=1)
     cluster_ids = cluster_names(assignment, task_ids, k)
@@ -295,6 +295,18 @@ def fit_project_model(
         evidence[tag]["coverage"] = value
     model.stats = {**stats, "clusters": k, "anchors": len(anchor_rows), "evidence": evidence}
     return model
+
+
+KMEANS_SAMPLE = 1000  # anchors the clusters are fitted on, at most
+
+
+def cluster_sample(anchors: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """At most KMEANS_SAMPLE of the anchors (at least 20 per cluster): every fit now makes the clusters, and
+    on all 3,000 anchors with three starts they took half of a 5,000-task fit."""
+    size = max(KMEANS_SAMPLE, 20 * k)
+    if len(anchors) <= size:
+        return anchors
+    return anchors[np.sort(np.random.default_rng(seed).choice(len(anchors), size, replace=False))]
 
 
 def cluster_names(assignment: np.ndarray, task_ids: list[int], k: int) -> np.ndarray:
