@@ -22,10 +22,8 @@ import redis
 # about half a CPU second, which each pool process would otherwise pay on its first write, in an import.
 from label_studio_sdk import LabelStudio, PredictionRequest
 from label_studio_sdk.core.api_error import ApiError
-from urllib3.util import parse_url
 
-from common.webhook_secret import HEADER
-from worker.http_client import origin
+from common.webhook_secret import HEADER, MODEL_CLASS, instance_id
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +56,6 @@ def missing_task_error(exc: BaseException) -> bool:
     return any(marker in body for marker in MISSING_TASK_MARKERS)
 
 
-@dataclass(frozen=True)
-class Row:
-    """One prediction Label Studio holds for a task."""
-
-    id: int
-    model_version: str
-    result: list[dict[str, Any]]
-    score: float
-
-
 @dataclass
 class LabelStudioTask:
     """A task as the reconciliation sweep sees it."""
@@ -75,6 +63,7 @@ class LabelStudioTask:
     id: int
     data: dict[str, Any]
     annotations: list[dict[str, Any]] = field(default_factory=list)
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # {id, model_version}
 
 
 class LabelStudioApi:
@@ -96,7 +85,7 @@ class LabelStudioApi:
         reply = self.client.projects.import_predictions(id=pid, request=request, request_options=NO_RETRIES)
         return int(reply.created or 0)
 
-    def _selected(self, pid: int, task_ids: Iterable[int], include: str | None) -> Iterator[Any]:
+    def _selected(self, pid: int, task_ids: Iterable[int], include: str) -> Iterator[Any]:
         ids = list(task_ids)
         for start in range(0, len(ids), SYNC_PAGE_SIZE):
             query = json.dumps({"selectedItems": {"all": False, "included": ids[start : start + SYNC_PAGE_SIZE]}})
@@ -104,34 +93,13 @@ class LabelStudioApi:
                 project=pid, query=query, fields="all", include=include, page_size=SYNC_PAGE_SIZE
             )
 
-    def rows(self, pid: int, task_ids: Iterable[int]) -> dict[int, list[Row]]:
-        """Every prediction these tasks hold (a listing of the selected tasks: about 1.6 ms of Label Studio's
-        CPU a task; the API's per-task `GET /api/predictions?task=` costs 35 ms, bench/RESULTS.md)."""
-        return {int(task.id): _rows(task) for task in self._selected(pid, task_ids, "id,predictions")}
-
-    def delete_task_predictions(self, pid: int, task_ids: Iterable[int]) -> None:
-        """Every prediction of these tasks, in one request (the Data Manager's "Delete predictions"): only for
-        tasks whose every prediction is ours (worker/delivery.py checks)."""
-        ids = list(task_ids)
-        if ids:
-            self.client.actions.create(id="delete_tasks_predictions", project=pid,
-                                       selected_items={"all": False, "included": ids})  # fmt: skip
-
-    def project_model_version(self, pid: int) -> str:
-        return str(self.client.projects.get(id=pid).model_version or "")
-
-    def set_project_model_version(self, pid: int, version: str) -> None:
-        self.client.projects.update(id=pid, model_version=version)
-
-    def backend_titles(self, pid: int) -> set[str]:
-        """Titles of the project's ML backends: while the project's model version names one, Label Studio asks
-        that backend (/setup, /predict) for each task opened."""
-        return {str(b.title or "") for b in self.client.ml.list(project=pid)}
-
-    def tasks(self, pid: int, task_ids: Iterable[int]) -> Iterator[LabelStudioTask]:
-        """These tasks with their data and annotations."""
-        for task in self._selected(pid, task_ids, None):
-            yield LabelStudioTask(int(task.id), dict(task.data or {}), [_as_dict(a) for a in task.annotations or []])
+    def tasks_holding(self, pid: int, version: str, task_ids: Iterable[int]) -> set[int]:
+        """Which of these tasks hold a prediction of `version` (to settle a write whose outcome is unknown)."""
+        held = set()
+        for task in self._selected(pid, task_ids, "id,predictions_model_versions"):
+            if version in (getattr(task, "predictions_model_versions", "") or "").split(","):
+                held.add(int(task.id))
+        return held
 
     def existing_tasks(self, pid: int, task_ids: Iterable[int]) -> set[int]:
         return {int(task.id) for task in self._selected(pid, task_ids, "id")}
@@ -148,93 +116,43 @@ class LabelStudioApi:
     def label_config(self, pid: int) -> str:
         return str(self.client.projects.get(id=pid).label_config or "")
 
-    def _filtered(self, pid: int, items: list[dict[str, Any]], include: str | None) -> Iterator[Any]:
-        """The project's tasks that pass every Data Manager filter in `items`, with the `include`d fields only
-        (None: every field; an `include`d `annotations` holds their ids only)."""
-        query = json.dumps({"filters": {"conjunction": "and", "items": items}})
-        yield from self.client.tasks.list(project=pid, query=query, fields="all", include=include,
-                                          page_size=SYNC_PAGE_SIZE)  # fmt: skip
+    def project_tasks(self, pid: int) -> Iterator[LabelStudioTask]:
+        """Every task of the project with its annotations and predictions, page by page."""
+        for task in self.client.tasks.list(project=pid, fields="all", page_size=SYNC_PAGE_SIZE):
+            yield LabelStudioTask(
+                id=int(task.id),
+                data=dict(task.data or {}),
+                annotations=[_as_dict(a) for a in task.annotations or []],
+                predictions=[
+                    {"id": int(p["id"]), "model_version": p.get("model_version") or ""}
+                    for p in map(_as_dict, task.predictions or [])
+                ],
+            )
 
-    def task_count(self, pid: int) -> int:
-        return int(self.client.projects.get(id=pid).task_number or 0)
-
-    def tasks_after(self, pid: int, last_id: int) -> Iterator[LabelStudioTask]:
-        """Tasks created after task `last_id` (ids only grow), with their data and annotations."""
-        items = [{"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": last_id}]
-        for task in self._filtered(pid, items, None):
-            yield LabelStudioTask(int(task.id), dict(task.data or {}), [_as_dict(a) for a in task.annotations or []])
-
-    def annotated_tasks(self, pid: int) -> Iterator[LabelStudioTask]:
-        """Tasks with at least one annotation, with them: a listing whose cost grows with the annotations, not
-        with the project."""
-        items = [{"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]
-        for task in self._filtered(pid, items, None):
-            yield LabelStudioTask(int(task.id), dict(task.data or {}), [_as_dict(a) for a in task.annotations or []])
-
-    def tasks_lacking(self, pid: int, version: str) -> dict[int, list[str]]:
-        """Tasks without annotations that hold no prediction of `version`, with the versions they do hold."""
-        items = [
-            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
-            {"filter": "filter:tasks:predictions_model_versions", "operator": "not_contains", "type": "List",
-             "value": version},
-        ]  # fmt: skip
-        return {
-            int(task.id): _versions(getattr(task, "predictions_model_versions", None))
-            for task in self._filtered(pid, items, "id,predictions_model_versions")
-        }
-
-    def crowded_tasks(self, pid: int) -> dict[int, list[Row]]:
-        """Tasks holding more than one prediction, with their predictions (duplicates are among them)."""
-        items = [{"filter": "filter:tasks:total_predictions", "operator": "greater", "type": "Number", "value": 1}]
-        return {int(task.id): _rows(task) for task in self._filtered(pid, items, "id,predictions")}
-
-    def task_ids(self, pid: int) -> set[int]:
-        """Every task id of the project (only when the counts say tasks went missing: it lists them all)."""
-        return {int(task.id) for task in self._filtered(pid, [], "id")}
-
-    def secure_webhooks(self, pid: int, secret: str, backend_url: str) -> list[int]:
+    def secure_webhooks(self, pid: int, secret: str) -> list[int]:
         """Label Studio creates the project's webhook `<backend>/webhook` itself when the backend is connected,
-        without headers: add the secret header to the project's webhooks that post to this deployment,
-        `<backend_url>/webhook` (BACKEND_URL). Nothing is asked of any server: whatever this backend answers,
-        a copy of it can answer too. Returns the webhooks changed."""
-        ours = webhook_target(f"{backend_url.rstrip('/')}/webhook")
+        without headers: add the secret header to those of the project's ML backends that are this
+        deployment (their /health shows its instance id). Returns the webhooks changed."""
+        mine = instance_id(secret)
+        targets = set()
+        for backend in self.client.ml.list(project=pid):
+            url = (backend.url or "").rstrip("/")
+            try:
+                health = httpx.get(f"{url}/health", timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                continue
+            if health.get("model_class") == MODEL_CLASS and health.get("instance") == mine:
+                targets.add(f"{url}/webhook")
         changed = []
         for hook in self.client.webhooks.list(project=str(pid)):
             headers = dict(hook.headers or {})
-            if ours is not None and webhook_target(hook.url or "") == ours and headers.get(HEADER) != secret:
+            if (hook.url or "").rstrip("/") in targets and headers.get(HEADER) != secret:
                 self.client.webhooks.update(id=hook.id, headers={**headers, HEADER: secret})
                 changed.append(int(hook.id))
         return changed
 
     def delete_prediction(self, prediction_id: int) -> None:
         self.client.predictions.delete(id=prediction_id)
-
-
-def _versions(aggregated: Any) -> list[str]:
-    """`predictions_model_versions` as Label Studio lists it: a list (PostgreSQL) or a comma-joined string
-    (SQLite)."""
-    if isinstance(aggregated, list | tuple):
-        return [str(v) for v in aggregated if v]
-    return [v for v in str(aggregated or "").split(",") if v]
-
-
-def _rows(task: Any) -> list[Row]:
-    return [
-        Row(int(p["id"]), p.get("model_version") or "", list(p.get("result") or []), float(p.get("score") or 0))
-        for p in map(_as_dict, getattr(task, "predictions", None) or [])
-    ]
-
-
-def webhook_target(url: str) -> tuple[tuple[str, str, int], str] | None:
-    """Where a webhook posts: the origin a client connects to (urllib3's parse; `worker.http_client.origin`)
-    and the path, without empty segments or a trailing slash. None for a URL that parsers read differently
-    (a user name, a backslash: never this deployment's) or that is no URL."""
-    try:
-        where = origin(url)
-        path = parse_url(url).path or ""
-    except ValueError:
-        return None
-    return where, "/" + "/".join(part for part in path.split("/") if part)
 
 
 def _as_dict(item: Any) -> dict[str, Any]:
