@@ -60,7 +60,7 @@ bench: install
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/ls_prediction_api.py
 	$(BIN)/python bench/input_size.py
-	$(BIN)/python bench/quality.py --image-sizes 224,48 --order
+	$(BIN)/python bench/quality.py --calibration --order
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

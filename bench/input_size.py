@@ -82,7 +82,8 @@ def speed_sample(count: int) -> list[Path]:
 
 
 def quality(features: np.ndarray, truth: list[str], seeds: int) -> dict[str, dict[str, float]]:
-    from quality import backend_answers, label_config, score
+    from scoring import score
+    from simulate import backend_answers, label_config
 
     classes = sorted(set(truth))
     config = label_config(classes)
@@ -121,7 +122,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     datasets = []
     if not args.speed_only:
-        from quality import load_dataset
+        from datasets import load_dataset
 
         datasets = [load_dataset(name) for name in args.datasets.split(",")]
     sample = speed_sample(args.speed_images)
@@ -139,7 +140,7 @@ def main() -> None:
     if args.quality_from:
         earlier = {r["size"]: r for r in json.loads(args.quality_from.read_text())["rows"]}
     if not args.speed_only:
-        from quality import embed
+        from datasets import embed
 
         for row in rows:
             if row["size"] in earlier and all(d.name in earlier[row["size"]] for d in datasets):

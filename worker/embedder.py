@@ -13,6 +13,7 @@ from common.models import image_size
 from common.settings import Settings, available_cores
 from worker.allocator import retain_freed_memory
 from worker.backbones import Backbone, create_backbone
+from worker.dihedral import apply_torch, transforms
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,12 @@ class Embedder:
         torchscript: bool = True,
         processes: int = 1,
         resize_on_device: bool | None = None,
+        tta: int = 1,
     ) -> None:
         self.backbone = backbone
+        # Test-time augmentation: each particle's embedding is the mean over this many of its dihedral
+        # transforms (worker/dihedral.py); the model runs that many times per image.
+        self.transforms = transforms(tta)
         self.device = device
         self.image_size = image_size
         self.cuda = device.type == "cuda"
@@ -98,12 +103,13 @@ class Embedder:
         self.mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
         log.info(
-            "embedder: backbone %s on %s (%s), %d px, batch %d%s",
+            "embedder: backbone %s on %s (%s), %d px, batch %d, TTA %d%s",
             backbone.name,
             device,
             torch.cuda.get_device_name(device) if self.cuda else f"{torch.get_num_threads()} threads",
             image_size,
             self.batch_size,
+            len(self.transforms),
             f", autocast {self.autocast_dtype}, channels_last, pinned memory, resized on the card"
             if self.cuda
             else (", TorchScript (frozen)" if self.frozen is not None else ", eager"),
@@ -126,17 +132,23 @@ class Embedder:
 
     def _forward(self, images: Sequence[np.ndarray]) -> np.ndarray:
         x, order = self._to_device(images)
-        if self.frozen is not None:
-            features = self.frozen(x).numpy()
-        else:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                out, _ = self.model(x)
-            features = out.float().cpu().numpy()
+        features = self._features(x)
+        for transform in self.transforms[1:]:  # one pass per transform: the batch's memory stays as it is
+            features += self._features(apply_torch(x, transform))
+        if len(self.transforms) > 1:
+            features /= len(self.transforms)
         if order is None:
             return features
         unsorted = np.empty_like(features)
         unsorted[order] = features
         return unsorted
+
+    def _features(self, x: torch.Tensor) -> np.ndarray:
+        if self.frozen is not None:
+            return self.frozen(x).numpy()
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out, _ = self.model(x)
+        return out.float().cpu().numpy()
 
     def _to_device(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, np.ndarray | None]:
         """A normalised float batch (n, 3, size, size) on the model's device, and where each of its rows came
@@ -204,4 +216,5 @@ def embedder_from_settings(settings: Settings, batch_size: int | None = None) ->
         threads=settings.threads_per_process(),
         torchscript=settings.torchscript,
         processes=settings.worker_concurrency,
+        tta=settings.tta,
     )

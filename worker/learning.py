@@ -12,9 +12,9 @@ What a tag learns from (worker/tag_models.py puts these together):
   are chosen by exact leave-one-out too (spreading is linear in the labels, so removing one label is a
   subtraction). New tasks get the spread labels of their nearest anchors (`induce`), so a model predicts
   tasks it was not fitted on from stored parameters alone;
-- a Platt map from the mixture's confidence to the probability of being right (`platt_fit`), fitted on
-  the leave-one-out predictions, its mean over the tasks nobody annotated kept near the leave-one-out
-  accuracy (never above it with fewer than 20 annotations).
+- the probability that the suggestion is right (`task_evidence`, `fit_calibration`): a map from what the
+  fit knows about each task, learnt once on development data, moved by the project's own held-out
+  outcomes as far as they have evidence for.
 
 Why these (bench/RESULTS.md, "Learning quality"): on three kinds of data (35 and 27 lake plankton taxa,
 and two particle shapes) the linear model is best with many annotations per class and the graph with
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import minimize
 from sklearn.utils.extmath import randomized_svd
 
 MAX_ANCHORS = 3000  # tasks in the graph (all of them in a project up to this size); bounds fit time and blob
@@ -352,54 +351,93 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-MIN_FOR_PLATT_LEVEL = 20  # held-out predictions needed before the map's own level may exceed their accuracy
+# -- scores: the probability that a suggestion is right ------------------------------------------------------
+#
+# Each task's score comes from what the fit knows about it (`task_evidence`): how sure the mixture is, how
+# similar the task is to the nearest annotated task, and how similar to the nearest one annotated with the
+# label suggested; and from how likely a task is to belong to a label nobody annotated yet, which is then
+# necessarily answered wrongly: Good-Turing's estimate of that mass, the share of annotations whose label
+# was annotated only once (with ten annotations of six labels, often a quarter).
+# A logistic map from those to P(right) is the prior. Its weights were fitted once,
+# on simulated projects of ZooLake's development half only (bench/design.py prior; bench/RESULTS.md,
+# "Issue 26"), never on data the design is reported on. Each project then moves the map by its own held-out
+# outcomes (`fit_calibration`): a slope and a shift, each with a Gaussian prior, by maximum a posteriori.
+# With ten annotations the prior holds, so a project's scores are not set by the luck of ten held-out
+# answers (the clamp this replaces let one project's scores sit 0.4 from its accuracy); with hundreds of
+# annotations the project's own outcomes decide. Whether the mixture's two parts agree was measured as a
+# fourth item, and weighed nothing.
+EVIDENCE = ("confidence", "nearest", "nearest_same", "unseen")
+PRIOR_WEIGHTS = (0.52, -2.633, 6.74, -0.358)  # per EVIDENCE item, on the logit of P(right)
+PRIOR_BIAS = -1.385
+SLOPE_SD = 0.3  # the project's slope ~ N(1, SLOPE_SD): how far its own outcomes may stretch the prior map
+SHIFT_SD = 0.5  # the project's shift ~ N(0, SHIFT_SD), in logits
 
 
-def platt_fit(
-    confidence: np.ndarray, correct: np.ndarray, unlabelled: np.ndarray | None = None, slope_prior: float = 1.0
-) -> tuple[float, float]:
-    """P(right | confidence) = sigmoid(a * logit(confidence) + b), fitted on the leave-one-out predictions
-    (Platt's smoothed targets; the slope pulled towards 0, so that with few examples every score stays near
-    the leave-one-out accuracy).
+def unseen_mass(counts: np.ndarray) -> float:
+    """Good-Turing: the probability that the next task's label is one no task was annotated with, estimated
+    as the share of annotations whose label was annotated once (`counts`: annotations per label)."""
+    counts = np.asarray(counts)
+    return float(np.sum(counts == 1) / max(int(counts.sum()), 1))
 
-    Then the level: the mean score over `unlabelled` (the confidences of tasks nobody annotated, the ones
-    that will be shown; without them, the held-out ones) is kept within one standard error of the
-    leave-one-out accuracy, and below `MIN_FOR_PLATT_LEVEL` held-out predictions never above it. A held-out
-    task is less confident than an unannotated one (its own label is missing), so the map alone, fitted on
-    few of them, extrapolates: measured, it claimed 0.34 where 0.29 were right at 14 annotations."""
-    correct = np.asarray(correct, bool)
-    n = len(correct)
-    if n == 0:
-        return 0.0, 0.0
-    x = logit(np.asarray(confidence, np.float64))
-    pos = int(correct.sum())
-    t = np.where(correct, (pos + 1) / (pos + 2), 1 / (n - pos + 2))
 
-    def loss(ab: np.ndarray) -> tuple[float, np.ndarray]:
-        p = np.clip(sigmoid(ab[0] * x + ab[1]), 1e-12, 1 - 1e-12)
-        value = -np.sum(t * np.log(p) + (1 - t) * np.log(1 - p)) + 0.5 * slope_prior * ab[0] ** 2
-        g = p - t
-        return float(value), np.array([np.sum(g * x) + slope_prior * ab[0], np.sum(g)])
+def task_evidence(
+    mixture: np.ndarray, similarity: np.ndarray, labelled_classes: np.ndarray, unseen: float
+) -> np.ndarray:
+    """(n, len(EVIDENCE)): `mixture` the answer (n, C); `similarity` (n, m) cosine similarity of each task to
+    the m annotated tasks it may be compared with (itself left out: -inf), whose classes are
+    `labelled_classes`; `unseen` the project's `unseen_mass`."""
+    n = len(mixture)
+    predicted = mixture.argmax(axis=1)
+    if similarity.shape[1]:
+        sim = np.where(np.isfinite(similarity), similarity, -1.0)
+        nearest = sim.max(axis=1)
+        same = np.where(labelled_classes[None, :] == predicted[:, None], sim, -1.0).max(axis=1)
+    else:
+        nearest = same = np.zeros(n)
+    return np.column_stack([logit(mixture.max(axis=1)), nearest, same, np.full(n, unseen)])
 
-    start = np.array([0.0, float(logit(np.array([t.mean()]))[0])])
-    res = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=[(0.0, 20.0), (-30.0, 30.0)])
-    a, b = float(res.x[0]), float(res.x[1])
-    z = a * (x if unlabelled is None or not len(unlabelled) else logit(np.asarray(unlabelled, np.float64)))
-    accuracy = float(np.clip(correct.mean(), 1 / (n + 2), (n + 1) / (n + 2)))
-    se = math.sqrt(accuracy * (1 - accuracy) / n)
-    low, high = accuracy - se, (accuracy + se if n >= MIN_FOR_PLATT_LEVEL else accuracy)
-    level = float(sigmoid(z + b).mean())
-    if low <= level <= high:
-        return a, b
-    target = min(max(level, low), high)
-    lo, hi = -40.0, 40.0
-    for _ in range(60):  # the mean score grows with b
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if sigmoid(z + mid).mean() <= target else (lo, mid)
-    return a, lo
+
+def prior_logit(evidence: np.ndarray) -> np.ndarray:
+    return evidence @ np.asarray(PRIOR_WEIGHTS) + PRIOR_BIAS
+
+
+def fit_calibration(prior: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
+    """The project's (slope, shift) of the prior map's logits, by maximum a posteriori on its held-out
+    outcomes: P(right) = sigmoid(slope * prior + shift), slope ~ N(1, SLOPE_SD), shift ~ N(0, SHIFT_SD).
+    The objective is concave: Newton's method, each step halved until the objective improves."""
+    x = np.asarray(prior, np.float64)
+    c = np.asarray(correct, np.float64)
+
+    def objective(a: float, b: float) -> float:
+        z = a * x + b
+        loglik = np.sum(c * z - np.logaddexp(0.0, z))
+        return float(loglik - 0.5 * ((a - 1.0) / SLOPE_SD) ** 2 - 0.5 * (b / SHIFT_SD) ** 2)
+
+    a, b = 1.0, 0.0
+    current = objective(a, b)
+    for _ in range(100):
+        p = sigmoid(a * x + b)
+        w = p * (1 - p)
+        grad = np.array([np.sum((c - p) * x) - (a - 1.0) / SLOPE_SD**2, np.sum(c - p) - b / SHIFT_SD**2])
+        cross = np.sum(w * x)
+        hess = np.array([[np.sum(w * x * x) + 1 / SLOPE_SD**2, cross], [cross, np.sum(w) + 1 / SHIFT_SD**2]])
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-6 and objective(a + t * step[0], b + t * step[1]) < current:
+            t /= 2
+        a, b = a + t * float(step[0]), b + t * float(step[1])
+        previous, current = current, objective(a, b)
+        if current - previous < 1e-10:
+            break
+    return a, b
+
+
+def apply_calibration(prior: np.ndarray, slope: float, shift: float) -> np.ndarray:
+    return sigmoid(slope * np.asarray(prior, np.float64) + shift)
 
 
 def platt_apply(confidence: np.ndarray, a: float, b: float) -> np.ndarray:
+    """The score of a model stored before issue 26 (a Platt map of the mixture's confidence)."""
     return sigmoid(a * logit(np.asarray(confidence, np.float64)) + b)
 
 

@@ -2,8 +2,13 @@
 fitted on the annotated tasks and on the embeddings of all the others, in an embedding space of the
 project's own (worker/learning.py).
 
-A tag whose annotations hold no two labels to tell apart has no learner yet: k-means clusters of the
-project's tasks answer for it instead, each cluster with the majority choice of its annotated members
+Every task also gets the k-means cluster of the project's tasks it falls in (`TaskChoices.cluster`, sent as
+the prediction's `cluster`: Label Studio's uncertainty sampling balances the clusters an annotator has
+labelled, then takes the lowest score). A cluster is named by the smallest task id among its members when
+it was fitted, so that a cluster that outlives a refit keeps its number.
+
+A tag whose annotations hold no two labels to tell apart has no learner yet: the clusters answer for it
+instead, each cluster with the majority choice of its annotated members
 (for a multiple-choice tag: every label more than half of them carry), scored by the cluster's purity
 with one success and one failure added (so one annotated member claims 2/3, not certainty). A cluster
 with no annotated member answers nothing for that tag: no evidence, no choice. The backbone's own head
@@ -31,6 +36,14 @@ Choice = tuple[list[str], float]  # labels chosen for one tag, and their score
 META = "__meta__"
 
 
+class TaskChoices(dict[str, Choice]):
+    """One task's answer, tag -> choice, and the cluster it falls in (None: no clusters)."""
+
+    def __init__(self, *args: object, cluster: int | None = None) -> None:
+        super().__init__(*args)
+        self.cluster = cluster
+
+
 def normalise(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
@@ -50,6 +63,7 @@ class ProjectModel:
     primary: dict[str, str] = field(default_factory=dict)  # tag -> "learner" | "clusters"
     stats: dict[str, object] = field(default_factory=dict)
     space: FeatureSpace | None = None
+    cluster_ids: np.ndarray | None = None  # (k,) each cluster's name: its smallest member's task id
 
     def assign(self, features: np.ndarray) -> np.ndarray:
         """The cluster of each task (raw backbone features)."""
@@ -63,10 +77,10 @@ class ProjectModel:
         probabilities: np.ndarray | None,
         class_names: tuple[str, ...],
         collections: list[str] | None = None,
-    ) -> list[dict[str, Choice]]:
+    ) -> list[TaskChoices]:
         """`collections` is unused here: one model serves the whole project (see CollectionModels).
         Inductive: only the stored parameters are used, so tasks the fit never saw are answered alike."""
-        out: list[dict[str, Choice]] = []
+        out: list[TaskChoices] = []
         for start in range(0, len(features), CHUNK):
             out += self._predict_block(np.asarray(features[start : start + CHUNK], np.float32))
         if probabilities is not None:
@@ -76,21 +90,25 @@ class ProjectModel:
                         choices[tag] = head_choice(probabilities[i], class_names, mapping)
         return out
 
-    def _predict_block(self, features: np.ndarray) -> list[dict[str, Choice]]:
-        out: list[dict[str, Choice]] = [{} for _ in range(len(features))]
+    def _predict_block(self, features: np.ndarray) -> list[TaskChoices]:
         if self.space is None or not len(features):
-            return out
+            return [TaskChoices() for _ in range(len(features))]
         full = self.space.full(features)
         low = self.space.low(full)
+        clusters = np.argmax(low @ self.centroids.T, axis=1) if len(self.centroids) else None
+        names = self.cluster_ids if self.cluster_ids is not None else np.arange(len(self.centroids))
+        if clusters is None:
+            out = [TaskChoices() for _ in range(len(features))]
+        else:
+            out = [TaskChoices(cluster=int(names[c])) for c in clusters]
         if self.learners:
             idx, sim = neighbours(low, self.space.anchors, max(GRAPH_KS))
-            x = Neighbours(full, idx, sim)
+            x = Neighbours(full, low, idx, sim)
             for tag, learner in self.learners.items():
                 for i, answer in enumerate(learner.predict(x)):
                     if answer is not None:
                         out[i][tag] = answer
-        if self.cluster_choices and len(self.centroids):
-            clusters = np.argmax(low @ self.centroids.T, axis=1)
+        if self.cluster_choices and clusters is not None:
             for tag, per_cluster in self.cluster_choices.items():
                 for i, c in enumerate(clusters):
                     if tag not in out[i] and per_cluster[c] is not None:
@@ -101,6 +119,8 @@ class ProjectModel:
 
     def to_meta(self, arrays: dict[str, np.ndarray], prefix: str = "") -> dict[str, object]:
         arrays[prefix + "centroids"] = self.centroids.astype(np.float32)
+        if self.cluster_ids is not None:
+            arrays[prefix + "cluster_ids"] = self.cluster_ids.astype(np.int64)
         if self.space is not None:
             arrays[prefix + "space/mean"] = self.space.mean.astype(np.float32)
             arrays[prefix + "space/basis"] = self.space.basis.astype(np.float16)
@@ -144,6 +164,7 @@ class ProjectModel:
             primary=meta.get("primary", {}),
             stats=meta.get("stats", {}),
             space=space,
+            cluster_ids=arrays.get(prefix + "cluster_ids"),
         )
 
 
@@ -216,15 +237,15 @@ def fit_project_model(
     anchor_of[anchor_rows] = np.arange(len(anchor_rows))
 
     found: dict[int, sp.csr_matrix] = {}
-    anchor_neighbours = None
     if any(len(a) >= 2 for a in per_tag.values()):
-        found, idx, sim = graphs(anchors, GRAPH_KS)
-        if found:  # each anchor as a task to predict: itself first, then its nearest other anchors
-            m, kmax = len(anchors), max(GRAPH_KS)
-            idx = np.hstack([np.arange(m)[:, None], idx[:, : kmax - 1]])
-            sim = np.hstack([np.ones((m, 1), np.float32), sim[:, : kmax - 1]])
-            anchor_neighbours = Neighbours(full[anchor_rows], idx, sim)
-    k, centroids, assignment = 0, np.zeros((0, anchors.shape[1]), np.float32), np.zeros(n, int)
+        found = graphs(anchors, GRAPH_KS)[0]
+    # The clusters: every task's prediction names its own (Label Studio's uncertainty sampling), and a tag
+    # with one label annotated is answered by them.
+    k = max(1, min(clusters or auto_clusters(n), len(anchors)))
+    kmeans = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(cluster_sample(anchors, k, seed))
+    centroids = l2(kmeans.cluster_centers_).astype(np.float32)
+    assignment = np.argmax(space.low(full) @ centroids.T, axis=1)
+    cluster_ids = cluster_names(assignment, task_ids, k)
     learners: dict[str, TagLearner] = {}
     cluster_choices: dict[str, list[Choice | None]] = {}
     primary: dict[str, str] = {}
@@ -234,19 +255,12 @@ def fit_project_model(
         annotated = per_tag.get(tag.name)
         if not annotated:
             continue
-        learner = fit_tag(
-            tag.name, tag.multiple, tag.labels, annotated, full, anchor_of, found, seed, anchor_neighbours
-        )
+        learner = fit_tag(tag.name, tag.multiple, tag.labels, annotated, full, anchor_of, found, seed, anchors)
         if learner is not None:
             learners[tag.name] = learner
             primary[tag.name] = "learner"
             evidence[tag.name] = {**learner.stats, "evidence": "learner"}
             continue
-        if not k:  # the clusters, made the first time a tag needs them
-            k = max(1, min(clusters or auto_clusters(n), len(anchors)))
-            kmeans = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(anchors)
-            centroids = l2(kmeans.cluster_centers_).astype(np.float32)
-            assignment = np.argmax(space.low(full) @ centroids.T, axis=1)
         members: list[list[list[str]]] = [[] for _ in range(k)]
         for row, chosen in annotated:
             members[assignment[row]].append(chosen)
@@ -271,6 +285,7 @@ def fit_project_model(
         learners=learners,
         primary=primary,
         space=space,
+        cluster_ids=cluster_ids,
     )
     if learners:  # coverage of each learner's tag, measured on the anchors (a random sample of the tasks)
         answers = model._predict_block(features[anchor_rows])
@@ -280,6 +295,31 @@ def fit_project_model(
         evidence[tag]["coverage"] = value
     model.stats = {**stats, "clusters": k, "anchors": len(anchor_rows), "evidence": evidence}
     return model
+
+
+KMEANS_SAMPLE = 1000  # anchors the clusters are fitted on, at most
+
+
+def cluster_sample(anchors: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """At most KMEANS_SAMPLE of the anchors (at least 20 per cluster): every fit now makes the clusters, and
+    on all 3,000 anchors with three starts they took half of a 5,000-task fit."""
+    size = max(KMEANS_SAMPLE, 20 * k)
+    if len(anchors) <= size:
+        return anchors
+    return anchors[np.sort(np.random.default_rng(seed).choice(len(anchors), size, replace=False))]
+
+
+def cluster_names(assignment: np.ndarray, task_ids: list[int], k: int) -> np.ndarray:
+    """Each cluster's name: the smallest task id among its members (a cluster no task fell in: -1 - its
+    index). Label Studio counts the tasks an annotator solved per cluster number across versions, so a
+    number should mean the same group of tasks after a refit: a cluster that keeps its oldest task keeps it."""
+    names = -1 - np.arange(k, dtype=np.int64)
+    ids = np.asarray(task_ids, np.int64)
+    for c in range(k):
+        members = ids[assignment == c]
+        if len(members):
+            names[c] = members.min()
+    return names
 
 
 def _cluster_loo(assignment: np.ndarray, annotated: list[tuple[int, list[str]]], multiple: bool) -> float:

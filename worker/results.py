@@ -17,6 +17,10 @@ def build_prediction(choices: Mapping[str, Choice], config: LabelConfig, version
     score is its least certain item's, so the Data Manager sorted by prediction score, ascending, shows
     first the tasks whose suggestion is least likely to be right. An empty `result` means
     "processed, no evidence yet"; it is kept in Redis but never sent.
+
+    `cluster` is the task's k-means cluster (`TaskChoices.cluster`, an integer, as Label Studio's prediction
+    field is): with *Uncertainty sampling* Label Studio's labelling stream takes first the tasks of the
+    clusters the annotator has labelled least, then the lowest score. Left out when the model has none.
     """
     result = []
     for tag in config.choices:
@@ -39,4 +43,8 @@ def build_prediction(choices: Mapping[str, Choice], config: LabelConfig, version
             }
         )
     score = min((item["score"] for item in result), default=0.0)
-    return {"result": result, "score": round(score, 4), "model_version": version}
+    prediction: dict[str, Any] = {"result": result, "score": round(score, 4), "model_version": version}
+    cluster = getattr(choices, "cluster", None)
+    if cluster is not None:
+        prediction["cluster"] = int(cluster)
+    return prediction
