@@ -617,14 +617,15 @@ class Store:
         if ids:
             self.r.hdel(keys.shown(pid), *ids)
 
-    def refresh_due(self, pid: int, period: float) -> float:
+    def refresh_due(self, pid: int, period: float) -> tuple[float, bool]:
         """When changes staged now away from the frontier are written: the end of the current window, which the
-        first such change after the last window opens, `period` long (common/revisions.py)."""
+        first such change after the last window opens, `period` long (common/revisions.py); and whether this
+        call opened it (its caller then sends the deliverer for that moment)."""
         due = time.time() + period
         if self.r.set(keys.refresh_due(pid), f"{due:.3f}", nx=True, px=max(1, int(period * 1000))):
-            return due
+            return due, True
         raw = self.r.get(keys.refresh_due(pid))
-        return float(raw) if raw else due
+        return (float(raw), False) if raw else (due, False)
 
     def switched_to(self, pid: int) -> str | None:
         raw = self.r.get(keys.switched(pid))

@@ -70,8 +70,10 @@ def test_the_frontier_is_urgent_and_the_rest_waits_for_the_window(clean_redis):
     now, later = by_urgency(new, shown)
     assert now == [n + 1, n, 1] and sorted(later) == [middle, middle + 1]
     store = Store(clean_redis, "test-space")
-    first = store.refresh_due(7, 0.5)
-    assert first > time.time() + 0.4
-    assert store.refresh_due(7, 0.5) == pytest.approx(first, abs=1e-3)  # a later refit's moves join the same write
+    first, opened = store.refresh_due(7, 0.5)
+    assert first > time.time() + 0.4 and opened
+    # A later refit's moves join the same write, and send no second deliverer.
+    assert store.refresh_due(7, 0.5) == (pytest.approx(first, abs=1e-3), False)
     time.sleep(0.6)
-    assert store.refresh_due(7, 0.5) > first + 0.5  # the window passed: the next move opens another
+    again, opened = store.refresh_due(7, 0.5)
+    assert again > first + 0.5 and opened  # the window passed: the next move opens another

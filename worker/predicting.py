@@ -104,12 +104,15 @@ def _stage_by_urgency(
     job_id: str | None = None,
 ) -> list[int]:
     """Stage what changes what Label Studio shows: tasks that show nothing and the frontier due at `due`, the
-    rest at the end of the project's refresh window (the tick sends the deliverer once they are due); returns
-    the first."""
+    rest at the end of the project's refresh window (the deliverer is sent for that moment when the window
+    opens; should the message be lost, the tick sends it); returns the first."""
     urgent, later = by_urgency(predictions, rt.store.shown(pid, predictions))
     rt.store.delivery.stage(pid, version, urgent, due, job_id)
     if later:
-        rt.store.delivery.stage(pid, version, later, max(due, rt.store.refresh_due(pid, REFRESH_SECONDS)), job_id)
+        window_ends, opened = rt.store.refresh_due(pid, REFRESH_SECONDS)
+        rt.store.delivery.stage(pid, version, later, max(due, window_ends), job_id)
+        if opened:
+            rt.dispatcher.deliver(pid, countdown=max(due, window_ends) - time.time())
     return urgent
 
 
