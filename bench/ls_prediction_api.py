@@ -60,11 +60,20 @@ class Meter:
         print(f"  {name}: {count} in {wall:.2f} s, Label Studio {self.rows[-1][2]:.2f} CPU s", flush=True)
         return result
 
+    def report(self, n: int, k: int) -> None:
+        print(f"\n## Label Studio's cost of prediction calls, {n} tasks, {k} at a time\n")
+        print("| call | rows or tasks | wall s | Label Studio CPU s | CPU ms per row |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, count, cpu, wall in self.rows:
+            print(f"| {name} | {count} | {wall:.2f} | {cpu:.2f} | {1000 * cpu / max(1, count):.2f} |")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=300, help="tasks per replace or delete measured")
+    parser.add_argument("--delete-sizes", default="", help="only the Data Manager's delete, on these many tasks "
+                        "(comma-separated): what of its cost is per request, what per row")  # fmt: skip
     args = parser.parse_args()
     n, k = args.tasks, args.batch
     with (
@@ -86,9 +95,9 @@ def main() -> None:
                            [prediction(t, label, 0.7, version) for t in tasks])  # fmt: skip
 
         for start in range(0, n, 5000):
-            meter.measure(
-                "import 5,000 predictions (one request)", 5000, lambda s=start: import_rows(ids[s : s + 5000], "gen-a")
-            )
+            part = ids[start : start + 5000]
+            name = f"import {len(part)} predictions (one request)"
+            meter.measure(name, len(part), lambda p=part: import_rows(p, "gen-a"))
         batches = [ids[i * k : (i + 1) * k] for i in range(8)]
 
         def listing(tasks: list[int], include: str) -> list[dict[str, Any]]:
@@ -110,6 +119,18 @@ def main() -> None:
 
         versions = f"/api/projects/{pid}/model-versions/"
         measure = meter.measure
+        if args.delete_sizes:
+            start = 0
+            for size in [int(x) for x in args.delete_sizes.split(",")]:
+                for _ in range(2):
+                    chosen, start = ids[start : start + size], start + size
+                    name = f"Data Manager delete_tasks_predictions on {size} tasks"
+                    measure(name, size, lambda c=chosen: dm_delete(c))
+                    measure(f"import {size} predictions after that delete", size,
+                            lambda c=chosen: import_rows(c, "gen-a", "Debris"))  # fmt: skip
+            ids = []
+        if not ids:
+            return meter.report(n, k)
         measure(f"list {k} selected tasks: ids, versions", k,
                 lambda: listing(batches[0], "id,predictions_model_versions,total_predictions"))  # fmt: skip
         measure(f"list {k} selected tasks with their predictions", k, lambda: listing(batches[0], "id,predictions"))
@@ -133,11 +154,7 @@ def main() -> None:
                 lambda: ls.update_project(pid, model_version="gen-b"))  # fmt: skip
         ls.update_project(pid, sampling="Uncertainty sampling")
         measure("GET /api/projects/<id>/next/ (uncertainty sampling)", 1, lambda: ls.get(f"/api/projects/{pid}/next/"))
-    print(f"\n## Label Studio's cost of prediction calls, {n} tasks, {k} at a time\n")
-    print("| call | rows or tasks | wall s | Label Studio CPU s | CPU ms per row |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, count, cpu, wall in meter.rows:
-        print(f"| {name} | {count} | {wall:.2f} | {cpu:.2f} | {1000 * cpu / max(1, count):.2f} |")
+    meter.report(n, k)
 
 
 if __name__ == "__main__":
