@@ -9,7 +9,8 @@ Label Studio's labelling stream (`/api/projects/<id>/next/`, as the Label Studio
 the particle's outline gives (bench/proxy_labels.py).
 
 Printed per annotation: the prediction rows Label Studio stored (its SQLite table's ids, read aside) and its
-CPU seconds (its process tree); the backend's CPU. While annotating, every `--sample-every` seconds, which
+CPU seconds (its process tree) until every task shows the newest model's answer, and of those, what it paid
+until the last annotation; the backend's CPU. While annotating, every `--sample-every` seconds, which
 unannotated tasks show no prediction of the version Label Studio shows (one filtered listing of its task API;
 its own CPU cost is measured alone first and reported); for each task Label Studio handed out, whether its
 suggestion carried the answer of a model fitted on every annotation made 15 s before. At the end: prediction
@@ -235,6 +236,10 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 page_during.append(timed(dm_page))
                 time.sleep(max(0.0, args.every - (time.perf_counter() - step)))
             last = time.perf_counter()
+            # What Label Studio paid while the annotator worked, apart from the tail after the last annotation
+            # (revisions are paced to a share of its time while annotators work, and take more once quiet).
+            while_annotating = (throughput.tree_cpu_seconds(ls.process.pid) - ls_cpu - sample_cpu * watch.samples,
+                                table.last_id() - first_row)  # fmt: skip
 
             def all_current() -> bool:
                 busy = store.r.exists(keys.lock(project, "refit"), keys.refit_scheduled(project))
@@ -256,6 +261,8 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "rows_per_annotation": rows / args.annotations,
                 "deleted_per_annotation": deleted / args.annotations,
                 "label_studio_cpu_per_annotation_s": ls_cpu / args.annotations,
+                "label_studio_cpu_while_annotating_s": while_annotating[0] / args.annotations,
+                "rows_while_annotating": while_annotating[1] / args.annotations,
                 "backend_cpu_per_annotation_s": ours_cpu / args.annotations,
                 "longest_blank_s": watch.longest,
                 "samples_with_a_blank_task": f"{watch.blank_samples}/{watch.samples}",
@@ -345,15 +352,17 @@ def main() -> int:
         f"\n{args.annotations} annotations, one every {args.every:g} s, Label Studio 1.23 on {os.cpu_count()} cores\n"
     )
     print("| tasks | rows written (deleted) per annotation | Label Studio CPU s per annotation | "
+          "of which while annotating: CPU s (rows) | "
           "backend CPU s per annotation | longest blank s | next task reflects annotations >15 s | "
           "rows per task after | settled after s | "
           "DM page before / during ms | next task before / during ms | /predict max s (empty) | "
           "a sweep: Label Studio CPU s (listing s) |")  # fmt: skip
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         print(
             f"| {r['tasks']:,} | {r['rows_per_annotation']:.0f} ({r.get('deleted_per_annotation', 0):.0f}) | "
             f"{r['label_studio_cpu_per_annotation_s']:.2f} | "
+            f"{r.get('label_studio_cpu_while_annotating_s', 0):.2f} ({r.get('rows_while_annotating', 0):.0f}) | "
             f"{r['backend_cpu_per_annotation_s']:.2f} | {r['longest_blank_s']:.0f} "
             f"({r['samples_with_a_blank_task']} samples) | {r['next_task_reflected']} | "
             f"{r['rows_per_task_after']:.2f} | {r['settle_s']:.0f} | {1000 * r['page_before_s']:.0f} / "
