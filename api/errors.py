@@ -8,7 +8,7 @@ import redis
 from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from common.redact import deployment_secrets, redact
+from common.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class TooLarge(RequestEntityTooLarge):
 
 
 def _shown(text: str) -> str:
-    return redact(text, deployment_secrets(current_app.config["SETTINGS"]))
+    return redact(text, current_app.config["SETTINGS"].deployment_secrets())
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -14,7 +14,7 @@ from api.payloads import json_object, known_project, require_project, task_list
 from common.collections import SCOPES
 from common.delivery import BY_API, WRITING, WRITTEN
 from common.label_config import LabelConfigError, parse_label_config
-from common.redact import deployment_secrets, redact
+from common.redact import redact
 from common.revisions import shown_as
 from common.store import Store
 from common.webhook_secret import MODEL_CLASS
@@ -184,6 +184,6 @@ def job(job_id: str):
         return jsonify(error=f"no job {job_id}"), 404
     job = found.as_dict()
     # The workers' failure reasons may quote an exception (the Label Studio SDK's shows its response headers).
-    secrets = deployment_secrets(current_app.config["SETTINGS"])
+    secrets = current_app.config["SETTINGS"].deployment_secrets()
     job["errors"] = [{**e, "error": redact(str(e.get("error", "")), secrets)} for e in job["errors"]]
     return jsonify(job)

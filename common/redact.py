@@ -17,12 +17,11 @@ What is hidden, wherever it appears in a message or a traceback:
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote, unquote_plus, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 MASK = "***"
 # Query keys whose values are shown: the file a Label Studio path names (not a credential).
@@ -74,25 +73,6 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return _HEADER_LINE.sub(lambda m: m.group(1) + MASK, text)
 
 
-def deployment_secrets(settings: Any, environ: dict[str, str] | None = None) -> set[str]:
-    """The values of this deployment's secrets: every setting declared `secret=True`, the password in
-    REDIS_URL, Flower's passwords, and the AWS secrets boto3 reads from the environment."""
-    from common.settings import settings_table
-
-    environ = dict(os.environ) if environ is None else environ
-    found = {getattr(settings, f.name) for f, var in settings_table() if var.secret}
-    found.discard("")
-    found |= {pair.partition(":")[2] for pair in settings.flower_credentials()}
-    try:
-        password = urlsplit(settings.redis_url).password
-    except ValueError:
-        password = None
-    if password:
-        found |= {password, unquote(password)}
-    found |= {environ.get(name, "") for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
-    return {s for s in found if s}
-
-
 # -- every log record of the process ------------------------------------------------------------------------
 
 _lock = threading.Lock()
@@ -124,10 +104,11 @@ def _redacted_record_factory(make: Any) -> Any:
 
 def install_log_redaction(settings: Any) -> None:
     """Every log record made in this process from now on (any logger, any handler, installed before or after)
-    is redacted when it is made, with this deployment's secrets. Calling it again updates the secrets."""
+    is redacted when it is made, with this deployment's secrets (`Settings.deployment_secrets`). Calling it again
+    updates the secrets."""
     global _secrets, _installed
     with _lock:
-        _secrets = frozenset(deployment_secrets(settings))
+        _secrets = frozenset(settings.deployment_secrets())
         if not _installed:
             logging.setLogRecordFactory(_redacted_record_factory(logging.getLogRecordFactory()))
             _installed = True

@@ -599,6 +599,22 @@ class Settings:
         """FLOWER_BASIC_AUTH as Flower's `basic_auth` option takes it: one `user:password` an item."""
         return [pair for pair in self.flower_basic_auth.split(",") if pair]
 
+    def deployment_secrets(self, environ: Mapping[str, str] | None = None) -> set[str]:
+        """The values of this deployment's secrets, which log lines and error texts mask (common/redact.py):
+        every setting declared `secret=True`, the password in REDIS_URL, Flower's passwords, and the AWS
+        secrets boto3 reads from the environment."""
+        environ = os.environ if environ is None else environ
+        found = {getattr(self, f.name) for f, var in settings_table() if var.secret}
+        found |= {pair.partition(":")[2] for pair in self.flower_credentials()}
+        try:
+            password = urlsplit(self.redis_url).password
+        except ValueError:
+            password = None
+        if password:
+            found |= {password, unquote(password)}
+        found |= {environ.get(name, "") for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+        return {s for s in found if s}
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """The settings of this environment (an empty variable means its default); SettingsError, naming

@@ -23,7 +23,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
-from common.redact import deployment_secrets, install_log_redaction, redact, redact_url
+from common.redact import install_log_redaction, redact, redact_url
 from common.settings import Settings, SettingsError, is_loopback
 from tests.helpers import LABEL_CONFIG, REPO, ApiProcess, BeatProcess, free_port, procfile_command, wait_until
 from worker.label_studio import webhook_target
@@ -420,7 +420,7 @@ def test_the_deployments_secrets():
     settings = Settings.from_env({"LABEL_STUDIO_API_KEY": "lskey-1", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "bp-2",
                                   "WEBHOOK_SECRET": "ws-3", "FLOWER_BASIC_AUTH": "a:fp-4,b:fp-5",
                                   "REDIS_URL": "redis://:rp%2F6@redis:6379/0"})  # fmt: skip
-    found = deployment_secrets(settings, {"AWS_SECRET_ACCESS_KEY": "aws-7"})
+    found = settings.deployment_secrets({"AWS_SECRET_ACCESS_KEY": "aws-7"})
     assert {"lskey-1", "bp-2", "ws-3", "fp-4", "fp-5", "rp%2F6", "rp/6", "aws-7"} <= found
     assert "u" not in found
 
