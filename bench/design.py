@@ -119,8 +119,13 @@ def feature_variants(args: argparse.Namespace) -> None:
         print(f"| {name} | " + " | ".join(cells) + f" | {overall:.3f} |")
 
 
-def record(features: np.ndarray, labels: list[str], project: Any, seed: int) -> Record | None:
-    """Fit the project once; what calibration needs from the fit (None: no learner, one label annotated)."""
+ProjectFit = tuple[Any, Neighbours, list[str], np.ndarray]
+
+
+def fit_project(features: np.ndarray, labels: list[str], project: Any, seed: int) -> ProjectFit | None:
+    """Fit the project's learner as the backend does: its problem, the unannotated tasks' neighbours, the
+    project's true labels and the unannotated tasks' class indices (-1: a class nobody annotated); None when
+    there is no learner (one label annotated)."""
     x = features[project.rows]
     truth = [labels[i] for i in project.rows]
     model, _ = fit_backend(x, truth, label_config(sorted(set(truth))), project.annotated, seed)
@@ -128,13 +133,23 @@ def record(features: np.ndarray, labels: list[str], project: Any, seed: int) -> 
     if learner is None:
         return None
     (problem,) = learner.problems
-    held = problem.held_out
     full = model.space.full(x[project.rest])
     low = model.space.low(full)
     idx, sim = neighbours(low, model.space.anchors, max(GRAPH_KS))
-    linear, graph = problem.parts(Neighbours(full, low, idx, sim))
     index = {c: i for i, c in enumerate(problem.classes)}
     y_rest = np.array([index.get(truth[i], -1) for i in project.rest])
+    return problem, Neighbours(full, low, idx, sim), truth, y_rest
+
+
+def record(features: np.ndarray, labels: list[str], project: Any, seed: int) -> Record | None:
+    """Fit the project once; what calibration needs from the fit (None: no learner, one label annotated)."""
+    fit = fit_project(features, labels, project, seed)
+    if fit is None:
+        return None
+    problem, rest, truth, y_rest = fit
+    held = problem.held_out
+    linear, graph = problem.parts(rest)
+    index = {c: i for i, c in enumerate(problem.classes)}
     counts = np.bincount([index[truth[i]] for i in project.annotated], minlength=len(problem.classes))
     return Record(held.linear, held.graph, held.truth, linear, graph, y_rest, counts)
 
@@ -201,21 +216,12 @@ class Fitted:
 
 
 def fitted(features: np.ndarray, labels: list[str], shape: Shape, seed: int) -> Fitted | None:
-    project = draw(labels, shape, seed)
-    x = features[project.rows]
-    truth = [labels[i] for i in project.rows]
-    model, _ = fit_backend(x, truth, label_config(sorted(set(truth))), project.annotated, seed)
-    learner = model.learners.get(TAG)
-    if learner is None:
+    fit = fit_project(features, labels, draw(labels, shape, seed), seed)
+    if fit is None:
         return None
-    (problem,) = learner.problems
+    problem, rest, _, y_rest = fit
     held = problem.held_out
-    full = model.space.full(x[project.rest])
-    low = model.space.low(full)
-    idx, sim = neighbours(low, model.space.anchors, max(GRAPH_KS))
-    p, evidence = problem.evidence(Neighbours(full, low, idx, sim))
-    index = {c: i for i, c in enumerate(problem.classes)}
-    y_rest = np.array([index.get(truth[i], -1) for i in project.rest])
+    p, evidence = problem.evidence(rest)
     loo_p = held.probabilities()
     shared = held.shared_label
     right = loo_p.argmax(axis=1) == held.truth

@@ -37,9 +37,11 @@ LINGER_PER_WRITE_SECOND = 10.0
 MAX_LINGER = 60.0
 # Revisions (tasks whose answer changed) per request, and the share of Label Studio's time they may take while
 # more are due: after a revision write of T seconds, the next waits T (1 - share) / share. Deleting a
-# prediction costs Label Studio about 10 ms (bench/RESULTS.md), and on SQLite its delete holds the database's
-# write lock throughout: 50 keep that near half a second, well under the 5 s other writers wait before failing.
-REVISION_BATCH = 50
+# prediction costs Label Studio about 10 ms whatever the batch (a receiver per row, bench/RESULTS.md), and on
+# SQLite its delete holds the database's write lock throughout: 20 keep that near 0.2 s (0.5 s when Label
+# Studio is busy), well under the 5 s another writer waits before failing. At 50, an annotator's next-task
+# call failed once in a 20,000-task project ("database is locked").
+REVISION_BATCH = 20
 REVISION_SHARE = 0.5
 # Once no version has been published for this long (nobody annotating), revisions take this share instead.
 QUIET_AFTER_SECONDS = 60.0
