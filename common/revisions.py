@@ -48,16 +48,12 @@ def misleads(prediction: Mapping[str, Any], shown: Shown | None) -> bool:
     return shown.digest != labels_digest(prediction) or abs(shown.score - float(prediction["score"])) > SCORE_MARGIN
 
 
-def to_write(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> list[int]:
+def by_urgency(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> tuple[list[int], list[int]]:
     """The tasks whose prediction Label Studio must get, most urgent first: tasks that show nothing, then
     tasks whose labels change, then score moves; within each, the least certain first (where the sort by
-    score and uncertainty sampling look)."""
-    return [task for _, _, task in _ranked(predictions, shown)]
-
-
-def by_urgency(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> tuple[list[int], list[int]]:
-    """`to_write`, cut in two: what Label Studio must get now (tasks that show nothing, and the frontier:
-    the FRONTIER lowest ids and the FRONTIER lowest scores shown), and the rest (every REFRESH_SECONDS)."""
+    score and uncertainty sampling look). Cut in two: what Label Studio must get now (tasks that show nothing,
+    and the frontier: the FRONTIER lowest ids and the FRONTIER lowest scores shown), and the rest (every
+    REFRESH_SECONDS)."""
     frontier = set(sorted(shown)[:FRONTIER]) | set(sorted(shown, key=lambda t: shown[t].score)[:FRONTIER])
     ranked = _ranked(predictions, shown)
     now = [t for rank, _, t in ranked if rank == 0 or t in frontier]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from common.revisions import FRONTIER, SCORE_MARGIN, by_urgency, labels_digest, misleads, shown_as, to_write
+from common.revisions import FRONTIER, SCORE_MARGIN, by_urgency, labels_digest, misleads, shown_as
 from common.store import STALE, Shown, Store
 
 
@@ -50,7 +50,7 @@ def test_blank_tasks_come_first_then_label_changes_then_score_moves_least_certai
         6: prediction("Debris", 0.9),
         7: {"result": [], "score": 0.0},
     }
-    assert to_write(new, shown) == [5, 2, 1, 3, 6]
+    assert by_urgency(new, shown) == ([5, 2, 1, 3, 6], [])  # every task shown is on the frontier here
 
 
 def test_the_frontier_is_urgent_and_the_rest_waits_for_the_window(clean_redis):

@@ -3,11 +3,11 @@
 A single-choice tag is one classification problem over the labels annotated so far; a multiple-choice tag
 is one present/absent problem per label. Each problem averages two answers (worker/learning.py): a ridge
 regression on the embeddings, and labels spread over the neighbour graph of the project's tasks, whose
-hyper-parameters are all chosen inside the fit by exact leave-one-out on the annotated tasks. The score
-of what is predicted is the probability that it is right: a map from what the fit knows about the task
-(how sure the mixture is, whether its parts agree, how near the task lies to the annotated ones), learnt on
-development data, moved by the project's own held-out outcomes as far as they have evidence for
-(`learning.fit_calibration`).
+hyper-parameters are all chosen inside the fit by exact leave-one-out on the annotated tasks. The score of
+what is predicted is the probability that it is right: a map from what the fit knows about the task (how sure
+the mixture is, how near the task lies to the annotated ones and to those of its label, how likely its label
+is one nobody annotated yet), learnt on development data, moved by the project's own held-out outcomes as far
+as they have evidence for (`learning.fit_calibration`).
 
 A problem needs two labels annotated (for a multiple-choice label: tasks with it and tasks without it);
 a tag with no such problem has no learner, and the project's clusters answer for it (project_model.py).
