@@ -389,7 +389,45 @@ class LabelStudioServer(LabelStudioClient):
         self.data_dir: Path | None = None
         self.log_path: Path | None = None
         self.startup_seconds: float | None = None
+        self.locked_retries: list[str] = []
         super().__init__(f"http://127.0.0.1:{self.port}", api_key or secrets.token_hex(20))
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+    def request(self, method: str, path: str, *, expect: tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
+        """Like :meth:`LabelStudioClient.request`, as a person at the UI would: once more on "database is locked".
+
+        Label Studio on SQLite answers 500 when two of its threads write at once: Django opens deferred
+        transactions, so one whose read turns into a write cannot wait for the other's lock (or waits 5 s).
+        The person clicks again. So does this, twice at most, when Label Studio's log shows that error since
+        the call began; each retry is kept in ``locked_retries``. A DELETE tried again may find the row
+        already gone (404): that is the delete done. Any other failure carries the log written during the
+        call, so a CI failure shows Label Studio's traceback.
+        """
+        for attempt in range(3):
+            start = self._log_size()
+            try:
+                return super().request(method, path, expect=expect, **kwargs)
+            except LabelStudioError as error:
+                logged = self._log_since(start)
+                if attempt == 2 or "-> HTTP 500" not in str(error) or "database is locked" not in logged:
+                    raise LabelStudioError(f"{error}\n--- Label Studio's log during the call ---\n"
+                                           f"{logged[-6000:]}") from None  # fmt: skip
+                self.locked_retries.append(f"{method} {path}")
+                _log(f"{method} {path}: Label Studio's SQLite was locked; trying again")
+                if method == "DELETE":
+                    expect = (*expect, 404)
+                time.sleep(1.0 + attempt)
+        raise AssertionError("unreachable")
+
+    def _log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path is not None and self.log_path.exists() else 0
+
+    def _log_since(self, offset: int) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as handle:
+            handle.seek(offset)
+            return handle.read(1 << 20).decode("utf-8", "replace")
 
     # -- local files ------------------------------------------------------------------------------------
     def import_tasks(self, project_id: int, tasks: list[dict[str, Any]]) -> list[int]:

@@ -42,5 +42,8 @@ def test_every_task_ends_with_exactly_one_prediction_of_the_current_model(stack:
     scenario.run(events=40)
     check, seconds = converge(stack, timeout=300)
     report = f"seed {seed} (INTERLEAVING_SEED={seed} INTERLEAVING_SCHEDULES=1 to replay): {check.summary()}"
-    print(f"{report}; {seconds:.0f} s after the events; events {dict(scenario.done)}; {dict(stack.relay.counts)}")
+    print(
+        f"{report}; {seconds:.0f} s after the events; events {dict(scenario.done)}; {dict(stack.relay.counts)}; "
+        f"Label Studio locked, tried again: {stack.ls.locked_retries}"
+    )
     assert check.ok, report + "\nschedule:\n" + "\n".join(stack.log) + "\n" + stack.logs()
