@@ -227,9 +227,11 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             fresh, handed, page_during, next_during, failed = 0, 0, [], [], Counter()
 
             def as_annotator(what: str, call: Callable[[], Any]) -> Any:
-                """The annotator's call; one Label Studio failed (HTTP 5xx: on SQLite, "database is locked" once
-                a write waited 5 s) is counted and tried again a second later, as the UI's user would."""
+                """The annotator's call; one Label Studio failed (HTTP 5xx: on SQLite, "database is locked") is
+                counted and tried again, as the UI's user would: by LabelStudioServer.request when its log
+                shows the lock, here for any other 5xx."""
                 for attempt in range(3):
+                    locked = len(ls.locked_retries)
                     try:
                         return call()
                     except LabelStudioError as exc:
@@ -237,6 +239,8 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                             raise
                         failed[what] += 1
                         time.sleep(1)
+                    finally:
+                        failed[what] += len(ls.locked_retries) - locked
 
             for _ in range(args.annotations):
                 step = time.perf_counter()
@@ -300,6 +304,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "sample_cpu_s": sample_cpu,
                 "next_task_reflected": f"{fresh}/{handed}",
                 "annotator_calls_failed": dict(failed),
+                "label_studio_locked_retries": len(ls.locked_retries),
                 "predict_p99_s": sorted(watch.predict_s)[int(0.99 * (len(watch.predict_s) - 1))],
                 "predict_max_s": max(watch.predict_s),
                 "predict_empty": f"{watch.predict_empty}/{len(watch.predict_s)}",
