@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=300, help="tasks per replace or delete measured")
     parser.add_argument("--delete-sizes", default="", help="only the Data Manager's delete, on these many tasks "
                         "(comma-separated): what of its cost is per request, what per row")  # fmt: skip
+    parser.add_argument("--list-sizes", default="", help="only the listing of selected tasks with their "
+                        "predictions, on these many tasks (comma-separated): cost per request, per task")  # fmt: skip
     args = parser.parse_args()
     n, k = args.tasks, args.batch
     with (
@@ -119,6 +121,14 @@ def main() -> None:
 
         versions = f"/api/projects/{pid}/model-versions/"
         measure = meter.measure
+        if args.list_sizes:
+            start = 0
+            for size in [int(x) for x in args.list_sizes.split(",")]:
+                for _ in range(3):
+                    chosen, start = ids[start : start + size], (start + size) % max(1, n - size)
+                    measure(f"list {size} selected tasks with their predictions", size,
+                            lambda c=chosen: listing(c, "id,predictions"))  # fmt: skip
+            ids = []
         if args.delete_sizes:
             start = 0
             for size in [int(x) for x in args.delete_sizes.split(",")]:

@@ -274,13 +274,16 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 flush=True,
             )
             settle_s: float | None = None
+            report_at = 0.0
             while time.perf_counter() - last < args.settle_limit:
                 if all_current():
                     settle_s = time.perf_counter() - last
                     break
-                if int(time.perf_counter() - last) % 300 < 1:
+                if time.perf_counter() - last >= report_at:
                     print(f"  {time.perf_counter() - last:.0f} s after the last annotation: "
-                          f"{table.last_id() - first_row} rows written", flush=True)  # fmt: skip
+                          f"{table.last_id() - first_row} rows written, Label Studio "
+                          f"{throughput.tree_cpu_seconds(ls.process.pid) - ls_cpu:.0f} s CPU", flush=True)  # fmt: skip
+                    report_at += 300
                 time.sleep(1)
             left = 0 if settle_s is not None else behind_in_label_studio(store, project)
             watch.stopping.set()

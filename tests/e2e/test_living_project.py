@@ -111,3 +111,80 @@ def test_while_annotations_arrive_every_task_shows_a_current_suggestion(
     finally:
         api.stop()
         worker.stop()
+
+
+def selected_listings(log: str) -> int:
+    """Label Studio's log lines of a listing of selected tasks with their predictions (LabelStudioApi.rows)."""
+    return sum("include=id%2Cpredictions&" in line and "selectedItems" in line for line in log.splitlines())
+
+
+def test_revisions_keep_other_models_predictions_and_list_tasks_only_while_there_are_any(
+    label_studio: LabelStudioServer, tmp_path: Path, label_config: str
+):
+    """Revisions replace only the backend's own rows. While another model's predictions are in the project, the
+    tasks to revise are listed first and only the backend's rows are deleted; once every prediction in the
+    project is the backend's, nothing is listed (a listing's cost grows with the project) and each revision
+    request deletes in one Data Manager action."""
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    env = worker_env(tmp_path, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
+                     LOCAL_FILES_DOCUMENT_ROOT=str(DATA), WORKER_CONCURRENCY="2", REFIT_EVERY="2",
+                     REFIT_DELAY_SECONDS="1")  # fmt: skip
+    api = ApiProcess(env, tmp_path / "api.log").start()
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        store = Store.from_url(TEST_REDIS_URL, embedding_space(Settings()))
+        live = store.live_version()
+        project = label_studio.create_project("another model's predictions", label_config)
+        label_studio.connect_ml_backend(project, api.url)
+        particles = sorted((DATA / "flowcam" / "particles").glob("*.png"))[300:360]
+        ids = label_studio.import_tasks(project, [{"image": f"/data/local-files/?d=flowcam/particles/{p.name}"}
+                                                  for p in particles])  # fmt: skip
+        labels: dict[int, str] = {}
+
+        def annotate(tasks: list[int]) -> None:
+            for n, task in enumerate(tasks):
+                labels[task] = "Plankton" if n % 2 else "Debris"
+                label_studio.create_annotation(task, [choice("organism_type", labels[task])])
+                time.sleep(0.5)
+
+        def settled() -> bool:
+            fitted = store.fitted_labels(project, store.current_version(project))
+            others = [t for t in ids if t not in labels]
+            return len(fitted) == len(labels) and bool(current_answers_shown(label_studio, store, project, others))
+
+        annotate(ids[:2])
+        wait_until(settled, 300, f"the import settled ({worker.log_tail(20)})", interval=3)
+        foreign = {task: label_studio.create_prediction(task, [choice("organism_type", "Plankton")],
+                                                        "another-model-v7", score=0.5)
+                   for task in ids[-3:]}  # fmt: skip
+        assert label_studio.log_path is not None
+        start = label_studio.log_path.stat().st_size
+        versions = len(store.versions(project))
+        annotate(ids[2:8])
+        wait_until(settled, 300, f"a model of 8 annotations shown ({worker.log_tail(20)})", interval=3)
+        assert len(store.versions(project)) > versions
+        for task, prediction in foreign.items():
+            held = label_studio.task_predictions(task)
+            assert prediction in [p["id"] for p in held] and len(live_rows(held, live)) == 1, (task, held)
+        with label_studio.log_path.open() as handle:
+            handle.seek(start)
+            while_foreign = handle.read()
+        assert selected_listings(while_foreign) > 0
+
+        for prediction in foreign.values():
+            label_studio.request("DELETE", f"/api/predictions/{prediction}", expect=(204,))
+        start, versions = label_studio.log_path.stat().st_size, len(store.versions(project))
+        annotate(ids[8:14])
+        wait_until(settled, 300, f"a model of 14 annotations shown ({worker.log_tail(20)})", interval=3)
+        assert len(store.versions(project)) > versions
+        with label_studio.log_path.open() as handle:
+            handle.seek(start)
+            only_ours = handle.read()
+        assert "delete_tasks_predictions" in only_ours and selected_listings(only_ours) == 0
+        predictions = all_predictions(label_studio, project)
+        assert all(len(p) <= 1 for p in predictions.values()), predictions
+        log = (api.log_path.read_text() + worker.log_path.read_text()).lower()
+        assert "traceback" not in log, log[-3000:]
+    finally:
+        api.stop()
+        worker.stop()
