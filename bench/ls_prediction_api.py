@@ -128,6 +128,10 @@ def main() -> None:
                     chosen, start = ids[start : start + size], (start + size) % max(1, n - size)
                     measure(f"list {size} selected tasks with their predictions", size,
                             lambda c=chosen: listing(c, "id,predictions"))  # fmt: skip
+            for _ in range(3):
+                measure(
+                    "GET /api/projects/<id>/model-versions/", 1, lambda: ls.get(f"/api/projects/{pid}/model-versions/")
+                )
             ids = []
         if args.delete_sizes:
             start = 0

@@ -76,6 +76,18 @@ def sync_project(rt: Runtime, pid: int, retrain: bool, reason: str, asked: bool 
     return report
 
 
+def _written_since(rt: Runtime, pid: int, version: str, started: float, tasks: set[int]) -> set[int]:
+    """Those of `tasks` that a version (the one current when the sweep began, or one published since) claimed or wrote
+    after the sweep's listing may have read them: what Label Studio showed then is no evidence against them.
+    A listing of 50,000 tasks takes minutes; while it ran, the import's first version was written, and its
+    tasks, read as lacking it, were written again beside it."""
+    cutoff = started - DELIVERY_GRACE
+    store = rt.store
+    recent = {version, store.current_version(pid)}
+    recent |= {str(v["version"]) for v in store.versions(pid) if float(v.get("created", 0)) >= cutoff}
+    return {t for v in recent if v for t, (_, at) in store.delivery.claims(pid, v, tasks).items() if at >= cutoff}
+
+
 def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
     """Find, with filtered listings whose cost grows with what changed and with the annotations, not with the
     project: tasks created or deleted without our hearing of it, the annotations, unannotated tasks lacking
@@ -122,6 +134,7 @@ def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
     crowded = {t for t, rows in crowded_rows.items() if _stale_copies(rows, live)}
     stale = crowded | {t for t, versions in lacking.items() if any(ours(v) for v in versions)}
     suspects = (set(lacking) | crowded) - store.annotated_tasks(pid)
+    suspects -= _written_since(rt, pid, version, started, suspects)
     claims = outbox.claims(pid, version, suspects)
     redo = {t for t in suspects if outbox.forget_if_older(pid, version, t, started - DELIVERY_GRACE)}
     redo |= {
