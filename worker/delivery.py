@@ -184,17 +184,13 @@ def _write(
     """Make Label Studio hold exactly one prediction of `live` per task, with `version`'s answer; returns the
     request's time and the tasks that now hold it.
 
-    A task whose last write's outcome is unknown is listed first: a prediction of `live` already matching is
-    kept. A task that shows an older answer has its predictions removed: all of them in one request when
-    every prediction of the project is of a version of ours (one cheap question to Label Studio, where a
-    listing's cost grows with the project); otherwise it is listed, and its predictions go in one request
-    when every one is ours, one by one, ours only, when another model's or a person's is there. The new
-    answers are then written in one request."""
+    A task that shows an older answer (or whose last write's outcome is unknown) is listed first: a
+    prediction of `live` already matching is kept; otherwise its predictions go (all of them in one
+    request, when every one is ours; one by one, ours only, when another model's or a person's is there) and
+    the new one is written with the others in one request."""
     outbox = rt.store.delivery
     unsure = {t for t, (state, _) in claims.items() if state == WRITING}
-    revised = [t for t in predictions if t in shown]
-    only_ours = bool(revised) and all(ours(v) for v, rows in api.prediction_versions(pid).items() if rows)
-    listed = api.rows(pid, [t for t in predictions if t in unsure or (t in shown and not only_ours)])
+    listed = api.rows(pid, [t for t in predictions if t in shown or t in unsure])
     already = {t for t in unsure if _holds(listed.get(t, []), live, predictions[t])}
     outbox.set(pid, version, already, WRITTEN)
     rt.store.set_shown(pid, {t: shown_as(version, predictions[t]) for t in already})
@@ -202,11 +198,8 @@ def _write(
     todo = {t: predictions[t] for t in [*fresh, *(unsure - already)]}
     if not todo:
         return 0.0, already
-    if only_ours:
-        whole, partly = [t for t in todo if t in shown or listed.get(t)], []
-    else:
-        whole = [t for t in todo if listed.get(t) and all(ours(row.model_version) for row in listed[t])]
-        partly = [row.id for t in todo if t not in whole for row in listed.get(t, []) if ours(row.model_version)]
+    whole = [t for t in todo if listed.get(t) and all(ours(row.model_version) for row in listed[t])]
+    partly = [row.id for t in todo if t not in whole for row in listed.get(t, []) if ours(row.model_version)]
     started = time.perf_counter()
     api.delete_task_predictions(pid, whole)
     for row_id in partly:

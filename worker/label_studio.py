@@ -109,15 +109,6 @@ class LabelStudioApi:
         CPU a task; the API's per-task `GET /api/predictions?task=` costs 35 ms, bench/RESULTS.md)."""
         return {int(task.id): _rows(task) for task in self._selected(pid, task_ids, "id,predictions")}
 
-    def prediction_versions(self, pid: int) -> dict[str, int]:
-        """Every model version the project's predictions name, with its number of rows: one GROUP BY in Label
-        Studio, whatever the number of tasks asked about (30 ms at 20,000 tasks, where listing 20 selected
-        tasks costs 0.3-0.8 s; bench/RESULTS.md). The SDK has no call for `/model-versions/`."""
-        reply = self.client._client_wrapper.httpx_client.request(f"api/projects/{pid}/model-versions/", method="GET")
-        if not 200 <= reply.status_code < 300:
-            raise ApiError(status_code=reply.status_code, headers=dict(reply.headers), body=reply.text[:2000])
-        return {str(version): int(count) for version, count in reply.json().items()}
-
     def delete_task_predictions(self, pid: int, task_ids: Iterable[int]) -> None:
         """Every prediction of these tasks, in one request (the Data Manager's "Delete predictions"): only for
         tasks whose every prediction is ours (worker/delivery.py checks)."""
