@@ -77,10 +77,10 @@ def sync_project(rt: Runtime, pid: int, retrain: bool, reason: str, asked: bool 
 
 
 def _written_since(rt: Runtime, pid: int, version: str, started: float, tasks: set[int]) -> set[int]:
-    """Those of `tasks` that a version (the one current when the sweep began, or one published since) claimed or wrote
-    after the sweep's listing may have read them: what Label Studio showed then is no evidence against them.
-    A listing of 50,000 tasks takes minutes; while it ran, the import's first version was written, and its
-    tasks, read as lacking it, were written again beside it."""
+    """Those of `tasks` that a version (the one current when the sweep began, or one published since)
+    claimed or wrote after the sweep's listing may have read them: what Label Studio showed then is no
+    evidence against them. A listing of 50,000 tasks takes minutes; while one ran, the import's first
+    version was written, and its tasks, read as lacking it, were written again beside it."""
     cutoff = started - DELIVERY_GRACE
     store = rt.store
     recent = {version, store.current_version(pid)}
