@@ -4,10 +4,12 @@ Label Studio shows; a refit rewrites only the tasks whose answer changed; Label 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,16 +36,31 @@ def all_predictions(label_studio: LabelStudioServer, project: int) -> dict[int, 
     return {t["id"]: t["predictions"] for t in label_studio.list_tasks(project, page_size=500)}
 
 
-def test_while_annotations_arrive_every_task_shows_a_current_suggestion(
-    label_studio: LabelStudioServer, tmp_path: Path, label_config: str
-):
+@contextlib.contextmanager
+def backend(
+    label_studio: LabelStudioServer, tmp_path: Path, **settings: str
+) -> Iterator[tuple[ApiProcess, WorkerProcess]]:
+    """The API and a worker of two processes, refitting every 2 annotations, over an emptied Redis, connected to
+    `label_studio`; on a clean exit, neither logged a traceback."""
     redis.Redis.from_url(TEST_REDIS_URL).flushdb()
     env = worker_env(tmp_path, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
-                     LOCAL_FILES_DOCUMENT_ROOT=str(DATA), CHUNK_SIZE="128", WORKER_CONCURRENCY="2",
-                     REFIT_EVERY="2", REFIT_DELAY_SECONDS="2")  # fmt: skip
+                     LOCAL_FILES_DOCUMENT_ROOT=str(DATA), WORKER_CONCURRENCY="2", REFIT_EVERY="2",
+                     **settings)  # fmt: skip
     api = ApiProcess(env, tmp_path / "api.log").start()
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     try:
+        yield api, worker
+        log = (api.log_path.read_text() + worker.log_path.read_text()).lower()
+        assert "traceback" not in log, log[-3000:]
+    finally:
+        api.stop()
+        worker.stop()
+
+
+def test_while_annotations_arrive_every_task_shows_a_current_suggestion(
+    label_studio: LabelStudioServer, tmp_path: Path, label_config: str
+):
+    with backend(label_studio, tmp_path, CHUNK_SIZE="128", REFIT_DELAY_SECONDS="2") as (api, worker):
         store = Store.from_url(TEST_REDIS_URL, embedding_space(Settings()))
         live = store.live_version()
         project = label_studio.create_project("a living project", label_config)
@@ -106,23 +123,12 @@ def test_while_annotations_arrive_every_task_shows_a_current_suggestion(
         assert published >= 3, published
         # Each version rewrote only what it changed, not every unannotated task.
         assert written < published * unannotated / 2, (written, published, unannotated)
-        log = (api.log_path.read_text() + worker.log_path.read_text()).lower()
-        assert "traceback" not in log, log[-3000:]
-    finally:
-        api.stop()
-        worker.stop()
 
 
 def test_revisions_keep_another_models_predictions(label_studio: LabelStudioServer, tmp_path: Path, label_config: str):
     """Revisions replace only the backend's own rows: another model's predictions on the tasks revised stay,
     and once they are gone every task holds one prediction, the live version's."""
-    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
-    env = worker_env(tmp_path, LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.api_key,
-                     LOCAL_FILES_DOCUMENT_ROOT=str(DATA), WORKER_CONCURRENCY="2", REFIT_EVERY="2",
-                     REFIT_DELAY_SECONDS="1")  # fmt: skip
-    api = ApiProcess(env, tmp_path / "api.log").start()
-    worker = WorkerProcess(env, tmp_path / "worker.log").start()
-    try:
+    with backend(label_studio, tmp_path, REFIT_DELAY_SECONDS="1") as (api, worker):
         store = Store.from_url(TEST_REDIS_URL, embedding_space(Settings()))
         live = store.live_version()
         project = label_studio.create_project("another model's predictions", label_config)
@@ -167,8 +173,3 @@ def test_revisions_keep_another_models_predictions(label_studio: LabelStudioServ
         assert len(store.versions(project)) > versions
         predictions = all_predictions(label_studio, project)
         assert all(len(p) <= 1 for p in predictions.values()), predictions
-        log = (api.log_path.read_text() + worker.log_path.read_text()).lower()
-        assert "traceback" not in log, log[-3000:]
-    finally:
-        api.stop()
-        worker.stop()
