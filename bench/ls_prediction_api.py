@@ -76,6 +76,9 @@ def main() -> None:
                         "(comma-separated): what of its cost is per request, what per row")  # fmt: skip
     parser.add_argument("--list-sizes", default="", help="only the listing of selected tasks with their "
                         "predictions, on these many tasks (comma-separated): cost per request, per task")  # fmt: skip
+    parser.add_argument("--revise-sizes", default="", help="only a revision as the deliverer makes it (list the "
+                        "tasks with their predictions, delete them, import new ones), in requests of these many tasks "
+                        "(comma-separated), three of each")  # fmt: skip
     args = parser.parse_args()
     n, k = args.tasks, args.batch
     with (
@@ -119,6 +122,11 @@ def main() -> None:
             selected = {"selectedItems": {"all": False, "included": tasks}}
             return ls.post("/api/dm/actions", selected, params={"id": "delete_tasks_predictions", "project": pid})
 
+        def revise(tasks: list[int]) -> Any:
+            listing(tasks, "id,predictions")
+            dm_delete(tasks)
+            return import_rows(tasks, "gen-a", "Debris")
+
         versions = f"/api/projects/{pid}/model-versions/"
         measure = meter.measure
         if args.list_sizes:
@@ -142,6 +150,13 @@ def main() -> None:
                     measure(name, size, lambda c=chosen: dm_delete(c))
                     measure(f"import {size} predictions after that delete", size,
                             lambda c=chosen: import_rows(c, "gen-a", "Debris"))  # fmt: skip
+            ids = []
+        if args.revise_sizes:
+            start = 0
+            for size in [int(x) for x in args.revise_sizes.split(",")]:
+                for _ in range(3):
+                    chosen, start = ids[start : start + size], start + size
+                    measure(f"revise {size} tasks: list, delete, import", size, lambda c=chosen: revise(c))
             ids = []
         if not ids:
             return meter.report(n, k)
