@@ -97,12 +97,22 @@ class LabelStudioApi:
         return int(reply.created or 0)
 
     def _selected(self, pid: int, task_ids: Iterable[int], include: str | None) -> Iterator[Any]:
+        """These tasks, SYNC_PAGE_SIZE a request. The SDK's pager asks for pages until one is empty, and Label
+        Studio answers a page past the end with 404 after counting the selection again: once a page has held
+        every task asked for, the next is not asked (a revision of 20 tasks made that request every time, about
+        a tenth of what a revision cost Label Studio)."""
         ids = list(task_ids)
         for start in range(0, len(ids), SYNC_PAGE_SIZE):
-            query = json.dumps({"selectedItems": {"all": False, "included": ids[start : start + SYNC_PAGE_SIZE]}})
-            yield from self.client.tasks.list(
+            chunk = ids[start : start + SYNC_PAGE_SIZE]
+            query = json.dumps({"selectedItems": {"all": False, "included": chunk}})
+            pager = self.client.tasks.list(
                 project=pid, query=query, fields="all", include=include, page_size=SYNC_PAGE_SIZE
             )
+            # Fewer than asked (tasks deleted, a TASK_API_PAGE_SIZE_MAX below ours): the pager reads on.
+            for found, task in enumerate(pager, 1):
+                yield task
+                if found == len(chunk):
+                    break
 
     def rows(self, pid: int, task_ids: Iterable[int]) -> dict[int, list[Row]]:
         """Every prediction these tasks hold (a listing of the selected tasks: about 1.6 ms of Label Studio's

@@ -404,11 +404,11 @@ class LabelStudioServer(LabelStudioClient):
         call, so a CI failure shows Label Studio's traceback.
         """
         for attempt in range(3):
-            start = self._log_size()
+            start = self.log_size()
             try:
                 return super().request(method, path, expect=expect, **kwargs)
             except LabelStudioError as error:
-                logged = self._log_since(start)
+                logged = self.log_since(start)
                 if attempt == 2 or "-> HTTP 500" not in str(error) or "database is locked" not in logged:
                     raise LabelStudioError(f"{error}\n--- Label Studio's log during the call ---\n"
                                            f"{logged[-6000:]}") from None  # fmt: skip
@@ -419,10 +419,10 @@ class LabelStudioServer(LabelStudioClient):
                 time.sleep(1.0 + attempt)
         raise AssertionError("unreachable")
 
-    def _log_size(self) -> int:
+    def log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path is not None and self.log_path.exists() else 0
 
-    def _log_since(self, offset: int) -> str:
+    def log_since(self, offset: int) -> str:
         if self.log_path is None or not self.log_path.exists():
             return ""
         with self.log_path.open("rb") as handle:

@@ -1,0 +1,53 @@
+"""The worker's listings of selected tasks (worker/label_studio.py) against a real Label Studio: every task asked
+for comes back, and no page past the end is asked for. Label Studio answers such a page with 404 after counting
+the selection again; a revision of 20 tasks paid that request every time."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+import worker.label_studio
+from worker.label_studio import LabelStudioApi
+
+from .label_studio import LabelStudioServer
+
+LISTING = re.compile(r'"GET /api/tasks/\?[^"]*" (\d{3})')
+
+
+def listings_since(label_studio: LabelStudioServer, offset: int, at_least: int) -> list[str]:
+    """The status of each task listing Label Studio logged since `offset` (its log is written a moment after
+    it answers)."""
+    deadline = time.monotonic() + 5
+    while True:
+        statuses = LISTING.findall(label_studio.log_since(offset))
+        if len(statuses) >= at_least or time.monotonic() > deadline:
+            return statuses
+
+
+@pytest.fixture
+def project(label_studio: LabelStudioServer, label_config: str) -> tuple[int, list[int]]:
+    pid = label_studio.create_project("selected listings", label_config)
+    return pid, label_studio.import_tasks(pid, [{"image": f"https://example.org/p{i}.png"} for i in range(5)])
+
+
+def test_a_selection_comes_back_in_one_request(label_studio, project):
+    pid, ids = project
+    api = LabelStudioApi(label_studio.url, label_studio.api_key)
+    offset = label_studio.log_size()
+    assert set(api.rows(pid, ids[:3])) == set(ids[:3])
+    # The log names each request once or twice (two handlers): one listing, never a page past the end.
+    statuses = listings_since(label_studio, offset, 1)
+    assert statuses and set(statuses) == {"200"}, statuses
+
+
+def test_a_deleted_task_is_left_out_and_larger_selections_go_a_page_a_request(label_studio, project, monkeypatch):
+    pid, ids = project
+    label_studio.request("DELETE", f"/api/tasks/{ids[1]}/", expect=(204,))
+    api = LabelStudioApi(label_studio.url, label_studio.api_key)
+    assert api.existing_tasks(pid, ids) == set(ids) - {ids[1]}
+    monkeypatch.setattr(worker.label_studio, "SYNC_PAGE_SIZE", 2)
+    assert {task.id for task in api.tasks(pid, ids)} == set(ids) - {ids[1]}
+    assert set(api.rows(pid, [ids[0], ids[2], ids[3], ids[4]])) == {ids[0], ids[2], ids[3], ids[4]}
