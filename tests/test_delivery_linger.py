@@ -1,16 +1,28 @@
-"""How long the deliverer waits for a fuller write while an import is being embedded: Label Studio's cost per
-request grows with the project's size (bench/RESULTS.md), so the wait grows with what its last write took."""
+"""The deliverer's pace. How long it waits for a fuller write while an import is being embedded: Label Studio's
+cost per request grows with the project's size (bench/RESULTS.md), so the wait grows with what its last write
+took. And how many revisions a request carries: few while annotators work, more once the project is quiet."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
+from common import keys
 from common.delivery import Delivery
 from common.settings import Settings
 from common.store import STAGING_LEASE
-from worker.delivery import MAX_LINGER, linger_for, more_on_its_way
+from worker.delivery import (
+    MAX_LINGER,
+    QUIET_AFTER_SECONDS,
+    QUIET_REVISION_BATCH,
+    REVISION_BATCH,
+    _within_revision_batch,
+    is_quiet,
+    linger_for,
+    more_on_its_way,
+)
 from worker.runtime import Runtime
 
 PID = 31
@@ -84,3 +96,22 @@ def test_a_chunk_that_dies_before_staging_holds_the_deliverer_back_only_until_it
     rt.store.note_ingest_progress()
     assert more_on_its_way(rt, PID, time.time(), 60.0)
     assert not more_on_its_way(rt, PID, time.time() + STAGING_LEASE + 1, 60.0)
+
+
+def test_a_project_is_quiet_once_no_version_was_published_for_a_while(rt):
+    assert is_quiet(rt, PID), "no version yet: nothing is being learned"
+    rt.store.publish_version(PID, "m-v0001-e", b"model", {}, {})
+    assert not is_quiet(rt, PID), "a version just published: someone is annotating"
+    meta = rt.store.version_meta(PID, "m-v0001-e")
+    rt.store.r.set(
+        keys.version_meta(PID, "m-v0001-e"), json.dumps({**meta, "created": meta["created"] - QUIET_AFTER_SECONDS})
+    )
+    assert is_quiet(rt, PID)
+
+
+@pytest.mark.parametrize("limit", [REVISION_BATCH, QUIET_REVISION_BATCH])
+def test_a_request_carries_every_new_entry_and_at_most_its_share_of_revisions_in_order(limit):
+    shown = {t: object() for t in range(1000, 1000 + 3 * limit)}
+    todo = [1, *shown, 2, 3]
+    kept = _within_revision_batch(todo, shown, limit)  # type: ignore[arg-type]
+    assert kept == [1, *list(shown)[:limit], 2, 3]

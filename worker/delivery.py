@@ -43,9 +43,13 @@ MAX_LINGER = 60.0
 # call failed once in a 20,000-task project ("database is locked").
 REVISION_BATCH = 20
 REVISION_SHARE = 0.5
-# Once no version has been published for this long (nobody annotating), revisions take this share instead.
+# Once no version has been published for this long (nobody annotating), revisions take a larger share of Label
+# Studio's time, in larger requests: a revision's fixed cost is spread over more rows (at 20,000 tasks, 15 ms of
+# its CPU a row at 20 a request, 12.7 at 100; `bench/ls_prediction_api.py --revise-sizes`), and a delete of 100
+# holds SQLite's write lock about a second, still well under the 5 s a person's next task would wait for it.
 QUIET_AFTER_SECONDS = 60.0
 QUIET_REVISION_SHARE = 0.9
+QUIET_REVISION_BATCH = 100
 
 
 def linger_for(settings_linger: float, last_write: float) -> float:
@@ -112,7 +116,10 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
             or (t not in claims and not misleads(predictions[t], shown.get(t)))
         ]
         outbox.done(pid, [(t, version) for t in settled])
-        todo = _within_revision_batch([t for t in tasks if t not in settled], shown)
+        quiet = is_quiet(rt, pid)
+        todo = _within_revision_batch(
+            [t for t in tasks if t not in settled], shown, QUIET_REVISION_BATCH if quiet else REVISION_BATCH
+        )
         if not todo:
             continue
         try:
@@ -147,24 +154,25 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
             # showed before: compare again for what was written.
             restage(rt, pid, stored)
         if revised and outbox.due(pid, time.time(), 1):
-            share = revision_share(rt, pid)
+            share = QUIET_REVISION_SHARE if quiet else REVISION_SHARE
             return total, time.time() + took * (1 - share) / share
 
 
-def revision_share(rt: Runtime, pid: int) -> float:
-    """The share of Label Studio's time revisions take: less while annotators work (their own requests come
-    first), more once the project is quiet (the suggestions converge sooner)."""
+def is_quiet(rt: Runtime, pid: int) -> bool:
+    """No version published for QUIET_AFTER_SECONDS: nobody is annotating, and revisions may take more of
+    Label Studio's time (the suggestions converge sooner) in larger requests; while annotators work, their own
+    requests come first."""
     created = float(rt.store.version_meta(pid, rt.store.current_version(pid)).get("created", 0))
-    return REVISION_SHARE if time.time() - created < QUIET_AFTER_SECONDS else QUIET_REVISION_SHARE
+    return time.time() - created >= QUIET_AFTER_SECONDS
 
 
-def _within_revision_batch(todo: list[int], shown: dict[int, Any]) -> list[int]:
-    """The entries to write now, in order: every new one, and at most REVISION_BATCH revisions (each costs
-    Label Studio a listing, a delete and a write: a smaller request leaves its other users a turn sooner)."""
+def _within_revision_batch(todo: list[int], shown: dict[int, Any], limit: int) -> list[int]:
+    """The entries to write now, in order: every new one, and at most `limit` revisions (each costs Label
+    Studio a listing, a delete and a write: a smaller request leaves its other users a turn sooner)."""
     kept, revisions = [], 0
     for task in todo:
         if task in shown:
-            if revisions == REVISION_BATCH:
+            if revisions == limit:
                 continue
             revisions += 1
         kept.append(task)
