@@ -138,7 +138,7 @@ class BlankWatch(threading.Thread):
     While the annotator works, the blank tasks are asked of Label Studio's task API, as the UI would (its CPU
     is measured alone first and taken off); once `settling` is set, they are read from its tables, so that
     what Label Studio pays to converge is measured without a sampler's listings in it (at 20,000 tasks one
-    costs about a second of its CPU, every 2 s)."""
+    costs it about a third of a second of CPU, every 2 s)."""
 
     def __init__(
         self, ls: LabelStudioServer, table: LabelStudioTable, project: int, api_url: str, every: float, tasks: dict
