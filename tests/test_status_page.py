@@ -143,7 +143,12 @@ def project_with_real_data(clean_redis, image_server, start_worker, tmp_path):
             before = len(versions(api))
             reply = requests.post(f"{api.url}/train", json={"project": PID}, auth=(USER, PASSWORD), timeout=30)
             assert reply.status_code == 201, reply.text
-            wait_until(lambda before=before: len(versions(api)) > before, 180, "a refit")
+            # The next round waits for the whole sync, not only its new version: annotations made while the
+            # sync's refit still runs are learned at once by a refit of their own (worker/refitting.py), which
+            # may see part of the round and make one version more.
+            job = reply.json()["job"]
+            wait_until(lambda before=before, job=job: get(api, f"/jobs/{job}").json()["state"] == "done"
+                       and len(versions(api)) > before, 180, "a refit")  # fmt: skip
 
         def current_map():
             reply = get(api, f"/ui/projects/{PID}/map.json")
