@@ -12,11 +12,13 @@ prunes superseded versions; bench/RESULTS.md has them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,25 @@ class Meter:
             print(f"| {name} | {count} | {wall:.2f} | {cpu:.2f} | {1000 * cpu / max(1, count):.2f} |")
 
 
+def spin() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def spinning(cores: int) -> Iterator[None]:
+    """`cores` processes that keep a core each busy, while the block runs."""
+    spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(cores)]
+    for s in spinners:
+        s.start()
+    try:
+        yield
+    finally:
+        for s in spinners:
+            s.terminate()
+            s.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=20000)
@@ -79,11 +100,17 @@ def main() -> None:
     parser.add_argument("--revise-sizes", default="", help="only a revision as the deliverer makes it (list the "
                         "tasks with their predictions, delete them, import new ones), in requests of these many tasks "
                         "(comma-separated), three of each")  # fmt: skip
+    parser.add_argument("--busy-cores", type=int, default=0, help="with --revise-sizes: each revision measured "
+                        "again while this many other processes spin (as the worker and a sampler take cores from "
+                        "Label Studio in a run): what sharing the machine adds to its CPU seconds")  # fmt: skip
+    parser.add_argument("--ls-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="Label Studio's environment beside compose.yml's (repeatable)")  # fmt: skip
     args = parser.parse_args()
     n, k = args.tasks, args.batch
+    ls_env = LABEL_STUDIO_ENV | dict(item.split("=", 1) for item in args.ls_env)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        LabelStudioServer(DATA, log_path=Path(tmp) / "ls.log", extra_env=LABEL_STUDIO_ENV) as ls,
+        LabelStudioServer(DATA, log_path=Path(tmp) / "ls.log", extra_env=ls_env) as ls,
     ):
         assert ls.process is not None
         meter = Meter(ls.process.pid)
@@ -154,9 +181,12 @@ def main() -> None:
         if args.revise_sizes:
             start = 0
             for size in [int(x) for x in args.revise_sizes.split(",")]:
-                for _ in range(3):
-                    chosen, start = ids[start : start + size], start + size
-                    measure(f"revise {size} tasks: list, delete, import", size, lambda c=chosen: revise(c))
+                for busy in sorted({0, args.busy_cores}):
+                    with spinning(busy):
+                        for _ in range(3):
+                            chosen, start = ids[start : start + size], start + size
+                            measure(f"revise {size} tasks: list, delete, import" + (f", {busy} cores busy" if busy
+                                    else ""), size, lambda c=chosen: revise(c))  # fmt: skip
             ids = []
         if not ids:
             return meter.report(n, k)
