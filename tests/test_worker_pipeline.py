@@ -167,7 +167,8 @@ def test_a_lone_task_waits_for_its_prediction(api, image_server, start_worker):
     for t in tasks[::2]:
         annotate(api, 2000 + t["id"], t, {"organism_type": [truth[t["id"]]], "shape": ["Round", "Spiky"]})
     api.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PID}})
-    wait_until(lambda: version_number(api.get(f"/projects/{PID}").json["model_version"]) == 1, 60, "the refit")
+    # At least one: the fifth annotation may have refitted already (REFIT_EVERY), and training refits again.
+    wait_until(lambda: version_number(api.get(f"/projects/{PID}").json["model_version"]) >= 1, 60, "the refit")
     new = {"id": 500, "data": {"image": put(image_server, "new-rod.png", png_bytes(synthetic_particle("rod", 999)))}}
     (result,) = api.post("/predict", json={"project": f"{PID}.1", "tasks": [new]}).json["results"]
     assert result, "the lone task's prediction arrived within the wait"
@@ -285,4 +286,5 @@ def test_annotations_trigger_debounced_refits(clean_redis, image_server, start_w
     # Three more: the first schedules a delayed refit, the second rides on it, the third refits at once.
     replies = [annotate_and_reply(10 + i, tasks[4 * i + 1]) for i in range(3)]
     assert [bool(r["refit_job"]) for r in replies] == [True, False, True]
-    wait_until(lambda: version_number(version()) == 2, 60, "the refit after REFIT_EVERY annotations")
+    # At least 2: annotations that land while the first refit ends are learned at once by one more.
+    wait_until(lambda: version_number(version()) >= 2, 60, "the refit after REFIT_EVERY annotations")
