@@ -143,8 +143,10 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
             _report_refused(rt, pid, version, refused)
         outbox.done(pid, [(t, version) for t in todo])
         revised = sum(1 for t in stored if t in shown)
-        log.info("project %s: %d predictions of %s written to Label Studio as %s (%d revised) in %.2f s", pid,
-                 len(stored), version, live, revised, took)  # fmt: skip
+        relabelled = sum(1 for t in stored if t in shown and shown[t].digest != labels_digest(predictions[t]))
+        log.info("project %s: %d predictions of %s written to Label Studio as %s (%d revised: %d for their labels, "
+                 "%d for their score) in %.2f s", pid, len(stored), version, live, revised, relabelled,
+                 revised - relabelled, took)  # fmt: skip
         total += len(stored)
         metrics.WRITEBACK.labels("written").inc(len(stored) - revised)
         metrics.WRITEBACK.labels("revised").inc(revised)
