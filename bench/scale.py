@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import sqlite3
 import statistics
 import sys
@@ -202,6 +203,24 @@ def timed(call) -> float:
     return time.perf_counter() - started
 
 
+REVISED = re.compile(
+    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+: .*\(\d+ revised: (\d+) for their labels, (\d+) for their score\)"
+)
+
+
+def revision_reasons(worker_log: Path, annotations_ended: float) -> dict[str, list[int]]:
+    """From the worker's log: how many suggestions were revised for their labels, and how many for their score
+    alone, while the annotator worked and after."""
+    reasons = {"while annotating": [0, 0], "after": [0, 0]}
+    for line in worker_log.read_text(errors="replace").splitlines():
+        if m := REVISED.match(line):
+            at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+            part = reasons["while annotating" if at <= annotations_ended else "after"]
+            part[0] += int(m.group(2))
+            part[1] += int(m.group(3))
+    return reasons
+
+
 def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     redis.Redis.from_url(args.redis_url).flushdb()
     out = tmp / f"n{n}"
@@ -291,7 +310,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 watch.annotated.add(task["id"])
                 page_during.append(timed(dm_page))
                 time.sleep(max(0.0, args.every - (time.perf_counter() - step)))
-            last = time.perf_counter()
+            last, annotations_ended = time.perf_counter(), time.time()
             watch.settling.set()
             # What Label Studio paid while the annotator worked, apart from the tail after the last annotation
             # (revisions are paced to a share of its time while annotators work, and take more once quiet).
@@ -360,6 +379,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "project_model_version": ls.get_project(project).get("model_version"),
                 "sweep_label_studio_cpu_s": sweep["label_studio_cpu_s"],
                 "sweep_listing_s": sweep["listing_s"],
+                "revised_for_labels_score": revision_reasons(out / "worker.log", annotations_ended),
             }
 
 
@@ -466,6 +486,10 @@ def main() -> int:
         f"{results[-1]['tasks']:,} tasks, left out of its CPU per annotation above; once the annotations end the "
         f"samples read its tables instead)"
     )
+    for r in results:
+        during, after = r["revised_for_labels_score"]["while annotating"], r["revised_for_labels_score"]["after"]
+        print(f"{r['tasks']:,} tasks: suggestions revised for their labels / for their score alone: "
+              f"{during[0]:,} / {during[1]:,} while annotating, {after[0]:,} / {after[1]:,} after")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
