@@ -203,6 +203,9 @@ def timed(call) -> float:
     return time.perf_counter() - started
 
 
+# Seconds after the last annotation at which the run counts the tasks whose suggestion in Label Studio is not yet
+# the current model's (other labels, or a score off by more than common/revisions.py's margin).
+SETTLE_CHECKPOINTS = (60, 180, 300, 600)
 REVISED = re.compile(
     r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+: .*\(\d+ revised: (\d+) for their labels, (\d+) for their score\)"
 )
@@ -332,10 +335,14 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             )
             settle_s: float | None = None
             report_at = 0.0
+            behind_after: dict[int, int] = {}  # how far the Data Manager's scores are from the model, as it settles
             while time.perf_counter() - last < args.settle_limit:
                 if all_current():
                     settle_s = time.perf_counter() - last
                     break
+                since = time.perf_counter() - last
+                for checkpoint in (c for c in SETTLE_CHECKPOINTS if since >= c and c not in behind_after):
+                    behind_after[checkpoint] = behind_in_label_studio(store, project)
                 if time.perf_counter() - last >= report_at:
                     print(f"  {time.perf_counter() - last:.0f} s after the last annotation: "
                           f"{table.last_id() - first_row} rows written, Label Studio "
@@ -343,6 +350,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     report_at += 300
                 time.sleep(1)
             left = 0 if settle_s is not None else behind_in_label_studio(store, project)
+            behind_after |= {c: 0 for c in SETTLE_CHECKPOINTS if settle_s is not None and c >= settle_s}
             watch.stopping.set()
             watch.join()
             ls_cpu = throughput.tree_cpu_seconds(ls.process.pid) - ls_cpu - sample_cpu * watch.samples
@@ -380,6 +388,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "sweep_label_studio_cpu_s": sweep["label_studio_cpu_s"],
                 "sweep_listing_s": sweep["listing_s"],
                 "revised_for_labels_score": revision_reasons(out / "worker.log", annotations_ended),
+                "behind_after_s": behind_after,
             }
 
 
@@ -490,6 +499,10 @@ def main() -> int:
         during, after = r["revised_for_labels_score"]["while annotating"], r["revised_for_labels_score"]["after"]
         print(f"{r['tasks']:,} tasks: suggestions revised for their labels / for their score alone: "
               f"{during[0]:,} / {during[1]:,} while annotating, {after[0]:,} / {after[1]:,} after")  # fmt: skip
+        counts = r["behind_after_s"]
+        behind = " / ".join(f"{counts[c]:,}" if c in counts else "-" for c in SETTLE_CHECKPOINTS)
+        print(f"{r['tasks']:,} tasks: suggestions not yet the model's {' / '.join(map(str, SETTLE_CHECKPOINTS))} s "
+              f"after the last annotation: {behind}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
