@@ -14,8 +14,9 @@ until the last annotation; the backend's CPU. While annotating, every `--sample-
 unannotated tasks show no prediction of the version Label Studio shows (one filtered listing of its task API;
 its own CPU cost is measured alone first and reported); for each task Label Studio handed out, whether its
 suggestion carried the answer of a model fitted on every annotation made 15 s before. At the end: prediction
-rows per task, the time to settle after the last annotation, and the Data Manager page's and the next-task
-call's latency before and during the annotations.
+rows per task, the time to settle after the last annotation (and how many tasks were still behind 1, 3, 5 and
+10 minutes after it), the revisions made for a suggestion's labels and for its score alone (from the worker's
+log), and the Data Manager page's and the next-task call's latency before and during the annotations.
 
     .venv/bin/python bench/scale.py [--sizes 2000,20000,50000] [--annotations 20] [--every 3]
 """
@@ -343,8 +344,8 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 since = time.perf_counter() - last
                 for checkpoint in (c for c in SETTLE_CHECKPOINTS if since >= c and c not in behind_after):
                     behind_after[checkpoint] = behind_in_label_studio(store, project)
-                if time.perf_counter() - last >= report_at:
-                    print(f"  {time.perf_counter() - last:.0f} s after the last annotation: "
+                if since >= report_at:
+                    print(f"  {since:.0f} s after the last annotation: "
                           f"{table.last_id() - first_row} rows written, Label Studio "
                           f"{throughput.tree_cpu_seconds(ls.process.pid) - ls_cpu:.0f} s CPU", flush=True)  # fmt: skip
                     report_at += 300
