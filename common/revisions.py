@@ -39,13 +39,18 @@ def shown_as(version: str, prediction: Mapping[str, Any]) -> Shown:
     return Shown(version, round(float(prediction.get("score") or 0.0), 4), labels_digest(prediction))
 
 
+def relabels(prediction: Mapping[str, Any], shown: Shown) -> bool:
+    """The prediction's labels differ from those Label Studio shows (not only its score)."""
+    return shown.digest != labels_digest(prediction)
+
+
 def misleads(prediction: Mapping[str, Any], shown: Shown | None) -> bool:
     """Label Studio would show this task something other than `prediction` says (or nothing at all)."""
     if not prediction.get("result"):
         return False  # no evidence: nothing to show, and what is shown stays until there is
     if shown is None:
         return True
-    return shown.digest != labels_digest(prediction) or abs(shown.score - float(prediction["score"])) > SCORE_MARGIN
+    return relabels(prediction, shown) or abs(shown.score - float(prediction["score"])) > SCORE_MARGIN
 
 
 def by_urgency(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> tuple[list[int], list[int]]:
@@ -66,7 +71,7 @@ def _ranked(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Sh
         if not misleads(prediction, shown.get(task)):
             continue
         held = shown.get(task)
-        rank = 0 if held is None else 1 if held.digest != labels_digest(prediction) else 2
+        rank = 0 if held is None else 1 if relabels(prediction, held) else 2
         certainty = float(prediction["score"]) if held is None else min(float(prediction["score"]), held.score)
         urgent.append((rank, certainty, task))
     return sorted(urgent)

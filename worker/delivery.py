@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from common.delivery import BY_API, REFUSED, WRITING, WRITTEN
-from common.revisions import labels_digest, misleads, shown_as
+from common.revisions import labels_digest, misleads, relabels, shown_as
 from common.store import ours
 from worker import metrics
 from worker.label_studio import LabelStudioApi, Row, is_transient, missing_task_error
@@ -143,7 +143,7 @@ def _drain(rt: Runtime, api: LabelStudioApi, pid: int) -> tuple[int, float | Non
             _report_refused(rt, pid, version, refused)
         outbox.done(pid, [(t, version) for t in todo])
         revised = sum(1 for t in stored if t in shown)
-        relabelled = sum(1 for t in stored if t in shown and shown[t].digest != labels_digest(predictions[t]))
+        relabelled = sum(1 for t in stored if t in shown and relabels(predictions[t], shown[t]))
         log.info("project %s: %d predictions of %s written to Label Studio as %s (%d revised: %d for their labels, "
                  "%d for their score) in %.2f s", pid, len(stored), version, live, revised, relabelled,
                  revised - relabelled, took)  # fmt: skip
