@@ -226,20 +226,24 @@ class Fitted:
     loo_p: np.ndarray
     loo_y: np.ndarray
     p: np.ndarray
+    offered: int = 0  # labels the project's config offers
+    annotated: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # annotations per label
 
 
 def fitted(features: np.ndarray, labels: list[str], shape: Shape, seed: int) -> Fitted | None:
-    fit = fit_project(features, labels, draw(labels, shape, seed), seed)
+    project = draw(labels, shape, seed)
+    fit = fit_project(features, labels, project, seed)
     if fit is None:
         return None
-    problem, rest, _, y_rest = fit
+    problem, rest, truth, y_rest = fit
     held = problem.held_out
     p, evidence = problem.evidence(rest)
     loo_p = held.probabilities()
     shared = held.shared_label
     right = loo_p.argmax(axis=1) == held.truth
     return Fitted(shape.label, seed, held.evidence[shared], right[shared], evidence, p.argmax(axis=1) == y_rest,
-                  loo_p, held.truth, p)  # fmt: skip
+                  loo_p, held.truth, p, len(set(truth)),
+                  np.unique([labels[project.rows[i]] for i in project.annotated], return_counts=True)[1])  # fmt: skip
 
 
 def fit_prior(projects: list[Fitted]) -> tuple[np.ndarray, float]:
@@ -322,6 +326,26 @@ CANDIDATES: dict[str, Callable[[Fitted], float]] = {
 }
 
 
+def good_turing(f: Fitted) -> float:
+    """learning.unseen_mass before it was capped by the labels the config offers (the map until 7 Dec 2026)."""
+    return float(np.sum(f.annotated == 1) / max(int(f.annotated.sum()), 1))
+
+
+UNSEEN_CANDIDATES: dict[str, Callable[[Fitted], float]] = {
+    "unseen: Good-Turing alone": good_turing,
+    "unseen: Good-Turing, 0 once every label offered is annotated": lambda f: (
+        good_turing(f) if len(f.annotated) < f.offered else 0.0
+    ),
+}
+
+
+def replaced_unseen(f: Fitted, value: float) -> Fitted:
+    column = learning.EVIDENCE.index("unseen")
+    evidence, loo_evidence = f.evidence.copy(), f.loo_evidence.copy()
+    evidence[:, column] = loo_evidence[:, column] = value
+    return dataclasses.replace(f, evidence=evidence, loo_evidence=loo_evidence)
+
+
 def widened(f: Fitted, names: tuple[str, ...]) -> Fitted:
     extra = np.array([CANDIDATES[name](f) for name in names])
     return dataclasses.replace(f, evidence=np.column_stack([f.evidence, np.tile(extra, (len(f.evidence), 1))]),
@@ -339,6 +363,14 @@ def candidate_evidence(projects: list[Fitted], table: Callable[[str, Callable[[F
         maps = [fit_prior(halves[1 - k]) for k in (0, 1)]
         table(f"prior map + {' + '.join(names)}, slope sd 0.3, shift sd 0.5",
               lambda f, k, wide=wide, maps=maps: prior_scores(wide[id(f)], *maps[k], 0.3, 0.5))  # fmt: skip
+    for name, unseen in UNSEEN_CANDIDATES.items():
+        swapped = {id(f): replaced_unseen(f, unseen(f)) for f in projects}
+        halves = [[swapped[id(f)] for f in projects if f.seed % 2 == k] for k in (0, 1)]
+        maps = [fit_prior(halves[1 - k]) for k in (0, 1)]
+        table(f"prior map, {name}, slope sd 0.3, shift sd 0.5",
+              lambda f, k, swapped=swapped, maps=maps: prior_scores(swapped[id(f)], *maps[k], 0.3, 0.5))  # fmt: skip
+        weights, bias = fit_prior(list(swapped.values()))
+        print(f"  its map on all: {tuple(round(float(w), 3) for w in weights)}, bias {bias:.3f}", flush=True)
 
 
 def main() -> None:
@@ -350,7 +382,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="", help="comma-separated other input sizes for `features`")
     parser.add_argument("--tta", type=int, default=8, help="dihedral transforms averaged, for `calibration`")
     parser.add_argument("--weights", default="0.5", help="mixture weights of the ridge, for `calibration`")
-    parser.add_argument("--candidates", action="store_true", help="also judge CANDIDATES as evidence, for `prior`")
+    parser.add_argument("--candidates", action="store_true", help="also judge the candidate evidence, for `prior`")
     parser.add_argument("--prior-tta", default="1,8", help="TTA settings whose projects fit the prior, for `prior`")
     args = parser.parse_args()
     args.backbones = [b for b in args.backbones.split(",") if b]

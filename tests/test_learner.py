@@ -240,9 +240,21 @@ def test_a_task_is_compared_with_the_annotated_tasks_it_may_see():
 
 
 def test_unseen_mass_is_the_share_of_labels_annotated_once():
-    assert learning.unseen_mass(np.array([1, 1, 3, 5])) == 0.2
-    assert learning.unseen_mass(np.array([2, 4])) == 0.0
-    assert learning.unseen_mass(np.array([1, 1])) == 1.0
+    """Good-Turing's estimate while many labels offered are not annotated yet."""
+    assert learning.unseen_mass(np.array([1, 1, 3, 5]), offered=20) == 0.2
+    assert learning.unseen_mass(np.array([2, 4]), offered=20) == 0.0
+    assert learning.unseen_mass(np.array([1, 1, 1]), offered=20) == pytest.approx(0.85)  # 17 of 20 missing
+
+
+def test_unseen_mass_is_nothing_once_every_label_offered_is_annotated():
+    """One of each of six classes first, then four more: Good-Turing reads the singletons as labels still
+    unseen (0.3), but the config offers no other label; with one label of seven missing, at most a seventh;
+    with half the labels missing, Good-Turing's."""
+    assert learning.unseen_mass(np.array([1, 1, 2, 2, 3, 1]), offered=6) == 0.0
+    assert learning.unseen_mass(np.array([1, 1, 2, 2, 3, 1]), offered=7) == pytest.approx(1 / 7)
+    assert learning.unseen_mass(np.array([1, 1, 2, 2, 3, 1]), offered=12) == pytest.approx(0.3)
+    assert learning.unseen_mass(np.array([1, 1, 1, 1, 1]), offered=6) == pytest.approx(1 / 6)
+    assert learning.unseen_mass(np.array([3, 0, 1]), offered=2) == 0.0  # labels outside the config count too
 
 
 def test_a_project_s_scores_follow_its_accuracy_not_its_held_out_luck():

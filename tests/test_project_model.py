@@ -10,6 +10,7 @@ import pytest
 
 from common.label_config import parse_label_config
 from tests.helpers import LABEL_CONFIG
+from worker import learning
 from worker.backbones import CEFAS_CLASSES
 from worker.learning import GRAPH_KS, neighbours, platt_apply
 from worker.project_model import (
@@ -301,6 +302,31 @@ def test_a_model_stored_before_issue_26_still_answers(fitted):
     confidence = problem.probabilities(Neighbours(full, low, idx, sim)).max(axis=1)
     expected = np.round(platt_apply(confidence, 0.5, 0.1), 4)
     assert [a["organism_type"][1] for a in answers] == expected.tolist()
+
+
+def test_a_model_stored_before_the_unseen_mass_knew_the_config_keeps_its_map(fitted):
+    """Its problems' `unseen` is Good-Turing's alone and their calibration moved the map fitted with it; a
+    model stored now carries its map, so the map can change again without changing stored models' scores."""
+    model, features, _ = fitted
+    arrays: dict[str, np.ndarray] = {}
+    meta = json.loads(json.dumps(model.to_meta(arrays)))
+    now = ProjectModel.from_meta(meta, arrays)
+    assert now.learners["organism_type"].problems[0].prior == (learning.PRIOR_WEIGHTS, learning.PRIOR_BIAS)
+    for tag in meta["learners"].values():
+        for problem in tag["problems"]:
+            del problem["prior"]
+    before = ProjectModel.from_meta(meta, arrays)
+    problem = before.learners["organism_type"].problems[0]
+    assert problem.prior == learning.GOOD_TURING_PRIOR != (learning.PRIOR_WEIGHTS, learning.PRIOR_BIAS)
+    space = before.space
+    full = space.full(features)
+    low = space.low(full)
+    idx, sim = neighbours(low, space.anchors, max(GRAPH_KS))
+    _, evidence = problem.evidence(Neighbours(full, low, idx, sim))
+    expected = learning.apply_calibration(learning.prior_logit(evidence, *learning.GOOD_TURING_PRIOR),
+                                          *problem.calibration)  # fmt: skip
+    assert [a["organism_type"][1] for a in before.predict(features, None, ())] == np.round(expected, 4).tolist()
+    assert before.predict(features, None, ()) != now.predict(features, None, ())
 
 
 def test_build_prediction_ids_are_unique():

@@ -356,8 +356,7 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 # Each task's score comes from what the fit knows about it (`task_evidence`): how sure the mixture is, how
 # similar the task is to the nearest annotated task, and how similar to the nearest one annotated with the
 # label suggested; and from how likely a task is to belong to a label nobody annotated yet, which is then
-# necessarily answered wrongly: Good-Turing's estimate of that mass, the share of annotations whose label
-# was annotated only once (with ten annotations of six labels, often a quarter).
+# necessarily answered wrongly (`unseen_mass`).
 # A logistic map from those to P(right) is the prior. Its weights were fitted once,
 # on simulated projects of ZooLake's development half only (bench/design.py prior; bench/RESULTS.md,
 # "Issue 26"), never on data the design is reported on. Each project then moves the map by its own held-out
@@ -367,17 +366,25 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 # annotations the project's own outcomes decide. Whether the mixture's two parts agree was measured as a
 # fourth item, and weighed nothing.
 EVIDENCE = ("confidence", "nearest", "nearest_same", "unseen")
-PRIOR_WEIGHTS = (0.52, -2.633, 6.74, -0.358)  # per EVIDENCE item, on the logit of P(right)
-PRIOR_BIAS = -1.385
+PRIOR_WEIGHTS = (0.467, -2.51, 6.521, -2.136)  # per EVIDENCE item, on the logit of P(right)
+PRIOR_BIAS = -1.118
+# The map of the models stored before `unseen_mass` was told the labels the config offers: their `unseen` is
+# Good-Turing's alone, so they keep the map fitted with it.
+GOOD_TURING_PRIOR = ((0.52, -2.633, 6.74, -0.358), -1.385)
 SLOPE_SD = 0.3  # the project's slope ~ N(1, SLOPE_SD): how far its own outcomes may stretch the prior map
 SHIFT_SD = 0.5  # the project's shift ~ N(0, SHIFT_SD), in logits
 
 
-def unseen_mass(counts: np.ndarray) -> float:
-    """Good-Turing: the probability that the next task's label is one no task was annotated with, estimated
-    as the share of annotations whose label was annotated once (`counts`: annotations per label)."""
+def unseen_mass(counts: np.ndarray, offered: int) -> float:
+    """The probability that a task's label is one no task was annotated with. Good-Turing's estimate, the
+    share of annotations whose label was annotated once (`counts`: annotations per label), assumes the
+    annotated tasks were drawn at random; an annotator who labels one of each class first makes many labels
+    annotated once with none left unseen. So it is capped by what the label config says: at most the share of
+    the `offered` labels nobody annotated, which is 0 once every label is annotated."""
     counts = np.asarray(counts)
-    return float(np.sum(counts == 1) / max(int(counts.sum()), 1))
+    good_turing = float(np.sum(counts == 1) / max(int(counts.sum()), 1))
+    missing = 1.0 - np.count_nonzero(counts) / max(offered, 1)
+    return max(0.0, min(good_turing, missing))
 
 
 def task_evidence(
@@ -397,8 +404,8 @@ def task_evidence(
     return np.column_stack([logit(mixture.max(axis=1)), nearest, same, np.full(n, unseen)])
 
 
-def prior_logit(evidence: np.ndarray) -> np.ndarray:
-    return evidence @ np.asarray(PRIOR_WEIGHTS) + PRIOR_BIAS
+def prior_logit(evidence: np.ndarray, weights: Sequence[float] = PRIOR_WEIGHTS, bias: float = PRIOR_BIAS) -> np.ndarray:
+    return evidence @ np.asarray(weights) + bias
 
 
 def fit_calibration(prior: np.ndarray, correct: np.ndarray) -> tuple[float, float]:

@@ -24,7 +24,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from worker.learning import (
+    GOOD_TURING_PRIOR,
     MAX_LOO,
+    PRIOR_BIAS,
+    PRIOR_WEIGHTS,
     Ridge,
     RidgeBasis,
     Spread,
@@ -96,6 +99,7 @@ class Problem:
     labelled: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.float16))
     labelled_classes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     unseen: float = 0.0  # learning.unseen_mass of the annotations
+    prior: tuple[tuple[float, ...], float] = (PRIOR_WEIGHTS, PRIOR_BIAS)  # the map its calibration moves
     legacy_platt: tuple[float, float] | None = None  # a model stored before issue 26: its Platt map
     held_out: HeldOut | None = field(default=None, repr=False, compare=False)  # the fit's, not stored
 
@@ -129,7 +133,7 @@ class Problem:
             p = self.probabilities(x)
             return p, platt_apply(p.max(axis=1), *self.legacy_platt)
         p, evidence = self.evidence(x)
-        return p, apply_calibration(prior_logit(evidence), *self.calibration)
+        return p, apply_calibration(prior_logit(evidence, *self.prior), *self.calibration)
 
     # -- persistence ---------------------------------------------------------------------------------
 
@@ -147,6 +151,7 @@ class Problem:
             "spread": None if self.spread is None else {"k": self.spread.k, "alpha": self.spread.alpha},
             "calibration": list(self.calibration),
             "unseen": self.unseen,
+            "prior": {"weights": list(self.prior[0]), "bias": self.prior[1]},
             "loo_accuracy": self.loo_accuracy,
         }
 
@@ -167,6 +172,10 @@ class Problem:
             problem.labelled = arrays[prefix + "labelled"]
             problem.labelled_classes = arrays[prefix + "labelled_classes"]
             problem.unseen = float(meta.get("unseen", 0.0))
+            prior = meta.get("prior")
+            problem.prior = (
+                (tuple(float(w) for w in prior["weights"]), float(prior["bias"])) if prior else GOOD_TURING_PRIOR
+            )
         else:
             problem.legacy_platt = (float(meta["platt"][0]), float(meta["platt"][1]))
         return problem
@@ -257,9 +266,12 @@ def _shared(
     return _Shared(ridge_basis(x), spread, in_graph, labelled.astype(np.float32))
 
 
-def _fit_problem(classes: list[str], y: np.ndarray, shared: _Shared) -> tuple[Problem, np.ndarray, np.ndarray]:
-    """`y`: class index per annotated task. Returns the problem, and the leave-one-out probabilities of
-    the annotated tasks (positions into y) they were computed for."""
+def _fit_problem(
+    classes: list[str], y: np.ndarray, shared: _Shared, offered: int
+) -> tuple[Problem, np.ndarray, np.ndarray]:
+    """`y`: class index per annotated task; `offered`: how many classes the label config offers (a
+    present/absent problem: 2). Returns the problem, and the leave-one-out probabilities of the annotated
+    tasks (positions into y) they were computed for."""
     c = len(classes) if len(classes) > 1 else 2
     ridge, ridge_loo = ridge_fit(shared.ridge, y, c)
     temperature = fit_temperature(ridge_loo, y)
@@ -275,7 +287,7 @@ def _fit_problem(classes: list[str], y: np.ndarray, shared: _Shared) -> tuple[Pr
     correct = loo.argmax(axis=1) == held.truth
     labelled_classes = y[shared.in_graph] if shared.spread is not None else np.zeros(0, np.int32)
     counts = np.bincount(y, minlength=c)
-    unseen = unseen_mass(counts)
+    unseen = unseen_mass(counts, offered)
     evidence = held.evidence = task_evidence(loo, similarity, labelled_classes, unseen)
     # A held-out task whose label no other task has is wrong whatever the model: its label is gone. Its
     # outcome says how often labels go unannotated (`unseen` carries that), not how well the model tells
@@ -312,7 +324,8 @@ def fit_tag(
         if len(classes) < 2:
             return None
         y = np.array([classes.index(label) for label in labels])
-        problem, loo_rows, loo = _fit_problem(classes, y, _shared(x, anchors, graphs, seed, low))
+        offered = len(set(all_labels) | set(classes))
+        problem, loo_rows, loo = _fit_problem(classes, y, _shared(x, anchors, graphs, seed, low), offered)
         predicted = [classes[i] for i in loo.argmax(axis=1)]
         stats = {
             "annotated": n,
@@ -338,7 +351,7 @@ def fit_tag(
             constant[label] = (True, (n + 1) / (n + 2))
             continue
         shared = shared or _shared(x, anchors, graphs, seed, low)
-        problem, loo_rows, loo = _fit_problem([label], y, shared)
+        problem, loo_rows, loo = _fit_problem([label], y, shared, 2)
         problems.append(problem)
         for r, present in zip(loo_rows, loo[:, 1] > loo[:, 0], strict=True):
             loo_sets.setdefault(int(r), set())

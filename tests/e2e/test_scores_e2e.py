@@ -7,6 +7,11 @@ class and four more, chosen by the same seed. Once a model version has learned t
 holds one prediction of the live version (the name /setup returns) carrying that model's answer, the mean
 score of those predictions lies within 0.15 of their accuracy, and each names its cluster (Label Studio's
 uncertainty sampling needs it).
+
+An annotator who labels one of each class first leaves many labels annotated once, which Good-Turing's
+unseen mass alone read as labels still unseen: the scores claimed 0.68 where 0.86 were right, until the
+unseen mass was capped by the labels the config offers (worker/learning.py `unseen_mass`, chosen on
+development data only: bench/RESULTS.md, Issue 26).
 """
 
 from __future__ import annotations
@@ -85,12 +90,6 @@ def backend(label_studio: LabelStudioServer, tmp_path: Path) -> Iterator[ApiProc
             print((tmp_path / "worker.log").read_text()[-3000:])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 26, not met: on this project the backend is right on 0.86 of the 50 tasks and its mean score is "
-    "0.68 (0.17 apart; bench/quality.py measures the same under-confidence when annotators label one of each class "
-    "first: 0.80 right, 0.66 claimed, bench/RESULTS.md)",
-)
 def test_ten_annotations_of_six_classes_give_scores_near_the_accuracy(
     label_studio: LabelStudioServer, backend: ApiProcess, data_dir: Path
 ):
