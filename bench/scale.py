@@ -13,10 +13,11 @@ CPU seconds (its process tree) until every task shows the newest model's answer,
 until the last annotation; the backend's CPU. While annotating, every `--sample-every` seconds, which
 unannotated tasks show no prediction of the version Label Studio shows (one filtered listing of its task API;
 its own CPU cost is measured alone first and reported); for each task Label Studio handed out, whether its
-suggestion carried the answer of a model fitted on every annotation made 15 s before. At the end: prediction
-rows per task, the time to settle after the last annotation (and how many tasks were still behind 1, 3, 5 and
-10 minutes after it), the revisions made for a suggestion's labels and for its score alone (from the worker's
-log), and the Data Manager page's and the next-task call's latency before and during the annotations.
+suggestion carried the answer of a model fitted on every annotation made 15 s before, and if not, why. At the
+end: prediction rows per task, the time to settle after the last annotation (and how many tasks were still
+behind 1, 3, 5 and 10 minutes after it), the revisions made for a suggestion's labels and for its score alone
+(from the worker's log), and the Data Manager page's and the next-task call's latency before and during the
+annotations.
 
     .venv/bin/python bench/scale.py [--sizes 2000,20000,50000] [--annotations 20] [--every 3]
 """
@@ -50,6 +51,7 @@ from proxy_labels import proxy_label  # noqa: E402
 
 from common import keys, queues  # noqa: E402
 from common.models import embedding_space  # noqa: E402
+from common.revisions import labels_digest  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from common.store import Store  # noqa: E402
 from tests.e2e.label_studio import LabelStudioError, LabelStudioServer  # noqa: E402
@@ -284,7 +286,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             first_row, first_count = table.last_id(), table.rows(project)
             watch.start()
             annotated_at: dict[int, float] = {}
-            fresh, handed, page_during, next_during, failed = 0, 0, [], [], Counter()
+            fresh, handed, page_during, next_during, failed, stale = 0, 0, [], [], Counter(), Counter()
 
             def as_annotator(what: str, call: Callable[[], Any]) -> Any:
                 """The annotator's call; one Label Studio failed (HTTP 5xx: on SQLite, "database is locked") is
@@ -308,7 +310,9 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 task = as_annotator("next task", lambda: ls.get(f"/api/projects/{project}/next/"))
                 next_during.append(time.perf_counter() - took)
                 handed += 1
-                fresh += reflects(store, project, ls, task, annotated_at)
+                why = stale_because(store, project, ls, task, annotated_at)
+                fresh += why is None
+                stale.update([why] if why else [])
                 as_annotator("annotation", lambda t=task: ls.create_annotation(t["id"], annotation(path_of[t["id"]])))
                 annotated_at[task["id"]] = time.time()
                 watch.annotated.add(task["id"])
@@ -331,7 +335,8 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 f"  {n} tasks: annotations done; while annotating, per annotation: Label Studio "
                 f"{while_annotating[0] / args.annotations:.2f} s CPU, {while_annotating[1] / args.annotations:.0f} "
                 f"rows; blank samples {watch.blank_samples}/{watch.samples}; /predict empty "
-                f"{watch.predict_empty}/{len(watch.predict_s)}; next task reflects {fresh}/{handed}",
+                f"{watch.predict_empty}/{len(watch.predict_s)}; next task reflects {fresh}/{handed}"
+                + (f" (the others: {dict(stale)})" if stale else ""),
                 flush=True,
             )
             settle_s: float | None = None
@@ -373,6 +378,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "settle_samples_with_a_blank_task": f"{watch.settle_blank_samples}/{watch.settle_samples}",
                 "sample_cpu_s": sample_cpu,
                 "next_task_reflected": f"{fresh}/{handed}",
+                "next_task_stale_because": dict(stale),
                 "annotator_calls_failed": dict(failed),
                 "label_studio_locked_retries": len(ls.locked_retries),
                 "predict_p99_s": sorted(watch.predict_s)[int(0.99 * (len(watch.predict_s) - 1))],
@@ -425,20 +431,29 @@ def labels_of(prediction: dict[str, Any]) -> list:
     return sorted((i["from_name"], sorted(i["value"]["choices"])) for i in prediction.get("result") or [])
 
 
-def reflects(store: Store, project: int, ls: LabelStudioServer, task: dict[str, Any], annotated_at: dict) -> bool:
-    """The task Label Studio handed out shows the answer of a model fitted on every annotation made
-    FRESH_AFTER seconds before (or one that answers the same)."""
+def stale_because(
+    store: Store, project: int, ls: LabelStudioServer, task: dict[str, Any], annotated_at: dict
+) -> str | None:
+    """None when the task Label Studio handed out shows the answer of a model fitted on every annotation made
+    FRESH_AFTER seconds before: the version whose answer the backend wrote there (`Store.shown`, checked
+    against the labels Label Studio holds), or one that answers the same as the current version. Else why
+    not: no such model yet ("not learnt"), or Label Studio shows an older model's other answer ("not
+    written")."""
     due = {t for t, at in annotated_at.items() if at < time.time() - FRESH_AFTER}
-    version = store.current_version(project)
-    if not due <= set(store.fitted_labels(project, version)):
-        return False
-    answer = store.predictions(project, version, [task["id"]]).get(task["id"])
-    if not answer or not answer.get("result"):
-        return False
     shown = ls.get_project(project).get("model_version") or ""
+    version = store.current_version(project)
     held = [p for p in task.get("predictions") or ls.task_predictions(task["id"])
             if p.get("model_version") in (shown, version, getattr(store, "live_version", lambda: "")())]  # fmt: skip
-    return any(labels_of(p) == labels_of(answer) for p in held)
+    written = store.shown(project, [task["id"]]).get(task["id"])
+    if (written and due <= set(store.fitted_labels(project, written.version))
+            and any(labels_digest(p) == written.digest for p in held)):  # fmt: skip
+        return None
+    if not due <= set(store.fitted_labels(project, version)):
+        return "not learnt"
+    answer = store.predictions(project, version, [task["id"]]).get(task["id"])
+    if not answer or not answer.get("result"):
+        return "no answer"
+    return None if any(labels_of(p) == labels_of(answer) for p in held) else "not written"
 
 
 def settle_cell(r: dict[str, Any]) -> str:
