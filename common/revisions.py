@@ -55,14 +55,22 @@ def misleads(prediction: Mapping[str, Any], shown: Shown | None) -> bool:
 
 def by_urgency(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> tuple[list[int], list[int]]:
     """The tasks whose prediction Label Studio must get, most urgent first: tasks that show nothing, then
-    tasks whose labels change, then score moves; within each, the least certain first (where the sort by
-    score and uncertainty sampling look). Cut in two: what Label Studio must get now (tasks that show nothing,
-    and the frontier: the FRONTIER lowest ids and the FRONTIER lowest scores shown), and the rest (every
-    REFRESH_SECONDS)."""
-    frontier = set(sorted(shown)[:FRONTIER]) | set(sorted(shown, key=lambda t: shown[t].score)[:FRONTIER])
+    tasks whose labels change, then score moves. Cut in two: what Label Studio must get now (tasks that show
+    nothing, and the frontier: the FRONTIER lowest ids and the FRONTIER lowest scores shown), and the rest
+    (every REFRESH_SECONDS). On the frontier, the task Label Studio hands out sooner goes first (its place
+    among the lowest ids or among the lowest scores, whichever is earlier): a young model relabels much of
+    the frontier, and the task the annotator opens next should not wait behind the rest of it. Elsewhere the
+    least certain go first (where the sort by score looks)."""
+    soon: dict[int, int] = {}
+    for order in (sorted(shown), sorted(shown, key=lambda t: shown[t].score)):
+        for place, task in enumerate(order[:FRONTIER]):
+            soon[task] = min(place, soon.get(task, place))
     ranked = _ranked(predictions, shown)
-    now = [t for rank, _, t in ranked if rank == 0 or t in frontier]
-    return now, [t for rank, _, t in ranked if rank > 0 and t not in frontier]
+    now = [t for rank, _, t in ranked if rank == 0]
+    for wanted in (1, 2):
+        front = [(soon[t], certainty, t) for rank, certainty, t in ranked if rank == wanted and t in soon]
+        now += [t for _, _, t in sorted(front)]
+    return now, [t for rank, _, t in ranked if rank > 0 and t not in soon]
 
 
 def _ranked(predictions: Mapping[int, Mapping[str, Any]], shown: Mapping[int, Shown]) -> list[tuple[int, float, int]]:

@@ -33,7 +33,7 @@ def test_only_a_changed_label_or_a_score_moved_beyond_the_margin_misleads():
     assert not misleads({"result": [], "score": 0.0}, None)  # no evidence: nothing to show
 
 
-def test_blank_tasks_come_first_then_label_changes_then_score_moves_least_certain_first():
+def test_blank_tasks_come_first_then_label_changes_then_score_moves_the_next_handed_out_first():
     shown = {
         1: shown_as("v1", prediction("Debris", 0.9)),  # labels change, confident
         2: shown_as("v1", prediction("Debris", 0.2)),  # labels change, uncertain
@@ -50,7 +50,10 @@ def test_blank_tasks_come_first_then_label_changes_then_score_moves_least_certai
         6: prediction("Debris", 0.9),
         7: {"result": [], "score": 0.0},
     }
-    assert by_urgency(new, shown) == ([5, 2, 1, 3, 6], [])  # every task shown is on the frontier here
+    # Every task shown is on the frontier here. Ids 1, 2, 3, 4, 6; scores shown from the lowest: 2, 6, 4, 1, 3.
+    # Labels change on 1 (first by id) and 2 (first by score): the less certain first; scores move on 6
+    # (second by score) and 3 (third by id).
+    assert by_urgency(new, shown) == ([5, 2, 1, 6, 3], [])
 
 
 def test_the_frontier_is_urgent_and_the_rest_waits_for_the_window(clean_redis):
@@ -77,3 +80,16 @@ def test_the_frontier_is_urgent_and_the_rest_waits_for_the_window(clean_redis):
     time.sleep(0.6)
     again, opened = store.refresh_due(7, 0.5)
     assert again > first + 0.5 and opened  # the window passed: the next move opens another
+
+
+def test_the_task_handed_out_next_is_written_before_the_rest_of_the_frontier():
+    """A young model relabels much of the frontier. The lowest id (what sequential sampling hands out next) and
+    the lowest score shown (what uncertainty sampling hands out) are written first, even the most certain
+    change of all; the rest of the frontier follows, each by its place (the less certain first on a tie)."""
+    n = 3 * FRONTIER
+    shown = {t: shown_as("v1", prediction("Debris", 0.9 - t / (2 * n))) for t in range(1, n + 1)}
+    new = {t: prediction("Plankton", 0.3 + t / (10 * n)) for t in range(1, n + 1)}
+    new[1] = prediction("Plankton", 0.95)  # the most certain change of all
+    now, later = by_urgency(new, shown)
+    assert set(now[:2]) == {1, n} and now[2:4] == [2, n - 1]
+    assert len(now) == 2 * FRONTIER and len(later) == n - 2 * FRONTIER
