@@ -243,7 +243,7 @@ def fitted(features: np.ndarray, labels: list[str], shape: Shape, seed: int) -> 
     right = loo_p.argmax(axis=1) == held.truth
     return Fitted(shape.label, seed, held.evidence[shared], right[shared], evidence, p.argmax(axis=1) == y_rest,
                   loo_p, held.truth, p, len(set(truth)),
-                  np.unique([labels[project.rows[i]] for i in project.annotated], return_counts=True)[1])  # fmt: skip
+                  np.unique([truth[i] for i in project.annotated], return_counts=True)[1])  # fmt: skip
 
 
 def fit_prior(projects: list[Fitted]) -> tuple[np.ndarray, float]:
@@ -326,15 +326,10 @@ CANDIDATES: dict[str, Callable[[Fitted], float]] = {
 }
 
 
-def good_turing(f: Fitted) -> float:
-    """learning.unseen_mass before it was capped by the labels the config offers (the map until 7 Dec 2026)."""
-    return float(np.sum(f.annotated == 1) / max(int(f.annotated.sum()), 1))
-
-
-UNSEEN_CANDIDATES: dict[str, Callable[[Fitted], float]] = {
-    "unseen: Good-Turing alone": good_turing,
+UNSEEN_CANDIDATES: dict[str, Callable[[Fitted], float]] = {  # learning.unseen_mass until 7 Dec 2026, and another
+    "unseen: Good-Turing alone": lambda f: learning.good_turing_mass(f.annotated),
     "unseen: Good-Turing, 0 once every label offered is annotated": lambda f: (
-        good_turing(f) if len(f.annotated) < f.offered else 0.0
+        learning.good_turing_mass(f.annotated) if len(f.annotated) < f.offered else 0.0
     ),
 }
 

@@ -375,16 +375,20 @@ SLOPE_SD = 0.3  # the project's slope ~ N(1, SLOPE_SD): how far its own outcomes
 SHIFT_SD = 0.5  # the project's shift ~ N(0, SHIFT_SD), in logits
 
 
-def unseen_mass(counts: np.ndarray, offered: int) -> float:
-    """The probability that a task's label is one no task was annotated with. Good-Turing's estimate, the
-    share of annotations whose label was annotated once (`counts`: annotations per label), assumes the
-    annotated tasks were drawn at random; an annotator who labels one of each class first makes many labels
-    annotated once with none left unseen. So it is capped by what the label config says: at most the share of
-    the `offered` labels nobody annotated, which is 0 once every label is annotated."""
+def good_turing_mass(counts: np.ndarray) -> float:
+    """Good-Turing's estimate of the probability that a task's label is one no task was annotated with: the
+    share of annotations whose label was annotated once (`counts`: annotations per label)."""
     counts = np.asarray(counts)
-    good_turing = float(np.sum(counts == 1) / max(int(counts.sum()), 1))
+    return float(np.sum(counts == 1) / max(int(counts.sum()), 1))
+
+
+def unseen_mass(counts: np.ndarray, offered: int) -> float:
+    """`good_turing_mass`, capped by what the label config says. Good-Turing assumes the annotated tasks were
+    drawn at random; an annotator who labels one of each class first makes many labels annotated once with
+    none left unseen. So the mass is at most the share of the `offered` labels nobody annotated, which is 0
+    once every label is annotated."""
     missing = 1.0 - np.count_nonzero(counts) / max(offered, 1)
-    return max(0.0, min(good_turing, missing))
+    return max(0.0, min(good_turing_mass(counts), missing))
 
 
 def task_evidence(
