@@ -427,10 +427,6 @@ def behind_in_label_studio(store: Store, project: int) -> int:
     return sum(t not in written and bool(answered.get(t, {}).get("result")) for t in todo)
 
 
-def labels_of(prediction: dict[str, Any]) -> list:
-    return sorted((i["from_name"], sorted(i["value"]["choices"])) for i in prediction.get("result") or [])
-
-
 def stale_because(
     store: Store, project: int, ls: LabelStudioServer, task: dict[str, Any], annotated_at: dict
 ) -> str | None:
@@ -453,7 +449,7 @@ def stale_because(
     answer = store.predictions(project, version, [task["id"]]).get(task["id"])
     if not answer or not answer.get("result"):
         return "no answer"
-    return None if any(labels_of(p) == labels_of(answer) for p in held) else "not written"
+    return None if any(labels_digest(p) == labels_digest(answer) for p in held) else "not written"
 
 
 def settle_cell(r: dict[str, Any]) -> str:
