@@ -7,6 +7,10 @@ request's wall time. The figures chose how the backend revises a suggestion (com
 prunes superseded versions; bench/RESULTS.md has them.
 
     .venv/bin/python bench/ls_prediction_api.py [--tasks 20000] [--batch 300]
+
+`--sweep` measures instead the listings the reconciliation sweep makes (worker/sync.py `_reconcile`, through
+worker/label_studio.py, as the worker asks them), in a project with a few annotated, lacking and crowded
+tasks: what a sweep costs Label Studio at N tasks, and which part grows with N.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import throughput  # noqa: E402
 
 from tests.e2e.label_studio import LabelStudioServer  # noqa: E402
 from tests.helpers import DATA  # noqa: E402
+from worker.label_studio import LabelStudioApi  # noqa: E402
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -103,6 +108,9 @@ def main() -> None:
     parser.add_argument("--busy-cores", type=int, default=0, help="with --revise-sizes: each revision measured "
                         "again while this many other processes spin (as the worker and a sampler take cores from "
                         "Label Studio in a run): what sharing the machine adds to its CPU seconds")  # fmt: skip
+    parser.add_argument("--sweep", default="", metavar="ANNOTATED,LACKING,CROWDED",
+                        help="only the sweep's listings, three of each, with this many tasks annotated, lacking the "
+                        "live version and holding two predictions (for example 50,20,10)")  # fmt: skip
     parser.add_argument("--ls-env", action="append", default=[], metavar="NAME=VALUE",
                         help="Label Studio's environment beside compose.yml's (repeatable)")  # fmt: skip
     args = parser.parse_args()
@@ -156,6 +164,18 @@ def main() -> None:
 
         versions = f"/api/projects/{pid}/model-versions/"
         measure = meter.measure
+        if args.sweep:
+            annotated, lacking, crowded = (int(x) for x in args.sweep.split(","))
+            answer = [{"from_name": "organism_type", "to_name": "image", "type": "choices",
+                       "value": {"choices": ["Debris"]}}]  # fmt: skip
+            spread = ids[:: max(1, n // (annotated + lacking + crowded))]
+            for task in spread[:annotated]:
+                ls.create_annotation(task, answer)
+            dm_delete(spread[annotated : annotated + lacking])
+            import_rows(spread[annotated + lacking : annotated + lacking + crowded], "gen-a")
+            time.sleep(2)
+            sweep(meter, LabelStudioApi(ls.url, ls.api_key), pid, ids, (annotated, lacking, crowded))
+            ids = []
         if args.list_sizes:
             start = 0
             for size in [int(x) for x in args.list_sizes.split(",")]:
@@ -214,6 +234,30 @@ def main() -> None:
         ls.update_project(pid, sampling="Uncertainty sampling")
         measure("GET /api/projects/<id>/next/ (uncertainty sampling)", 1, lambda: ls.get(f"/api/projects/{pid}/next/"))
     meter.report(n, k)
+
+
+def sweep(meter: Meter, api: LabelStudioApi, pid: int, ids: list[int], expected: tuple[int, int, int]) -> None:
+    """Each listing of `_reconcile`, three times, as the worker asks it; the listing of every id (made only
+    when the task count disagrees with the backend's) once."""
+    annotated, lacking, crowded = expected
+    calls: list[tuple[str, int, Callable[[], Any]]] = [
+        ("sweep: the project's task count", 1, lambda: api.task_count(pid)),
+        ("sweep: tasks after the last one known", 0, lambda: list(api.tasks_after(pid, max(ids)))),
+        ("sweep: annotated tasks with their annotations", annotated, lambda: list(api.annotated_tasks(pid))),
+        ("sweep: unannotated tasks lacking the live version", lacking, lambda: api.tasks_lacking(pid, "gen-a")),
+        ("sweep: tasks holding more than one prediction", crowded, lambda: api.crowded_tasks(pid)),
+    ]
+    for name, count, call in calls:
+        for _ in range(3):
+            found = meter.measure(name, count, call)
+            size = found if isinstance(found, int) else len(found)
+            assert name.endswith("count") or size == count, f"{name}: {size} found, {count} expected"
+    every = meter.measure("sweep, only when the count disagrees: every task id", len(ids), lambda: api.task_ids(pid))
+    assert every == set(ids), f"{len(every)} ids listed of {len(ids)}"
+    # What a sweep lists after an import none of whose webhooks arrived (or one over MAX_TASKS_PER_REQUEST).
+    every = meter.measure("sweep: every task as new, with data and annotations", len(ids),
+                          lambda: list(api.tasks_after(pid, min(ids) - 1)))  # fmt: skip
+    assert len(every) == len(ids), f"{len(every)} tasks listed of {len(ids)}"
 
 
 if __name__ == "__main__":

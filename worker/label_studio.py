@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 CLIENT_TIMEOUT_SECONDS = 60
 SYNC_PAGE_SIZE = 200
 NO_RETRIES = {"max_retries": 0}
+# A task with its data and whole annotations. Listed with every field instead (`include` left out), each task
+# cost Label Studio 1.23 5.5-7 ms of CPU, for the Data Manager's columns computed and serialised beside them;
+# listed so, about 1 ms (bench/RESULTS.md, "What a sweep costs"). An `include`d `annotations` alone holds their
+# ids only: `expand` makes them whole (its serializer's `expandable_fields`).
+WITH_ANNOTATIONS = "id,data,annotations"
+EXPAND_ANNOTATIONS = {"additional_query_parameters": {"expand": "annotations"}}
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -96,7 +102,7 @@ class LabelStudioApi:
         reply = self.client.projects.import_predictions(id=pid, request=request, request_options=NO_RETRIES)
         return int(reply.created or 0)
 
-    def _selected(self, pid: int, task_ids: Iterable[int], include: str | None) -> Iterator[Any]:
+    def _selected(self, pid: int, task_ids: Iterable[int], include: str) -> Iterator[Any]:
         """These tasks, SYNC_PAGE_SIZE a request. The SDK's pager asks for pages until one is empty, and Label
         Studio answers a page past the end with 404 after counting the selection again: once a page has held
         every task asked for, the next is not asked (a revision of 20 tasks made that request every time, about
@@ -105,9 +111,8 @@ class LabelStudioApi:
         for start in range(0, len(ids), SYNC_PAGE_SIZE):
             chunk = ids[start : start + SYNC_PAGE_SIZE]
             query = json.dumps({"selectedItems": {"all": False, "included": chunk}})
-            pager = self.client.tasks.list(
-                project=pid, query=query, fields="all", include=include, page_size=SYNC_PAGE_SIZE
-            )
+            pager = self.client.tasks.list(project=pid, query=query, fields="all", include=include,
+                                           page_size=SYNC_PAGE_SIZE, request_options=_options(include))  # fmt: skip
             # Fewer than asked (tasks deleted, a TASK_API_PAGE_SIZE_MAX below ours): the pager reads on.
             for found, task in enumerate(pager, 1):
                 yield task
@@ -140,8 +145,8 @@ class LabelStudioApi:
 
     def tasks(self, pid: int, task_ids: Iterable[int]) -> Iterator[LabelStudioTask]:
         """These tasks with their data and annotations."""
-        for task in self._selected(pid, task_ids, None):
-            yield LabelStudioTask(int(task.id), dict(task.data or {}), [_as_dict(a) for a in task.annotations or []])
+        for task in self._selected(pid, task_ids, WITH_ANNOTATIONS):
+            yield _task(task)
 
     def existing_tasks(self, pid: int, task_ids: Iterable[int]) -> set[int]:
         return {int(task.id) for task in self._selected(pid, task_ids, "id")}
@@ -158,12 +163,11 @@ class LabelStudioApi:
     def label_config(self, pid: int) -> str:
         return str(self.client.projects.get(id=pid).label_config or "")
 
-    def _filtered(self, pid: int, items: list[dict[str, Any]], include: str | None) -> Iterator[Any]:
-        """The project's tasks that pass every Data Manager filter in `items`, with the `include`d fields only
-        (None: every field; an `include`d `annotations` holds their ids only)."""
+    def _filtered(self, pid: int, items: list[dict[str, Any]], include: str) -> Iterator[Any]:
+        """The project's tasks that pass every Data Manager filter in `items`, with the `include`d fields only."""
         query = json.dumps({"filters": {"conjunction": "and", "items": items}})
         yield from self.client.tasks.list(project=pid, query=query, fields="all", include=include,
-                                          page_size=SYNC_PAGE_SIZE)  # fmt: skip
+                                          page_size=SYNC_PAGE_SIZE, request_options=_options(include))  # fmt: skip
 
     def task_count(self, pid: int) -> int:
         return int(self.client.projects.get(id=pid).task_number or 0)
@@ -171,15 +175,15 @@ class LabelStudioApi:
     def tasks_after(self, pid: int, last_id: int) -> Iterator[LabelStudioTask]:
         """Tasks created after task `last_id` (ids only grow), with their data and annotations."""
         items = [{"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": last_id}]
-        for task in self._filtered(pid, items, None):
-            yield LabelStudioTask(int(task.id), dict(task.data or {}), [_as_dict(a) for a in task.annotations or []])
+        for task in self._filtered(pid, items, WITH_ANNOTATIONS):
+            yield _task(task)
 
     def annotated_tasks(self, pid: int) -> Iterator[LabelStudioTask]:
         """Tasks with at least one annotation, with them: a listing whose cost grows with the annotations, not
         with the project."""
         items = [{"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]
-        for task in self._filtered(pid, items, None):
-            yield LabelStudioTask(int(task.id), dict(task.data or {}), [_as_dict(a) for a in task.annotations or []])
+        for task in self._filtered(pid, items, WITH_ANNOTATIONS):
+            yield _task(task)
 
     def tasks_lacking(self, pid: int, version: str) -> dict[int, list[str]]:
         """Tasks without annotations that hold no prediction of `version`, with the versions they do hold."""
@@ -218,6 +222,19 @@ class LabelStudioApi:
 
     def delete_prediction(self, prediction_id: int) -> None:
         self.client.predictions.delete(id=prediction_id)
+
+
+def _options(include: str) -> dict[str, Any] | None:
+    return EXPAND_ANNOTATIONS if include == WITH_ANNOTATIONS else None
+
+
+def _task(task: Any) -> LabelStudioTask:
+    """Raises ValueError for an annotation listed without its result (a Label Studio that ignored `expand`):
+    read as one, it would teach "no choice" in place of its labels."""
+    annotations = [_as_dict(a) for a in task.annotations or []]
+    if any("result" not in a for a in annotations):
+        raise ValueError(f"Label Studio listed task {task.id}'s annotations without their results")
+    return LabelStudioTask(int(task.id), dict(task.data or {}), annotations)
 
 
 def _versions(aggregated: Any) -> list[str]:

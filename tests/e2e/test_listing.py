@@ -1,6 +1,7 @@
-"""The worker's listings of selected tasks (worker/label_studio.py) against a real Label Studio: every task asked
-for comes back, and no page past the end is asked for. Label Studio answers such a page with 404 after counting
-the selection again; a revision of 20 tasks paid that request every time."""
+"""The worker's listings (worker/label_studio.py) against a real Label Studio: every task asked for comes back,
+no page past the end of a selection is asked for (Label Studio answers such a page with 404 after counting the
+selection again; a revision of 20 tasks paid that request every time), and the listings the sweep learns
+annotations from carry them whole, on every page, though they ask for no other field."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 import pytest
 
 import worker.label_studio
+from common.annotations import annotation_labels
+from common.label_config import parse_label_config
 from worker.label_studio import LabelStudioApi
 
 from .label_studio import LabelStudioServer
@@ -51,3 +54,26 @@ def test_a_deleted_task_is_left_out_and_larger_selections_go_a_page_a_request(la
     monkeypatch.setattr(worker.label_studio, "SYNC_PAGE_SIZE", 2)
     assert {task.id for task in api.tasks(pid, ids)} == set(ids) - {ids[1]}
     assert set(api.rows(pid, [ids[0], ids[2], ids[3], ids[4]])) == {ids[0], ids[2], ids[3], ids[4]}
+
+
+def test_annotations_come_whole_in_every_listing_that_carries_them(label_studio, project, label_config, monkeypatch):
+    """Asked for id, data and annotations only (the Data Manager's other columns cost Label Studio five times as
+    much to list): an `include`d annotation alone is its id, so without `expand` every label here is lost."""
+    pid, ids = project
+    chosen = {"from_name": "organism_type", "to_name": "image", "type": "choices", "value": {"choices": ["Debris"]}}
+    label_studio.create_annotation(ids[0], [chosen])
+    label_studio.create_annotation(ids[2], [chosen])
+    label_studio.create_annotation(ids[2], [], was_cancelled=True)
+    config = parse_label_config(label_config)
+    api = LabelStudioApi(label_studio.url, label_studio.api_key)
+    monkeypatch.setattr(worker.label_studio, "SYNC_PAGE_SIZE", 1)  # the second page must carry them whole too
+
+    def labels(tasks) -> dict[int, list]:
+        return {t.id: [annotation_labels(a, config) for a in t.annotations] for t in tasks}
+
+    expected = {ids[0]: [{"organism_type": ["Debris"]}], ids[2]: [{"organism_type": ["Debris"]}, None]}
+    assert labels(api.annotated_tasks(pid)) == expected
+    assert labels(api.tasks(pid, [ids[0], ids[2]])) == expected
+    after = list(api.tasks_after(pid, ids[1]))
+    assert labels(after) == {ids[2]: expected[ids[2]], ids[3]: [], ids[4]: []}
+    assert all(t.data == {"image": f"https://example.org/p{i + 2}.png"} for i, t in enumerate(after))
