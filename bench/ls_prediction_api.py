@@ -237,8 +237,9 @@ def main() -> None:
 
 
 def sweep(meter: Meter, api: LabelStudioApi, pid: int, ids: list[int], expected: tuple[int, int, int]) -> None:
-    """Each listing of `_reconcile`, three times, as the worker asks it; the listing of every id (made only
-    when the task count disagrees with the backend's) once."""
+    """Each listing of `_reconcile`, three times, as the worker asks it; once each, the two that list every
+    task: its ids (when the task count disagrees with the backend's) and every task as new (after an import
+    whose webhooks were lost)."""
     annotated, lacking, crowded = expected
     calls: list[tuple[str, int, Callable[[], Any]]] = [
         ("sweep: the project's task count", 1, lambda: api.task_count(pid)),

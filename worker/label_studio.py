@@ -33,9 +33,9 @@ CLIENT_TIMEOUT_SECONDS = 60
 SYNC_PAGE_SIZE = 200
 NO_RETRIES = {"max_retries": 0}
 # A task with its data and whole annotations. Listed with every field instead (`include` left out), each task
-# cost Label Studio 1.23 5.5-7 ms of CPU, for the Data Manager's columns computed and serialised beside them;
-# listed so, about 1 ms (bench/RESULTS.md, "What a sweep costs"). An `include`d `annotations` alone holds their
-# ids only: `expand` makes them whole (its serializer's `expandable_fields`).
+# cost Label Studio 1.23 5-11 ms of CPU, for the Data Manager's columns computed and serialised beside them;
+# listed so, 1-2 ms (bench/RESULTS.md, "What a sweep costs Label Studio"). An `include`d `annotations` alone
+# holds their ids only: `expand` makes them whole (its serializer's `expandable_fields`).
 WITH_ANNOTATIONS = "id,data,annotations"
 EXPAND_ANNOTATIONS = {"additional_query_parameters": {"expand": "annotations"}}
 
