@@ -214,6 +214,25 @@ REVISED = re.compile(
 )
 
 
+SWEEP = re.compile(r": sync \((.+?)\): .*'listed': (\d+),.*? 'listing_seconds': ([\d.]+)")
+FITTED = re.compile(r": fitted \S+-(v\d+)-\S+ \((.+?)\) on (\d+) tasks")
+KEPT = re.compile(r": refit \((.+?)\) changes ([\d.]+%) of the answers")
+
+
+def import_work(worker_log: Path) -> dict[str, Any]:
+    """From the worker's log so far (the import): each sweep's listed tasks and listing seconds, the versions
+    published (why, on how many tasks) and the refits that kept theirs, and how many suggestions were revised."""
+    text = worker_log.read_text(errors="replace")
+    sweeps = [(m.group(1), int(m.group(2)), float(m.group(3))) for m in SWEEP.finditer(text)]
+    return {
+        "sweeps_listed": [s[1] for s in sweeps],
+        "sweeps_listing_s": [round(s[2], 1) for s in sweeps],
+        "versions": [f"{m.group(1)} ({m.group(2)}, {m.group(3)} tasks)" for m in FITTED.finditer(text)]
+        + [f"kept ({m.group(1)}: {m.group(2)} changed)" for m in KEPT.finditer(text)],
+        "revised": sum(sum(part) for part in revision_reasons(worker_log, time.time()).values()),
+    }
+
+
 def revision_reasons(worker_log: Path, annotations_ended: float) -> dict[str, list[int]]:
     """From the worker's log: how many suggestions were revised for their labels, and how many for their score
     alone, while the annotator worked and after."""
@@ -248,6 +267,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             store = Store.from_url(args.redis_url, embedding_space(Settings.from_env()))
             table = LabelStudioTable(ls.data_dir)
             project = ls.create_project(f"scale {n}", LABEL_CONFIG)
+            import_cpu, import_row = throughput.tree_cpu_seconds(ls.process.pid), table.last_id()
             ls.connect_ml_backend(project, api.url)
             files = [PARTICLES[i % len(PARTICLES)] for i in range(n)]
             ids: list[int] = []
@@ -265,7 +285,13 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         and not lacking(ls, project, shown_version(ls, project, api.url)))  # fmt: skip
 
             wait_until(settled, 7200, f"the import of {n} settled", interval=5)
-            print(f"  {n} tasks imported and settled in {time.perf_counter() - started:.0f} s", flush=True)
+            imported = {"settled_s": time.perf_counter() - started,
+                        "label_studio_cpu_s": throughput.tree_cpu_seconds(ls.process.pid) - import_cpu,
+                        "rows": table.last_id() - import_row, **import_work(out / "worker.log")}  # fmt: skip
+            print(f"  {n} tasks imported and settled in {imported['settled_s']:.0f} s: Label Studio "
+                  f"{imported['label_studio_cpu_s']:.0f} s CPU, {imported['rows']:,} rows; sweeps listed "
+                  f"{imported['sweeps_listed']} tasks in {imported['sweeps_listing_s']} s; versions "
+                  f"{imported['versions']}; revised {imported['revised']:,}", flush=True)  # fmt: skip
             time.sleep(5)
             page = {"project": project, "page": 1, "page_size": 30, "fields": "all"}
 
@@ -367,6 +393,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                      else {"label_studio_cpu_s": float("nan"), "listing_s": float("nan")})  # fmt: skip
             return {
                 "tasks": n,
+                "import": imported,
                 "rows_per_annotation": rows / args.annotations,
                 "deleted_per_annotation": deleted / args.annotations,
                 "label_studio_cpu_per_annotation_s": ls_cpu / args.annotations,
