@@ -607,6 +607,10 @@ class Store:
         raw = self.r.hmget(keys.shown(pid), [str(t) for t in ids])
         return {t: Shown.decode(v) for t, v in zip(ids, raw, strict=True) if v is not None}
 
+    def shown_tasks(self, pid: int) -> set[int]:
+        """The tasks Label Studio holds a live prediction of ours for, as far as the backend knows."""
+        return {int(t) for t in self.r.hkeys(keys.shown(pid))}
+
     def set_shown(self, pid: int, entries: Mapping[int, Shown]) -> None:
         if entries:
             self.r.hset(keys.shown(pid), mapping={str(t): e.encode() for t, e in entries.items()})

@@ -139,16 +139,22 @@ def predict_current(
 
 
 def outgrown(rt: Runtime, pid: int, version: str) -> bool:
-    """The project has more than doubled since its model was fitted (or last checked), and has at least
-    OUTGROWN_MIN_TASKS tasks: its first model often saw only the seed annotations' images. Predictions
-    are then held back (not written to Label Studio) until a refit has looked at the project grown
+    """The project (its tasks embedded and queued) has more than doubled since its model was fitted (or last
+    checked), and has at least OUTGROWN_MIN_TASKS tasks: its first model often saw only the seed annotations'
+    images. Predictions are then held back (not written to Label Studio; a refit writes only revisions of
+    tasks already shown, worker/refitting.py) until a refit has looked at the project grown
     (`settle_import`): every task is written once, by a model that saw the import, instead of twice.
     The annotator's open task is never held."""
     if not rt.model_answers(pid, version):
         return False
     meta = rt.store.version_meta(pid, version)
-    seen = max(int(meta.get("tasks", 0)), int(meta.get("checked_tasks", 0)))
-    now = rt.store.embedding_count(pid)
+    return outgrows(rt, pid, max(int(meta.get("tasks", 0)), int(meta.get("checked_tasks", 0))))
+
+
+def outgrows(rt: Runtime, pid: int, seen: int) -> bool:
+    """A model fitted on `seen` tasks is outgrown: the tasks embedded and those queued for embedding (an import
+    under way) are more than twice as many."""
+    now = rt.store.embedding_count(pid) + rt.store.pending_count(pid)
     return now >= OUTGROWN_MIN_TASKS and now > 2 * seen
 
 

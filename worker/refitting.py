@@ -21,7 +21,7 @@ from common.collections import collection_of
 from common.label_config import LabelConfig
 from worker import metrics
 from worker.pipeline import from_bytes, to_bytes
-from worker.predicting import fill_gaps, model_choices, stage
+from worker.predicting import fill_gaps, model_choices, outgrows, stage
 from worker.project_model import fit_model, model_to_bytes
 from worker.results import build_prediction
 from worker.runtime import Runtime
@@ -124,6 +124,11 @@ def _refit(rt: Runtime, pid: int, force: bool, reason: str) -> dict[str, Any]:
     # published finds its task's answer at once (instead of sending a chunk of the import to the back of the
     # queue to make way for an interactive message). Tasks embedded since are the gaps filled below.
     ready = {t: build_prediction(c, config, version) for t, c in zip(unannotated, answers, strict=True)}
+    if outgrows(rt, pid, len(task_ids)):
+        # An import under way outgrows this model: tasks Label Studio shows nothing of ours for are left gaps,
+        # predicted once a refit has seen the import (`outgrown`), so that it writes them once, not twice.
+        shown = store.shown_tasks(pid)
+        ready = {t: p for t, p in ready.items() if t in shown}
     store.save_predictions(pid, version, ready)
     store.publish_version(pid, version, model_to_bytes(model), meta, used)
     store.reset_changes(pid, seen)

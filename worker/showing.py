@@ -26,7 +26,7 @@ def unwritten(rt: Runtime, pid: int) -> int:
     version = store.current_version(pid)
     if not rt.model_answers(pid, version):
         return -1
-    waiting = store.featured_tasks(pid) - store.annotated_tasks(pid) - set(store.shown(pid))
+    waiting = store.featured_tasks(pid) - store.annotated_tasks(pid) - store.shown_tasks(pid)
     answered = store.predictions(pid, version, waiting)
     return sum(1 for t in waiting if t not in answered or answered[t].get("result"))
 

@@ -40,6 +40,10 @@ DELIVERY_GRACE = 60.0
 CLOCK_SKEW_SECONDS = 5.0
 # The periodic sync's listings take at most this share of Label Studio's time, however large the project.
 LISTING_SHARE = 0.1
+# Tasks lacking the live version are not listed while the backend itself has more than this many still to write
+# (an import under way): the listing would be those tasks, about 1 ms of Label Studio's CPU each, to learn what
+# the backend knows. A write Label Studio lost among them is found by the sweep after the import is written.
+UNWRITTEN_LISTING_LIMIT = 1000
 
 
 def sync_project(rt: Runtime, pid: int, retrain: bool, reason: str, asked: bool = False) -> dict[str, Any]:
@@ -91,8 +95,9 @@ def _written_since(rt: Runtime, pid: int, version: str, started: float, tasks: s
 def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
     """Find, with filtered listings whose cost grows with what changed and with the annotations, not with the
     project: tasks created or deleted without our hearing of it, the annotations, unannotated tasks lacking
-    the live version, and tasks holding two copies of it. Every task's id is listed only when the project's
-    task count disagrees with what the backend knows."""
+    the live version (unless the backend has more than UNWRITTEN_LISTING_LIMIT to write itself), and tasks
+    holding two copies of it. Every task's id is listed only when the project's task count disagrees with what
+    the backend knows."""
     store, outbox = rt.store, rt.store.delivery
     started = time.time()
     secured = _secure_webhooks(rt, api, pid)
@@ -109,7 +114,10 @@ def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
         ids = api.task_ids(pid)
         gone = known - ids
         heard |= {t.id: t for t in api.tasks(pid, ids - known - set(heard))}
-    lacking = {t: versions for t, versions in api.tasks_lacking(pid, live).items() if t not in gone}
+    to_write = _still_to_write(rt, pid, (known - gone) | set(heard), set(annotated))
+    lacking: dict[int, list[str]] = {}
+    if len(to_write) <= UNWRITTEN_LISTING_LIMIT:
+        lacking = {t: versions for t, versions in api.tasks_lacking(pid, live).items() if t not in gone}
     crowded_rows = api.crowded_tasks(pid)
     listing_seconds = time.time() - listing
     store.forget_tasks(pid, gone)
@@ -148,6 +156,7 @@ def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
         "webhooks_secured": secured,
         "tasks": len(known - gone | set(listed)),
         "listed": len(listed) + len(lacking) + len(crowded_rows),
+        "to_write": len(to_write),
         "listing_seconds": round(listing_seconds, 3),
         "new": len(unfeatured),
         "ingest_job": job,
@@ -157,6 +166,12 @@ def _reconcile(rt: Runtime, api: LabelStudioApi, pid: int) -> dict[str, Any]:
         "rewritten": rewritten,
         "cleaned": len(stale & redo),
     }
+
+
+def _still_to_write(rt: Runtime, pid: int, tasks: set[int], annotated: set[int]) -> set[int]:
+    """Unannotated tasks the backend has written no live prediction for (and could: their image did not fail):
+    on their way to Label Studio, held until an import's model is fitted, or waiting for a first model."""
+    return tasks - annotated - rt.store.annotated_tasks(pid) - rt.store.shown_tasks(pid) - set(rt.store.failures(pid))
 
 
 def _stale_copies(rows: list[Row], live: str) -> bool:
