@@ -21,6 +21,7 @@ def build_prediction(choices: Mapping[str, Choice], config: LabelConfig, version
     `cluster` is the task's k-means cluster (`TaskChoices.cluster`, an integer, as Label Studio's prediction
     field is): with *Uncertainty sampling* Label Studio's labelling stream takes first the tasks of the
     clusters the annotator has labelled least, then the lowest score. Left out when the model has none.
+    Label Studio 1.23 drops it from a bulk import and from the /predict replies it stores (README).
     """
     result = []
     for tag in config.choices:
