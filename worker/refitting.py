@@ -126,7 +126,9 @@ def _refit(rt: Runtime, pid: int, force: bool, reason: str) -> dict[str, Any]:
     ready = {t: build_prediction(c, config, version) for t, c in zip(unannotated, answers, strict=True)}
     if outgrows(rt, pid, len(task_ids)):
         # An import under way outgrows this model: tasks Label Studio shows nothing of ours for are left gaps,
-        # predicted once a refit has seen the import (`outgrown`), so that it writes them once, not twice.
+        # predicted once a refit has seen the import (`outgrown`), so that it writes them once, not twice. Not
+        # stored either: a stored answer is no gap, and nothing would stage it if that refit kept this version.
+        # A /predict for one of them meanwhile is answered by the interactive lane.
         shown = store.shown_tasks(pid)
         ready = {t: p for t, p in ready.items() if t in shown}
     store.save_predictions(pid, version, ready)
