@@ -89,7 +89,7 @@ def test_a_sweep_lists_no_lacking_tasks_while_the_backend_has_many_to_write(
     label_studio, project, clean_redis, monkeypatch
 ):
     """A new project's first sweep runs while its import is written: every task lacks the live version until
-    then, and listing them cost Label Studio 135-147 s at 20,000 tasks (bench/RESULTS.md). While the backend has
+    then, and listing them took 127-147 s at 20,000 tasks (bench/RESULTS.md). While the backend has
     more than UNWRITTEN_LISTING_LIMIT tasks still to write, the sweep does not list them; once it has few, it
     does, and finds what Label Studio lacks."""
     pid, ids = project
