@@ -102,6 +102,19 @@ def _deliverable(store: Store, pid: int, version: str, tid: int, prediction: dic
     return {**prediction, "model_version": store.live_version()}
 
 
+def _newest_answer(store: Store, pid: int, ids: list[int], *versions: str | None) -> tuple[str, dict[int, Any]]:
+    """The task's answer of the version current now, else of the first of `versions` that holds one. While
+    annotations arrive, a refit publishes a version every few seconds, and the worker predicts the open task
+    with the version current when it runs: newer than the one the wait began with, and perhaps already
+    superseded by another (which may hold no answer for the task while an import outgrows it,
+    worker/predicting.py `outgrown`)."""
+    current = store.current_version(pid)
+    for version in dict.fromkeys(v for v in (current, *versions) if v):
+        if stored := store.predictions(pid, version, ids):
+            return version, stored
+    return current, {}
+
+
 @bp.post("/predict")
 def predict():
     body = json_object()
@@ -132,8 +145,8 @@ def predict():
         dispatcher.ingest(pid, missing, kind="predict", interactive=True)
         deadline = time.monotonic() + settings.predict_wait_seconds
         while not stored and (left := deadline - time.monotonic()) > 0:
-            store.wait_for_prediction(pid, version, ids[0], left)
-            stored = store.predictions(pid, version, ids)
+            woken = store.wait_for_prediction(pid, version, ids[0], left)
+            version, stored = _newest_answer(store, pid, ids, woken, version)
     elif missing:
         dispatcher.ingest(pid, missing, kind="predict")
     results = [_deliverable(store, pid, version, tid, stored.get(tid)) for tid in ids]

@@ -19,7 +19,12 @@ behind 1, 3, 5 and 10 minutes after it), the revisions made for a suggestion's l
 (from the worker's log), and the Data Manager page's and the next-task call's latency before and during the
 annotations.
 
-    .venv/bin/python bench/scale.py [--sizes 2000,20000,50000] [--annotations 20] [--every 3]
+With `--during-import`, the annotator starts as soon as the seed annotations are made, while the import is
+still embedded and written (what users do with a sample that has just arrived): then also printed, how many of
+the tasks Label Studio handed out came with no suggestion, and what the whole (import and annotations) cost
+Label Studio until it settled.
+
+    .venv/bin/python bench/scale.py [--sizes 2000,20000,50000] [--annotations 20] [--every 3] [--during-import]
 """
 
 from __future__ import annotations
@@ -162,6 +167,7 @@ class BlankWatch(threading.Thread):
         self.settle_blank_samples = 0
         self.predict_s: list[float] = []
         self.predict_empty = 0
+        self.during_import = False
 
     def predict_one(self) -> None:
         task = random.choice([t for t in self.tasks if t not in self.annotated])
@@ -179,6 +185,8 @@ class BlankWatch(threading.Thread):
                 blank = self.table.lacking(self.project, self._shown_version())
                 self.settle_samples += 1
                 self.settle_blank_samples += bool(blank)
+            elif self.during_import:
+                continue  # most tasks are not embedded yet: a listing would be the import, and load Label Studio
             else:
                 blank = lacking(self.ls, self.project, shown_version(self.ls, self.project, self.api_url))
                 self.samples += 1
@@ -284,15 +292,17 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         and store.queue_length(queues.BULK) == 0 and store.embedding_count(project) == n
                         and not lacking(ls, project, shown_version(ls, project, api.url)))  # fmt: skip
 
-            wait_until(settled, 7200, f"the import of {n} settled", interval=5)
-            imported = {"settled_s": time.perf_counter() - started,
-                        "label_studio_cpu_s": throughput.tree_cpu_seconds(ls.process.pid) - import_cpu,
-                        "rows": table.last_id() - import_row, **import_work(out / "worker.log")}  # fmt: skip
-            print(f"  {n} tasks imported and settled in {imported['settled_s']:.0f} s: Label Studio "
-                  f"{imported['label_studio_cpu_s']:.0f} s CPU, {imported['rows']:,} rows; sweeps listed "
-                  f"{imported['sweeps_listed']} tasks in {imported['sweeps_listing_s']} s; versions "
-                  f"{imported['versions']}; revised {imported['revised']:,}", flush=True)  # fmt: skip
-            time.sleep(5)
+            imported: dict[str, Any] = {}
+            if not args.during_import:
+                wait_until(settled, 7200, f"the import of {n} settled", interval=5)
+                imported = {"settled_s": time.perf_counter() - started,
+                            "label_studio_cpu_s": throughput.tree_cpu_seconds(ls.process.pid) - import_cpu,
+                            "rows": table.last_id() - import_row, **import_work(out / "worker.log")}  # fmt: skip
+                print(f"  {n} tasks imported and settled in {imported['settled_s']:.0f} s: Label Studio "
+                      f"{imported['label_studio_cpu_s']:.0f} s CPU, {imported['rows']:,} rows; sweeps listed "
+                      f"{imported['sweeps_listed']} tasks in {imported['sweeps_listing_s']} s; versions "
+                      f"{imported['versions']}; revised {imported['revised']:,}", flush=True)  # fmt: skip
+                time.sleep(5)
             page = {"project": project, "page": 1, "page_size": 30, "fields": "all"}
 
             def dm_page() -> None:
@@ -302,10 +312,13 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                       "next_s": statistics.median(timed(lambda: ls.get(f"/api/projects/{project}/next/"))
                                                   for _ in range(5))}  # fmt: skip
             ls_cpu = throughput.tree_cpu_seconds(ls.process.pid)
-            sampling = [timed(lambda: lacking(ls, project, shown_version(ls, project, api.url))) for _ in range(5)]
-            sample_cpu = (throughput.tree_cpu_seconds(ls.process.pid) - ls_cpu) / len(sampling)
+            samples = 0 if args.during_import else 5  # the watch lists nothing while the import runs
+            for _ in range(samples):
+                lacking(ls, project, shown_version(ls, project, api.url))
+            sample_cpu = (throughput.tree_cpu_seconds(ls.process.pid) - ls_cpu) / max(1, samples)
             watch = BlankWatch(ls, table, project, api.url, args.sample_every,
                                {t: {"image": ref(p)} for t, p in path_of.items()})  # fmt: skip
+            watch.during_import = args.during_import
             backend_pids = [api.proc.pid, worker.proc.pid, beat.proc.pid]
             ls_cpu = throughput.tree_cpu_seconds(ls.process.pid)
             ours_cpu = sum(throughput.tree_cpu_seconds(p) for p in backend_pids)
@@ -313,6 +326,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             watch.start()
             annotated_at: dict[int, float] = {}
             fresh, handed, page_during, next_during, failed, stale = 0, 0, [], [], Counter(), Counter()
+            handed_blank = 0  # tasks Label Studio handed out with no suggestion (it asks /predict for them first)
 
             def as_annotator(what: str, call: Callable[[], Any]) -> Any:
                 """The annotator's call; one Label Studio failed (HTTP 5xx: on SQLite, "database is locked") is
@@ -336,6 +350,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 task = as_annotator("next task", lambda: ls.get(f"/api/projects/{project}/next/"))
                 next_during.append(time.perf_counter() - took)
                 handed += 1
+                handed_blank += not task.get("predictions")
                 why = stale_because(store, project, ls, task, annotated_at)
                 fresh += why is None
                 stale.update([why] if why else [])
@@ -355,14 +370,15 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 busy = store.r.exists(keys.lock(project, "refit"), keys.refit_scheduled(project))
                 fitted = store.fitted_labels(project, store.current_version(project))
                 return (not busy and store.delivery.size(project) == 0 and len(fitted) == args.annotations + 2
+                        and store.embedding_count(project) == n and not store.pending_count(project)
                         and not behind_in_label_studio(store, project))  # fmt: skip
 
             print(
                 f"  {n} tasks: annotations done; while annotating, per annotation: Label Studio "
                 f"{while_annotating[0] / args.annotations:.2f} s CPU, {while_annotating[1] / args.annotations:.0f} "
                 f"rows; blank samples {watch.blank_samples}/{watch.samples}; /predict empty "
-                f"{watch.predict_empty}/{len(watch.predict_s)}; next task reflects {fresh}/{handed}"
-                + (f" (the others: {dict(stale)})" if stale else ""),
+                f"{watch.predict_empty}/{len(watch.predict_s)}; handed out with no suggestion {handed_blank}/{handed}; "
+                f"next task reflects {fresh}/{handed}" + (f" (the others: {dict(stale)})" if stale else ""),
                 flush=True,
             )
             settle_s: float | None = None
@@ -389,6 +405,13 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             ours_cpu = sum(throughput.tree_cpu_seconds(p) for p in backend_pids) - ours_cpu
             rows = table.last_id() - first_row
             deleted = rows - (table.rows(project) - first_count)
+            if args.during_import:
+                imported = {"settled_s": time.perf_counter() - started,
+                            "label_studio_cpu_s": throughput.tree_cpu_seconds(ls.process.pid) - import_cpu,
+                            "rows": table.last_id() - import_row, **import_work(out / "worker.log")}  # fmt: skip
+                print(f"  {n} tasks, annotated while imported: the whole settled in {imported['settled_s']:.0f} s: "
+                      f"Label Studio {imported['label_studio_cpu_s']:.0f} s CPU, {imported['rows']:,} rows; versions "
+                      f"{imported['versions']}; revised {imported['revised']:,}", flush=True)  # fmt: skip
             sweep = (measure_sweep(ls, api.url, store, project) if settle_s is not None
                      else {"label_studio_cpu_s": float("nan"), "listing_s": float("nan")})  # fmt: skip
             return {
@@ -405,6 +428,8 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "settle_samples_with_a_blank_task": f"{watch.settle_blank_samples}/{watch.settle_samples}",
                 "sample_cpu_s": sample_cpu,
                 "next_task_reflected": f"{fresh}/{handed}",
+                "handed_out_blank": f"{handed_blank}/{handed}",
+                "during_import": args.during_import,
                 "next_task_stale_because": dict(stale),
                 "annotator_calls_failed": dict(failed),
                 "label_studio_locked_retries": len(ls.locked_retries),
@@ -495,6 +520,11 @@ def main() -> int:
     parser.add_argument("--settle-limit", type=float, default=3600.0,
                         help="seconds to wait for every task to show the newest model after the last annotation; "
                         "past it the run reports how many tasks were still behind")  # fmt: skip
+    parser.add_argument(
+        "--during-import",
+        action="store_true",
+        help="annotate from the seed annotations on, while the import is embedded and written",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     random.seed(0)
@@ -510,7 +540,7 @@ def main() -> int:
     )
     print("| tasks | rows written (deleted) per annotation | Label Studio CPU s per annotation | "
           "of which while annotating: CPU s (rows) | "
-          "backend CPU s per annotation | longest blank s | next task reflects annotations >15 s | "
+          "backend CPU s per annotation | longest blank s | next task reflects annotations >15 s (handed out blank) | "
           "annotator calls failed (HTTP 5xx) | rows per task after | settled after s | "
           "DM page before / during ms | next task before / during ms | /predict max s (empty) | "
           "a sweep: Label Studio CPU s (listing s) |")  # fmt: skip
@@ -522,7 +552,7 @@ def main() -> int:
             f"{r.get('label_studio_cpu_while_annotating_s', 0):.2f} ({r.get('rows_while_annotating', 0):.0f}) | "
             f"{r['backend_cpu_per_annotation_s']:.2f} | {r['longest_blank_s']:.0f} "
             f"({r['samples_with_a_blank_task']} samples; settling {r.get('settle_samples_with_a_blank_task', '-')}) | "
-            f"{r['next_task_reflected']} | "
+            f"{r['next_task_reflected']} ({r.get('handed_out_blank', '-')}) | "
             f"{sum(r.get('annotator_calls_failed', {}).values())} | "
             f"{r['rows_per_task_after']:.2f} | {settle_cell(r)} | {1000 * r['page_before_s']:.0f} / "
             f"{1000 * r['page_during_s']:.0f} | {1000 * r['next_before_s']:.0f} / {1000 * r['next_during_s']:.0f} | "
@@ -540,6 +570,11 @@ def main() -> int:
               f"{during[0]:,} / {during[1]:,} while annotating, {after[0]:,} / {after[1]:,} after")  # fmt: skip
         counts = r["behind_after_s"]
         behind = " / ".join(f"{counts[c]:,}" if c in counts else "-" for c in SETTLE_CHECKPOINTS)
+        if r.get("during_import"):
+            i = r["import"]
+            print(f"{r['tasks']:,} tasks annotated while imported: the whole settled in {i['settled_s']:.0f} s after "
+                  f"the import began, Label Studio {i['label_studio_cpu_s']:.0f} s CPU, {i['rows']:,} rows, "
+                  f"{i['revised']:,} revised; versions {i['versions']}")  # fmt: skip
         print(f"{r['tasks']:,} tasks: suggestions not yet the model's {' / '.join(map(str, SETTLE_CHECKPOINTS))} s "
               f"after the last annotation: {behind}")  # fmt: skip
     if args.json:

@@ -638,21 +638,24 @@ class Store:
     def set_switched(self, pid: int, name: str) -> None:
         self.r.set(keys.switched(pid), name)
 
-    def wait_for_prediction(self, pid: int, version: str, task_id: int, timeout: float) -> None:
+    def wait_for_prediction(self, pid: int, version: str, task_id: int, timeout: float) -> str | None:
         """Block until a worker stores a prediction for the task, or `timeout` passes; at once if one of
         `version` is already stored. The wait is recorded before that check, in one transaction, and
         `save_predictions` stores and reads the record in one: either the worker sees the waiter and wakes
-        it, or the waiter sees the prediction."""
+        it, or the waiter sees the prediction. Returns the version of the prediction found: the worker's
+        may be newer than `version` (a refit published one meanwhile); None if none came in time."""
         if timeout <= 0:
-            return
+            return None
         field = str(task_id)
         pipe = self.r.pipeline()
         pipe.hincrby(keys.waiters(pid), field, 1)
         pipe.expire(keys.waiters(pid), WAITERS_TTL)
         pipe.hexists(keys.predictions(pid, version), field)
         try:
-            if not pipe.execute()[2]:
-                self.r.blpop([keys.notify(pid, task_id)], timeout=timeout)
+            if pipe.execute()[2]:
+                return version
+            woken = self.r.blpop([keys.notify(pid, task_id)], timeout=timeout)
+            return woken[1].decode() if woken else None
         finally:
             self.r.hincrby(keys.waiters(pid), field, -1)  # a count at 0 is no waiter; the hash expires
 

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import redis
@@ -19,7 +21,7 @@ from tests.helpers import LABEL_CONFIG, REPO
 
 
 def make_client(**overrides):
-    settings = dataclasses.replace(Settings.from_env(), predict_wait_seconds=0.2, **overrides)
+    settings = dataclasses.replace(Settings.from_env(), **{"predict_wait_seconds": 0.2, **overrides})
     app = create_app(settings)
     return app.test_client(), app.extensions["store"]
 
@@ -168,6 +170,34 @@ def test_predict_hands_over_a_prediction_a_worker_is_writing_and_says_so(client)
     reply = client.post("/predict", json={"project": "3.1", "tasks": [{"id": 7}, {"id": 8}]}).json["results"]
     assert reply[0]["result"] == pred["result"] and reply[1] == []
     assert client.store.delivery.claims(3, version, [7])[7][0] == "api"
+
+
+def test_predict_for_an_open_task_hands_over_the_answer_of_a_version_published_while_it_waited(clean_redis):
+    """Annotating during an import, a refit publishes a version every few seconds: the worker predicts the open
+    task with the version current when it runs, newer than the one /predict began waiting with."""
+    client, store = make_client(predict_wait_seconds=5.0)
+    client.store = store
+    live = setup_project(client)
+    asked = store.current_version(3)
+    newer = store.next_version(3)
+    pred = {"result": [{"id": "x", "from_name": "organism_type", "to_name": "image", "type": "choices",
+                        "value": {"choices": ["Debris"]}}], "score": 0.7, "model_version": newer}  # fmt: skip
+
+    def worker() -> None:
+        time.sleep(0.5)
+        store.publish_version(3, newer, b"model", {"reason": "annotations"}, {})
+        store.save_predictions(3, newer, {9: pred})
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    started = time.monotonic()
+    reply = client.post("/predict", json={"project": "3.1", "tasks": [{"id": 9, "data": {"image": "x"}}]}).json
+    thread.join()
+    assert reply["results"] == [{**pred, "model_version": live}]
+    assert time.monotonic() - started < 2.5  # woken by the worker, not at the end of the wait
+    assert store.current_version(3) == newer != asked
+    assert store.delivery.claims(3, newer, [9])[9][0] == "api"
+    assert store.shown(3) == {9: shown_as(newer, pred)}
 
 
 @pytest.mark.parametrize(

@@ -50,3 +50,19 @@ def test_predictions_nobody_waits_for_push_no_wake_up(clean_redis: redis.Redis):
     store.save_predictions(PID, VERSION, {t: prediction("A") for t in range(1, 501)} | {9: prediction("B")})
     assert not clean_redis.keys(keys.notify(PID, 0).rsplit(":", 1)[0] + ":*")
     assert len(store.predictions(PID, VERSION, range(1, 501))) == 500
+
+
+def test_the_wait_says_which_version_answered(clean_redis: redis.Redis):
+    """A refit may publish a version while /predict waits: the worker's prediction carries the newer one."""
+    store = Store(clean_redis, "test-space")
+    newer = "efficientnet-lite0-224px-v0002-test"
+    assert store.wait_for_prediction(PID, VERSION, 5, 0.2) is None
+    store.save_predictions(PID, VERSION, {5: prediction("B")})
+    assert store.wait_for_prediction(PID, VERSION, 5, 5.0) == VERSION
+    found: list[str | None] = []
+    waiter = threading.Thread(target=lambda: found.append(store.wait_for_prediction(PID, VERSION, 6, 5.0)))
+    waiter.start()
+    time.sleep(0.3)
+    store.save_predictions(PID, newer, {6: prediction("C")})
+    waiter.join(6)
+    assert found == [newer]
