@@ -150,7 +150,14 @@ class BlankWatch(threading.Thread):
     costs it about a third of a second of CPU, every 2 s)."""
 
     def __init__(
-        self, ls: LabelStudioServer, table: LabelStudioTable, project: int, api_url: str, every: float, tasks: dict
+        self,
+        ls: LabelStudioServer,
+        table: LabelStudioTable,
+        project: int,
+        api_url: str,
+        every: float,
+        tasks: dict,
+        during_import: bool = False,
     ) -> None:
         super().__init__(daemon=True)
         self.ls, self.table, self.project, self.api_url = ls, table, project, api_url
@@ -167,7 +174,7 @@ class BlankWatch(threading.Thread):
         self.settle_blank_samples = 0
         self.predict_s: list[float] = []
         self.predict_empty = 0
-        self.during_import = False
+        self.during_import = during_import
 
     def predict_one(self) -> None:
         task = random.choice([t for t in self.tasks if t not in self.annotated])
@@ -292,12 +299,17 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         and store.queue_length(queues.BULK) == 0 and store.embedding_count(project) == n
                         and not lacking(ls, project, shown_version(ls, project, api.url)))  # fmt: skip
 
+            def import_cost() -> dict[str, Any]:
+                """What Label Studio paid from connecting the backend until now, and what the worker's log says."""
+                assert ls.process is not None
+                return {"settled_s": time.perf_counter() - started,
+                        "label_studio_cpu_s": throughput.tree_cpu_seconds(ls.process.pid) - import_cpu,
+                        "rows": table.last_id() - import_row, **import_work(out / "worker.log")}  # fmt: skip
+
             imported: dict[str, Any] = {}
             if not args.during_import:
                 wait_until(settled, 7200, f"the import of {n} settled", interval=5)
-                imported = {"settled_s": time.perf_counter() - started,
-                            "label_studio_cpu_s": throughput.tree_cpu_seconds(ls.process.pid) - import_cpu,
-                            "rows": table.last_id() - import_row, **import_work(out / "worker.log")}  # fmt: skip
+                imported = import_cost()
                 print(f"  {n} tasks imported and settled in {imported['settled_s']:.0f} s: Label Studio "
                       f"{imported['label_studio_cpu_s']:.0f} s CPU, {imported['rows']:,} rows; sweeps listed "
                       f"{imported['sweeps_listed']} tasks in {imported['sweeps_listing_s']} s; versions "
@@ -317,8 +329,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 lacking(ls, project, shown_version(ls, project, api.url))
             sample_cpu = (throughput.tree_cpu_seconds(ls.process.pid) - ls_cpu) / max(1, samples)
             watch = BlankWatch(ls, table, project, api.url, args.sample_every,
-                               {t: {"image": ref(p)} for t, p in path_of.items()})  # fmt: skip
-            watch.during_import = args.during_import
+                               {t: {"image": ref(p)} for t, p in path_of.items()}, args.during_import)  # fmt: skip
             backend_pids = [api.proc.pid, worker.proc.pid, beat.proc.pid]
             ls_cpu = throughput.tree_cpu_seconds(ls.process.pid)
             ours_cpu = sum(throughput.tree_cpu_seconds(p) for p in backend_pids)
@@ -406,9 +417,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             rows = table.last_id() - first_row
             deleted = rows - (table.rows(project) - first_count)
             if args.during_import:
-                imported = {"settled_s": time.perf_counter() - started,
-                            "label_studio_cpu_s": throughput.tree_cpu_seconds(ls.process.pid) - import_cpu,
-                            "rows": table.last_id() - import_row, **import_work(out / "worker.log")}  # fmt: skip
+                imported = import_cost()
                 print(f"  {n} tasks, annotated while imported: the whole settled in {imported['settled_s']:.0f} s: "
                       f"Label Studio {imported['label_studio_cpu_s']:.0f} s CPU, {imported['rows']:,} rows; versions "
                       f"{imported['versions']}; revised {imported['revised']:,}", flush=True)  # fmt: skip
