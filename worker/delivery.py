@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from common.delivery import BY_API, REFUSED, WRITING, WRITTEN
-from common.revisions import labels_digest, misleads, relabels, shown_as
+from common.revisions import NEXT_OUT, handed_out_order, labels_digest, misleads, relabels, shown_as
 from common.store import ours
 from worker import metrics
 from worker.label_studio import LabelStudioApi, Row, is_transient, missing_task_error
@@ -197,7 +197,8 @@ def _write(
     A task that shows an older answer (or whose last write's outcome is unknown) is listed first: a
     prediction of `live` already matching is kept; otherwise its predictions go (all of them in one
     request, when every one is ours; one by one, ours only, when another model's or a person's is there) and
-    the new one is written with the others in one request."""
+    the new one is written with the others in one request. One of the tasks Label Studio hands out next, whose
+    one prediction is ours, has it changed in place instead (common/revisions.py NEXT_OUT)."""
     outbox = rt.store.delivery
     unsure = {t for t, (state, _) in claims.items() if state == WRITING}
     listed = api.rows(pid, [t for t in predictions if t in shown or t in unsure])
@@ -210,14 +211,18 @@ def _write(
         return 0.0, already
     whole = [t for t in todo if listed.get(t) and all(ours(row.model_version) for row in listed[t])]
     partly = [row.id for t in todo if t not in whole for row in listed.get(t, []) if ours(row.model_version)]
+    in_place = _handed_out_next(rt, pid, [t for t in whole if len(listed[t]) == 1])
+    bulk = {t: p for t, p in todo.items() if t not in in_place}
     started = time.perf_counter()
-    api.delete_task_predictions(pid, whole)
+    for task in sorted(in_place):
+        api.replace_prediction(listed[task][0].id, live, todo[task])
+    api.delete_task_predictions(pid, [t for t in whole if t not in in_place])
     for row_id in partly:
         api.delete_prediction(row_id)
-    created = api.import_predictions(pid, live, todo)
+    created = api.import_predictions(pid, live, bulk) if bulk else 0
     took = time.perf_counter() - started
     rt.store.delivery.succeeded(pid, took)
-    if created == len(todo):
+    if created == len(bulk):
         stored = set(todo)
     else:
         held = api.rows(pid, todo)
@@ -228,6 +233,16 @@ def _write(
     outbox.set(pid, version, stored, WRITTEN)
     rt.store.set_shown(pid, {t: shown_as(version, todo[t]) for t in stored})
     return took, stored | already
+
+
+def _handed_out_next(rt: Runtime, pid: int, tasks: list[int]) -> set[int]:
+    """Those of `tasks` that Label Studio hands out next (the first NEXT_OUT by its sequential and by its
+    uncertainty sampling, among the unannotated tasks it shows a prediction of ours for)."""
+    if not tasks:
+        return set()
+    annotated = rt.store.annotated_tasks(pid)
+    shown = {t: s for t, s in rt.store.shown(pid).items() if t not in annotated}
+    return set(tasks).intersection(handed_out_order(shown, NEXT_OUT))
 
 
 def _remove_second_copies(api: LabelStudioApi, pid: int, live: str, tasks: list[int]) -> None:

@@ -223,6 +223,12 @@ class LabelStudioApi:
     def delete_prediction(self, prediction_id: int) -> None:
         self.client.predictions.delete(id=prediction_id)
 
+    def replace_prediction(self, prediction_id: int, version: str, prediction: Mapping[str, Any]) -> None:
+        """Change a prediction in place (`PATCH /api/predictions/<id>`): the task holds it throughout."""
+        self.client.predictions.update(
+            id=prediction_id, result=list(prediction["result"]), score=prediction["score"], model_version=version
+        )
+
 
 def _options(include: str) -> dict[str, Any] | None:
     return EXPAND_ANNOTATIONS if include == WITH_ANNOTATIONS else None
