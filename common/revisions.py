@@ -11,6 +11,7 @@ SCORE_MARGIN (the Data Manager's sort by score and Label Studio's uncertainty sa
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -80,8 +81,8 @@ def handed_out_order(shown: Mapping[int, Shown], depth: int) -> dict[int, int]:
     uncertainty sampling does (the lowest scores shown), each with its place in the earlier of the two orders.
     `shown`: the unannotated tasks."""
     soon: dict[int, int] = {}
-    for order in (sorted(shown), sorted(shown, key=lambda t: shown[t].score)):
-        for place, task in enumerate(order[:depth]):
+    for order in (heapq.nsmallest(depth, shown), heapq.nsmallest(depth, shown, key=lambda t: shown[t].score)):
+        for place, task in enumerate(order):
             soon[task] = min(place, soon.get(task, place))
     return soon
 

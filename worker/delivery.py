@@ -197,8 +197,8 @@ def _write(
     A task that shows an older answer (or whose last write's outcome is unknown) is listed first: a
     prediction of `live` already matching is kept; otherwise its predictions go (all of them in one
     request, when every one is ours; one by one, ours only, when another model's or a person's is there) and
-    the new one is written with the others in one request. One of the tasks Label Studio hands out next, whose
-    one prediction is ours, has it changed in place instead (common/revisions.py NEXT_OUT)."""
+    the new one is written with the others in one request. The tasks Label Studio hands out next whose one
+    prediction is ours have it changed in place instead (common/revisions.py NEXT_OUT)."""
     outbox = rt.store.delivery
     unsure = {t for t, (state, _) in claims.items() if state == WRITING}
     listed = api.rows(pid, [t for t in predictions if t in shown or t in unsure])
